@@ -1,0 +1,3 @@
+from spegeld.cli import main
+
+main()

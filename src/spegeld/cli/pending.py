@@ -1,0 +1,47 @@
+"""Commands of the CLI contract (DESIGN.md §9) whose work lands in later issues.
+
+Each accepts no work yet: it says plainly that it is not built and exits 2.
+"""
+
+from __future__ import annotations
+
+import click
+
+from spegeld.cli._root import not_built
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+@click.command(context_settings=_PASS_THROUGH)
+def run() -> None:
+    """Run the node daemon: registry mirror, gossip, election. (Not built yet.)"""
+    not_built("spegeld run", "issue 3, the registry mirror")
+
+
+@click.command(context_settings=_PASS_THROUGH)
+def doctor() -> None:
+    """Check everything spegeld depends on and name what is wrong. (Not built yet.)"""
+    not_built("spegeld doctor", "issue 5, election and doctor")
+
+
+@click.command(context_settings=_PASS_THROUGH)
+def status() -> None:
+    """Ask the running daemon for its peers and counters. (Not built yet.)"""
+    not_built("spegeld status", "issue 4, gossip")
+
+
+@click.group()
+def configure() -> None:
+    """Point containerd (or Talos) at this node's mirror."""
+
+
+@configure.command(context_settings=_PASS_THROUGH)
+def containerd() -> None:
+    """Write containerd hosts.toml files for the mirror. (Not built yet.)"""
+    not_built("spegeld configure containerd", "issue 3, the registry mirror")
+
+
+@configure.command(context_settings=_PASS_THROUGH)
+def talos() -> None:
+    """Print the Talos machine-config patch for the mirror. (Not built yet.)"""
+    not_built("spegeld configure talos", "issue 3, the registry mirror")

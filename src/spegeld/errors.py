@@ -1,0 +1,75 @@
+"""The errors spegeld raises, translated at each seam from foreign exceptions.
+
+    SpegeldError                    base; ``exit_code`` is what the CLI exits with
+    ├── ConfigError                 bad flag, file or environment value
+    ├── ContainerdError             talking to containerd failed
+    │   ├── ContainerdUnavailable   socket missing, not a socket, refused, or containerd down
+    │   ├── ContainerdPermission    the socket exists but we may not connect
+    │   └── ContainerdNamespace     the namespace is unusable
+    ├── NotFound                    the content or image does not exist
+    └── ProtocolError               a message broke its protocol
+        ├── LocalProtocolError      we erred
+        └── RemoteProtocolError     the peer erred (counted and dropped, never fatal)
+
+grpclib and httpx exceptions never cross a seam: adapters map them to these with
+``raise Mapped(...) from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ContainerdError",
+    "ContainerdNamespace",
+    "ContainerdPermission",
+    "ContainerdUnavailable",
+    "LocalProtocolError",
+    "NotFound",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SpegeldError",
+]
+
+
+class SpegeldError(Exception):
+    """Base of every error spegeld raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(SpegeldError):
+    """A flag, environment variable or config file holds a value we cannot use."""
+
+    exit_code = 2
+
+
+class ContainerdError(SpegeldError):
+    """A call to containerd failed."""
+
+
+class ContainerdUnavailable(ContainerdError):
+    """containerd cannot be reached: no socket, not a socket, refused, or restarting."""
+
+
+class ContainerdPermission(ContainerdError):
+    """The containerd socket exists but this process may not connect to it."""
+
+
+class ContainerdNamespace(ContainerdError):
+    """The containerd namespace is invalid."""
+
+
+class NotFound(SpegeldError):
+    """The requested content, image or object does not exist."""
+
+
+class ProtocolError(SpegeldError):
+    """A message did not follow its protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We broke the protocol: a bug on our side."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The other side broke the protocol: count it, drop it, carry on."""

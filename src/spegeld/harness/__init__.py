@@ -1,0 +1,48 @@
+"""Reusable harness for tests, the demo and benchmarks.
+
+* :class:`PrivateContainerd` runs a private containerd (Debian's 1.6, CRI disabled) per
+  simulated node, with its own root, state, sockets and log; stopped by PID.
+* :func:`build_image` builds real OCI / Docker images (single platform or multi-platform
+  index) with random layers, writable as OCI image-layout archives for ``ctr images import``
+  and ``skopeo copy oci-archive:...``.
+
+Plain synchronous stdlib code, usable from sync fixtures, scripts and trio tests alike.
+"""
+
+from spegeld.harness._containerd import (
+    CtrError,
+    HarnessUnavailable,
+    PrivateContainerd,
+    containerd_unavailable_reason,
+)
+from spegeld.harness._images import (
+    ANNOTATION_IMAGE_NAME,
+    ANNOTATION_REF_NAME,
+    DOCKER_MEDIA_TYPES,
+    OCI_MEDIA_TYPES,
+    BlobInfo,
+    BuiltImage,
+    MediaTypes,
+    PlatformImage,
+    build_image,
+    host_platform,
+    split_name,
+)
+
+__all__ = [
+    "ANNOTATION_IMAGE_NAME",
+    "ANNOTATION_REF_NAME",
+    "DOCKER_MEDIA_TYPES",
+    "OCI_MEDIA_TYPES",
+    "BlobInfo",
+    "BuiltImage",
+    "CtrError",
+    "HarnessUnavailable",
+    "MediaTypes",
+    "PlatformImage",
+    "PrivateContainerd",
+    "build_image",
+    "containerd_unavailable_reason",
+    "host_platform",
+    "split_name",
+]

@@ -1,0 +1,457 @@
+"""A private containerd per simulated node (Debian's containerd 1.6, no CRI).
+
+Plain synchronous code (subprocess): usable from sync fixtures, scripts and trio tests alike.
+
+Layout: ``base_dir`` (given, or a fresh ``/tmp/spg-*``) holds ``config.toml``,
+``containerd.log``, ``root/``, ``state/`` and ``opt/``.  The unix sockets live in a short
+private ``/tmp/spg-*`` directory when ``base_dir`` is too long for AF_UNIX (pytest's
+``tmp_path`` often is).  The CRI plugin stays disabled: it would write ``/etc/cni`` on the
+host.  Processes are only ever signalled by the PID this object started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+__all__ = [
+    "CtrError",
+    "HarnessUnavailable",
+    "PrivateContainerd",
+    "containerd_unavailable_reason",
+]
+
+INSTALL_HINT: Final = "install Debian's containerd: apt-get install -y containerd runc"
+DISABLED_PLUGINS: Final = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+)
+CONTENT_PLUGIN_DIR: Final = "io.containerd.content.v1.content"
+# sun_path is 108 bytes on Linux; leave room for the ".ttrpc" suffix and the NUL.
+_MAX_SOCKET_PATH: Final = 100
+
+
+class HarnessUnavailable(RuntimeError):
+    """containerd/ctr missing, or not running as root."""
+
+
+class CtrError(RuntimeError):
+    """A ``ctr`` command failed."""
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(
+            f"{' '.join(argv)} exited with {returncode}: {stderr.strip() or stdout.strip()}"
+        )
+
+
+def containerd_unavailable_reason(
+    containerd_bin: str = "containerd", ctr_bin: str = "ctr"
+) -> str | None:
+    """Why a PrivateContainerd can't run here, or None if it can (for pytest skips)."""
+    missing = [b for b in (containerd_bin, ctr_bin) if shutil.which(b) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found on PATH; {INSTALL_HINT}"
+    if os.geteuid() != 0:
+        return "a private containerd needs root (it mounts, chowns and owns its state dirs)"
+    return None
+
+
+def _toml_str(value: str | Path) -> str:
+    s = str(value)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# Instances with a live process, stopped at interpreter exit so a crashed test run or an
+# interrupted script doesn't leave containerds behind.
+_LIVE: set[PrivateContainerd] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for c in live:
+        with contextlib.suppress(Exception):
+            c.close()
+
+
+class PrivateContainerd:
+    """One private containerd: own root, state, sockets, log; stopped by PID.
+
+    ``with PrivateContainerd(tmp_path) as c:`` starts it and, on exit, stops it and removes
+    any temp dirs it created itself (a given ``base_dir`` is left in place).
+    """
+
+    def __init__(
+        self,
+        base_dir: Path | str | None = None,
+        *,
+        namespace: str = "k8s.io",
+        ready_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+        log_level: str = "info",
+        containerd_bin: str = "containerd",
+        ctr_bin: str = "ctr",
+        extra_config: str = "",
+    ) -> None:
+        self._owned_dirs: list[Path] = []
+        if base_dir is None:
+            base = Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp"))
+            self._owned_dirs.append(base)
+        else:
+            base = Path(base_dir).absolute()
+            base.mkdir(parents=True, exist_ok=True)
+        self.base_dir: Final = base
+        self.namespace = namespace
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.log_level = log_level
+        self.extra_config = extra_config
+        self._containerd_bin = containerd_bin
+        self._ctr_bin = ctr_bin
+        self._sock_dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self.last_start_seconds: float | None = None
+
+    # -- paths ------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        return self.base_dir / "root"
+
+    @property
+    def state(self) -> Path:
+        return self.base_dir / "state"
+
+    @property
+    def content_path(self) -> Path:
+        """containerd's content store: ``<root>/io.containerd.content.v1.content``."""
+        return self.root / CONTENT_PLUGIN_DIR
+
+    def blob_path(self, digest: str) -> Path:
+        """Where containerd keeps a blob (whether or not it is there)."""
+        algo, _, hexpart = digest.partition(":")
+        return self.content_path / "blobs" / algo / hexpart
+
+    @property
+    def config_path(self) -> Path:
+        return self.base_dir / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base_dir / "containerd.log"
+
+    @property
+    def socket(self) -> Path:
+        """The gRPC socket (fixed for the life of this object, across restarts)."""
+        return self._socket_dir() / "containerd.sock"
+
+    @property
+    def address(self) -> str:
+        return str(self.socket)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running containerd, or None."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def _socket_dir(self) -> Path:
+        if self._sock_dir is None:
+            if len(str(self.base_dir / "containerd.sock.ttrpc")) <= _MAX_SOCKET_PATH:
+                self._sock_dir = self.base_dir
+            else:
+                self._sock_dir = Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp"))
+                self._owned_dirs.append(self._sock_dir)
+        return self._sock_dir
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _check_available(self) -> None:
+        reason = containerd_unavailable_reason(self._containerd_bin, self._ctr_bin)
+        if reason is not None:
+            raise HarnessUnavailable(reason)
+
+    def _write_config(self) -> None:
+        sock_dir = self._socket_dir()
+        disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
+        self.config_path.write_text(
+            f"""version = 2
+root = {_toml_str(self.root)}
+state = {_toml_str(self.state)}
+disabled_plugins = [{disabled}]
+
+[grpc]
+  address = {_toml_str(self.socket)}
+
+[ttrpc]
+  address = {_toml_str(str(self.socket) + ".ttrpc")}
+
+[debug]
+  address = {_toml_str(sock_dir / "debug.sock")}
+  level = {_toml_str(self.log_level)}
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {_toml_str(self.base_dir / "opt")}
+{self.extra_config}
+"""
+        )
+
+    def start(self) -> Self:
+        """Start containerd and wait until its gRPC socket accepts connections."""
+        if self._closed:
+            raise RuntimeError("PrivateContainerd is closed")
+        if self.running:
+            return self
+        self._check_available()
+        self._write_config()
+        # A SIGKILLed containerd leaves its sockets behind; containerd replaces them anyway,
+        # but removing them first means a connect can only succeed against the new process.
+        for stale in (self.socket, Path(str(self.socket) + ".ttrpc")):
+            stale.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        with self.log_path.open("ab") as log:
+            log.write(f"--- spegeld harness: starting containerd at {time.ctime()}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                [self._containerd_bin, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Own session: a terminal's Ctrl-C doesn't half-kill nodes; we stop them.
+                start_new_session=True,
+            )
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.kill()
+            raise
+        self.last_start_seconds = time.monotonic() - t0
+        return self
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self._proc is not None
+        deadline = t0 + self.ready_timeout
+        delay = 0.005
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"containerd exited with {code} during startup\n{self._log_tail()}"
+                )
+            if self._socket_accepts():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"containerd not ready on {self.socket} after {self.ready_timeout:.1f}s"
+                    f"\n{self._log_tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    def _socket_accepts(self) -> bool:
+        if not self.socket.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            return f"(no containerd log at {self.log_path}: {e})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- last lines of {self.log_path}:\n{tail}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of containerd's log (for failure messages)."""
+        return self._log_tail(lines)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM our containerd (by PID), SIGKILL after ``timeout``; reap it."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(self.stop_timeout if timeout is None else timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL our containerd (simulates a crash: sockets and locks left as they are)."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._proc = None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def restart(self) -> Self:
+        """Stop (if running) and start again on the same root and socket: content persists."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop, and remove the temp dirs this object created (not a caller's base_dir)."""
+        try:
+            self.stop()
+        finally:
+            self._closed = True
+            for d in self._owned_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            self._owned_dirs.clear()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PrivateContainerd(socket={str(self.socket)!r}, pid={self.pid})"
+
+    # -- ctr ----------------------------------------------------------------------------------
+
+    def ctr(
+        self,
+        *args: str | Path,
+        namespace: str | None = None,
+        timeout: float | None = 120.0,
+        input: bytes | None = None,
+    ) -> str:
+        """Run ``ctr --address SOCK -n NAMESPACE ARGS...``; its stdout, or raise CtrError."""
+        argv = [
+            self._ctr_bin,
+            "--address",
+            str(self.socket),
+            "-n",
+            namespace or self.namespace,
+            *map(str, args),
+        ]
+        res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
+        stdout = res.stdout.decode(errors="replace")
+        if res.returncode != 0:
+            stderr = res.stderr.decode(errors="replace")
+            raise CtrError(argv, res.returncode, stdout, stderr)
+        return stdout
+
+    def import_image(
+        self,
+        tar_path: Path | str,
+        *,
+        all_platforms: bool = False,
+        platform: str | None = None,
+        no_unpack: bool = True,
+        index_name: str | None = None,
+        snapshotter: str | None = None,
+        gc: bool = True,
+    ) -> str:
+        """``ctr images import`` an OCI / docker archive; returns ctr's stdout.
+
+        Image names come from the archive (``io.containerd.image.name``, which
+        ``BuiltImage.write_oci_archive`` sets to ``BuiltImage.name``).
+
+        containerd 1.6 writes *every* blob of the archive into the content store, then walks
+        the image with the platform matcher (host platform by default, ``platform`` if given,
+        everything with ``all_platforms``) and only labels the matched children for GC.  The
+        unmatched blobs are held by the import's lease and vanish at the next GC, which the
+        lease's (asynchronous) deletion triggers a moment later.  ``gc=True`` runs a
+        synchronous GC after the import so the store is deterministic on return.
+        """
+        if all_platforms and platform is not None:
+            raise ValueError("all_platforms and platform are mutually exclusive")
+        args: list[str | Path] = ["images", "import"]
+        if all_platforms:
+            args.append("--all-platforms")
+        if platform is not None:
+            args += ["--platform", platform]
+        if no_unpack:
+            args.append("--no-unpack")
+        if index_name is not None:
+            args += ["--index-name", index_name]
+        if snapshotter is not None:
+            args += ["--snapshotter", snapshotter]
+        args.append(Path(tar_path).absolute())
+        out = self.ctr(*args, timeout=None)
+        if gc:
+            self.gc()
+        return out
+
+    def remove_image(self, name: str, *, sync: bool = True) -> None:
+        """``ctr images rm [--sync] NAME``; with sync, unreferenced content is GC'd on return.
+
+        Note: ctr 1.6 exits 0 (with a warning) when the image doesn't exist.
+        """
+        self.ctr("images", "rm", *(["--sync"] if sync else []), name)
+
+    def images(self) -> list[str]:
+        """Image names in our namespace (``ctr images ls -q``)."""
+        return self.ctr("images", "ls", "-q").split()
+
+    def content_digests(self) -> set[str]:
+        """Every blob digest in the content store (``ctr content ls -q``)."""
+        return set(self.ctr("content", "ls", "-q").split())
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def gc(self) -> None:
+        """Run containerd's garbage collector synchronously (create + ``--sync`` delete a lease)."""
+        lease = f"spegeld-harness-gc-{os.getpid()}-{time.monotonic_ns()}"
+        self.ctr("leases", "create", "--id", lease)
+        self.ctr("leases", "delete", "--sync", lease)

@@ -1,0 +1,15 @@
+"""The Store seam: the local index of what containerd holds."""
+
+from spegeld.store._containerd import ContainerdStore, StoreStatistics
+from spegeld.store._protocol import KeysChanged, OpenBlob, Snapshot, Store
+from spegeld.store.memory import MemoryStore
+
+__all__ = [
+    "ContainerdStore",
+    "KeysChanged",
+    "MemoryStore",
+    "OpenBlob",
+    "Snapshot",
+    "Store",
+    "StoreStatistics",
+]

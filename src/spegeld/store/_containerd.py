@@ -1,0 +1,261 @@
+"""The Store backed by a real containerd: index, walk, watch.
+
+The index is rebuilt in full at start, kept current from containerd's events,
+and rebuilt again every ``resync_interval`` as a safety net: containerd's
+garbage collector deletes content without sending any event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+from spegeld.containerd import (
+    TOPIC_FILTERS,
+    ContainerdClient,
+    ContainerdEvent,
+    ContentCreated,
+    ContentDeleted,
+    ImageChanged,
+    ImageDeleted,
+    ImageRecord,
+)
+from spegeld.errors import ContainerdError, NotFound, RemoteProtocolError
+from spegeld.oci import Descriptor, Digest, digest_hex, parse_reference
+
+from ._index import ImageEntry, Index
+from ._protocol import KeysChanged, OpenBlob, Snapshot
+from ._walk import DocumentCache, IsPresent, read_document_with, walk_image
+from ._watchers import Watchers
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+CONTENT_CREATED_DEBOUNCE = 1.0  # seconds; a pull writes many blobs, resync once after them
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    images: int
+    digests: int
+    tags: int
+    full_syncs: int
+    events_applied: int
+    synced: bool
+    direct_reads: bool
+    warnings: tuple[str, ...]
+
+
+def tag_keys_for(image: ImageRecord) -> dict[str, Digest]:
+    """``registry/repo:tag`` → target digest, for images named with a registry and a tag."""
+    try:
+        ref = parse_reference(image.name)
+    except RemoteProtocolError:
+        return {}
+    key = ref.tag_key()
+    return {key: image.target.digest} if key else {}
+
+
+class ContainerdStore:
+    def __init__(
+        self, client: ContainerdClient, content_path: Path, resync_interval: float = 300.0
+    ) -> None:
+        self._client = client
+        self._blobs_dir = content_path / "blobs" / "sha256"
+        self._resync_interval = resync_interval
+        self._index = Index()
+        self._watchers = Watchers()
+        self._cache = DocumentCache()
+        self._synced = trio.Event()
+        self._full_syncs = 0
+        self._events_applied = 0
+        self._warnings: tuple[str, ...] = ()
+        self._direct_reads = os.access(self._blobs_dir, os.R_OK | os.X_OK)
+
+    # The Store seam.
+
+    def list(self) -> Snapshot:
+        return self._index.snapshot()
+
+    def resolve(self, tag_key: str) -> Digest:
+        digest = self._index.resolve(tag_key)
+        if digest is None:
+            raise NotFound(f"tag {tag_key} is not held here")
+        return digest
+
+    def descriptor(self, digest: Digest) -> Descriptor:
+        desc = self._index.descriptor(digest)
+        if desc is None:
+            raise NotFound(f"{digest} is not held here")
+        return desc
+
+    async def open(self, digest: Digest, offset: int = 0, length: int | None = None) -> OpenBlob:
+        desc = self.descriptor(digest)
+        path = self.blob_path(digest)
+        if path is not None:
+            return OpenBlob(desc, path, _file_chunks(path, offset, length))
+        chunks = self._client.read(digest, offset, 0 if length is None else length)
+        return OpenBlob(desc, None, chunks)
+
+    def watch(
+        self,
+    ) -> AbstractAsyncContextManager[tuple[Snapshot, trio.MemoryReceiveChannel[KeysChanged]]]:
+        return self._watchers.open(self._index.snapshot)
+
+    # Lifecycle and diagnostics.
+
+    def blob_path(self, digest: Digest) -> Path | None:
+        """The blob's file in the content store, when we may read it directly."""
+        if not self._direct_reads or not digest.startswith("sha256:"):
+            return None
+        path = self._blobs_dir / digest_hex(digest)
+        return path if os.access(path, os.R_OK) else None
+
+    async def wait_synced(self) -> None:
+        await self._synced.wait()
+
+    def statistics(self) -> StoreStatistics:
+        snap = self._index.snapshot()
+        return StoreStatistics(
+            images=len(self._index.image_names()),
+            digests=len(snap.digests),
+            tags=len(snap.tags),
+            full_syncs=self._full_syncs,
+            events_applied=self._events_applied,
+            synced=self._synced.is_set(),
+            direct_reads=self._direct_reads,
+            warnings=self._warnings,
+        )
+
+    async def sync(self) -> KeysChanged:
+        """Rebuild the whole index from containerd and publish the net change."""
+        if not await self._client.namespace_exists():
+            self._set_warnings(
+                f"containerd namespace {self._client.namespace!r} does not exist at "
+                f"{self._client.socket}: nothing to advertise"
+            )
+            entries: dict[str, ImageEntry] = {}
+        else:
+            self._set_warnings()
+            images = await self._client.list_images()
+            present = {info.digest for info in await self._client.list_content()}
+
+            async def is_present(digest: Digest) -> bool:
+                return digest in present
+
+            entries = {image.name: await self._entry(image, is_present) for image in images}
+            self._cache.retain(present)
+        change = self._index.replace_all(entries)
+        self._watchers.publish(change)
+        self._full_syncs += 1
+        self._synced.set()
+        return change
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Sync, then follow events; on a containerd outage, wait and start over."""
+        started = False
+        outage = False
+        while True:
+            try:
+                async with self._client.subscribe(TOPIC_FILTERS) as events:
+                    await self.sync()
+                    if outage:
+                        logger.info("containerd is back at %s; index resynced", self._client.socket)
+                        outage = False
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await self._follow(events)
+            except ContainerdError as exc:
+                if not outage:
+                    logger.warning("lost containerd, retrying with backoff: %s", exc)
+                    outage = True
+            await self._client.wait_available()
+
+    async def _follow(self, events: trio.MemoryReceiveChannel[ContainerdEvent]) -> None:
+        next_resync = trio.current_time() + self._resync_interval
+        while True:
+            with trio.move_on_at(next_resync):
+                try:
+                    event = await events.receive()
+                except trio.EndOfChannel:
+                    return  # subscribe() raises the reason on exit
+                if isinstance(event, ContentCreated):
+                    soon = trio.current_time() + CONTENT_CREATED_DEBOUNCE
+                    next_resync = min(next_resync, soon)
+                else:
+                    await self._apply(event)
+                continue
+            await self.sync()
+            next_resync = trio.current_time() + self._resync_interval
+
+    async def _apply(self, event: ContainerdEvent) -> None:
+        self._events_applied += 1
+        if isinstance(event, ImageDeleted):
+            self._watchers.publish(self._index.remove(event.name))
+        elif isinstance(event, ImageChanged):
+            await self._refresh_image(event.name)
+        elif isinstance(event, ContentDeleted):
+            for name in self._index.images_with(event.digest):
+                await self._refresh_image(name)
+
+    async def _refresh_image(self, name: str) -> None:
+        try:
+            image = await self._client.get_image(name)
+        except NotFound:
+            self._watchers.publish(self._index.remove(name))
+            return
+
+        async def is_present(digest: Digest) -> bool:
+            try:
+                await self._client.info(digest)
+            except NotFound:
+                return False
+            return True
+
+        self._watchers.publish(self._index.put(name, await self._entry(image, is_present)))
+
+    async def _entry(self, image: ImageRecord, is_present: IsPresent) -> ImageEntry:
+        digests = await walk_image(
+            image.target, is_present, read_document_with(self._read_document), self._cache
+        )
+        tags = tag_keys_for(image) if image.target.digest in digests else {}
+        return ImageEntry(digests=digests, tags=tags)
+
+    async def _read_document(self, desc: Descriptor) -> bytes:
+        path = self.blob_path(desc.digest)
+        if path is not None:
+            try:
+                return await trio.Path(path).read_bytes()
+            except FileNotFoundError as exc:
+                raise NotFound(f"{desc.digest} vanished from {path}") from exc
+        return await self._client.read_all(desc.digest, limit=max(desc.size, 1) + 1)
+
+    def _set_warnings(self, *warnings: str) -> None:
+        if warnings != self._warnings:
+            for warning in warnings:
+                logger.warning("%s", warning)
+        self._warnings = warnings
+
+
+async def _file_chunks(path: Path, offset: int, length: int | None) -> AsyncIterator[bytes]:
+    remaining = length
+    async with await trio.open_file(path, "rb") as f:
+        await f.seek(offset)
+        while remaining is None or remaining > 0:
+            want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
+            chunk = await f.read(want)
+            if not chunk:
+                return
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk

@@ -1,0 +1,107 @@
+"""The index as data: per-image key sets, merged with reference counts.
+
+Several images share layers, so a digest leaves the index only when the last
+image that reaches it goes. Pure: no I/O, no trio.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from spegeld.oci import Descriptor, Digest
+
+from ._protocol import KeysChanged, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEntry:
+    """What one containerd image contributes to the index."""
+
+    digests: Mapping[Digest, Descriptor]
+    tags: Mapping[str, Digest]
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.digests) | frozenset(self.tags)
+
+
+class Index:
+    def __init__(self) -> None:
+        self._images: dict[str, ImageEntry] = {}
+        self._refs: Counter[str] = Counter()
+        self._digests: dict[Digest, Descriptor] = {}
+        self._tags: dict[str, Digest] = {}
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(digests=dict(self._digests), tags=dict(self._tags))
+
+    def descriptor(self, digest: Digest) -> Descriptor | None:
+        return self._digests.get(digest)
+
+    def resolve(self, tag_key: str) -> Digest | None:
+        return self._tags.get(tag_key)
+
+    def image_names(self) -> frozenset[str]:
+        return frozenset(self._images)
+
+    def images_with(self, digest: Digest) -> list[str]:
+        return [name for name, entry in self._images.items() if digest in entry.digests]
+
+    def put(self, name: str, entry: ImageEntry) -> KeysChanged:
+        before = self._images.get(name)
+        self._images[name] = entry
+        return self._apply(add=entry, remove=before)
+
+    def remove(self, name: str) -> KeysChanged:
+        before = self._images.pop(name, None)
+        return self._apply(add=None, remove=before)
+
+    def replace_all(self, entries: Mapping[str, ImageEntry]) -> KeysChanged:
+        """Swap in a full resync and report only the net difference."""
+        old_keys = frozenset(self._refs)
+        self._images, self._refs, self._digests, self._tags = {}, Counter(), {}, {}
+        for name, entry in entries.items():
+            self._images[name] = entry
+            self._count(entry, +1)
+        new_keys = frozenset(self._refs)
+        return KeysChanged(added=new_keys - old_keys, removed=old_keys - new_keys)
+
+    def _apply(self, add: ImageEntry | None, remove: ImageEntry | None) -> KeysChanged:
+        old = remove.keys() if remove else frozenset()
+        new = add.keys() if add else frozenset()
+        if remove:
+            self._count(remove, -1)
+        if add:
+            self._count(add, +1)
+        added = frozenset(k for k in new - old if self._refs[k] == 1)
+        removed = frozenset(k for k in old - new if k not in self._refs)
+        return KeysChanged(added=added, removed=removed)
+
+    def _count(self, entry: ImageEntry, delta: int) -> None:
+        for digest, desc in entry.digests.items():
+            self._bump(digest, delta)
+            if delta > 0:
+                self._digests.setdefault(digest, desc)
+            elif digest not in self._refs:
+                self._digests.pop(digest, None)
+        for key, digest in entry.tags.items():
+            self._bump(key, delta)
+            if delta > 0:
+                self._tags[key] = digest
+            elif key not in self._refs:
+                self._tags.pop(key, None)
+
+    def _bump(self, key: str, delta: int) -> None:
+        self._refs[key] += delta
+        if self._refs[key] <= 0:
+            del self._refs[key]
+
+
+def merge_changes(changes: Iterable[KeysChanged]) -> KeysChanged:
+    added: set[str] = set()
+    removed: set[str] = set()
+    for change in changes:
+        added = (added - change.removed) | change.added
+        removed = (removed - change.added) | change.removed
+    return KeysChanged(frozenset(added), frozenset(removed))

@@ -1,0 +1,92 @@
+"""Imports point one way (DESIGN.md §3): oci ← store ← routing ← {gossip, …} ← app ← cli."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "spegeld"
+
+# Lower ranks may be imported by higher ones; equal ranks only within one package.
+RANKS = {
+    "errors": 0,
+    "oci": 1,
+    "config": 1,
+    "containerd": 2,
+    "store": 3,
+    "routing": 4,
+    "gossip": 5,
+    "registry": 5,
+    "election": 5,
+    "kube": 5,
+    "doctor": 5,
+    "systemd": 5,
+    "harness": 5,
+    "app": 6,
+    "cli": 7,
+    "__main__": 8,
+}
+
+
+def _package(module_path: Path) -> str:
+    parts = module_path.relative_to(SRC).with_suffix("").parts
+    return parts[0]
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("spegeld."):
+                found.add(name.split(".")[1])
+    return found
+
+
+MODULES = sorted(
+    p
+    for p in SRC.rglob("*.py")
+    if "_gen" not in p.parts
+    and p.name != "__init__.py"
+    or (p.name == "__init__.py" and p.parent != SRC and "_gen" not in p.parts)
+)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_point_one_way(path: Path) -> None:
+    own = _package(path)
+    assert own in RANKS, f"{own} has no layer: add it to RANKS and DESIGN's picture"
+    for imported in _imports(path):
+        if imported == own:
+            continue
+        assert imported in RANKS, f"{path.name} imports spegeld.{imported}, which has no layer"
+        assert RANKS[imported] < RANKS[own], (
+            f"{path.relative_to(SRC)} ({own}) imports spegeld.{imported}: imports must point "
+            "down the layers"
+        )
+
+
+def test_asyncio_only_in_the_bridge() -> None:
+    users = sorted(
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if "_gen" not in p.parts and "asyncio" in {n.split(".")[0] for n in _module_names(p)}
+    )
+    assert users == ["containerd/_bridge.py"]
+
+
+def _module_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names

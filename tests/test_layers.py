@@ -53,8 +53,7 @@ def _imports(path: Path) -> set[str]:
 MODULES = sorted(
     p
     for p in SRC.rglob("*.py")
-    if "_gen" not in p.parts
-    and p.name != "__init__.py"
+    if ("_gen" not in p.parts and p.name != "__init__.py")
     or (p.name == "__init__.py" and p.parent != SRC and "_gen" not in p.parts)
 )
 

@@ -25,7 +25,7 @@ def containerd_options(func: F) -> F:
         [
             option(
                 "--containerd-sock",
-                type=click.Path(path_type=Path),
+                type=click.Path(path_type=Path, readable=False),
                 default=config.DEFAULT_CONTAINERD_SOCK,
                 show_default=True,
                 help="containerd's gRPC socket.",
@@ -38,7 +38,7 @@ def containerd_options(func: F) -> F:
             ),
             option(
                 "--containerd-content-path",
-                type=click.Path(path_type=Path),
+                type=click.Path(path_type=Path, readable=False),
                 default=config.DEFAULT_CONTENT_PATH,
                 show_default=True,
                 help="containerd's content store directory, read directly when readable.",

@@ -77,5 +77,13 @@ class AioBridge:
 
 @asynccontextmanager
 async def open_bridge() -> AsyncIterator[AioBridge]:
+    # open_loop runs nurseries, which would wrap anything the body raises in an
+    # ExceptionGroup; carry the body's own exception out unwrapped instead.
+    body_error: BaseException | None = None
     async with trio_asyncio.open_loop() as loop:
-        yield AioBridge(loop)
+        try:
+            yield AioBridge(loop)
+        except BaseException as exc:
+            body_error = exc
+    if body_error is not None:
+        raise body_error

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 from google.protobuf import empty_pb2
 
-from spegeld.errors import ContainerdError, ContainerdUnavailable, NotFound, RemoteProtocolError
+from spegeld.errors import ContainerdError, ContainerdUnavailable, RemoteProtocolError
 from spegeld.oci import Descriptor, Digest, parse_digest
 
 from ._bridge import AioBridge, open_bridge
@@ -95,13 +95,11 @@ class ContainerdClient:
         return ContainerdVersion(version=reply.version, revision=reply.revision)
 
     async def namespace_exists(self) -> bool:
-        request = namespaces_pb2.GetNamespaceRequest(name=self.namespace)
-        try:
-            with map_containerd_errors(self._socket, f"Namespaces.Get {self.namespace}"):
-                await self._bridge.call(self._namespaces.Get, request)
-        except NotFound:
-            return False
-        return True
+        with map_containerd_errors(self._socket, "Namespaces.List"):
+            reply = await self._bridge.call(
+                self._namespaces.List, namespaces_pb2.ListNamespacesRequest()
+            )
+        return any(ns.name == self.namespace for ns in reply.namespaces)
 
     async def list_images(self) -> list[ImageRecord]:
         with map_containerd_errors(self._socket, "Images.List"):

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 CONTENT_CREATED_DEBOUNCE = 1.0  # seconds; a pull writes many blobs, resync once after them
+# containerd's garbage collector deletes content silently, and an import or pull
+# leaves content behind that the GC removes a moment later (a multi-platform
+# import writes every platform, then keeps one). Walk a changed image again
+# after this long to drop what the GC took.
+IMAGE_RECHECK_DELAY = 2.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,20 +188,29 @@ class ContainerdStore:
 
     async def _follow(self, events: trio.MemoryReceiveChannel[ContainerdEvent]) -> None:
         next_resync = trio.current_time() + self._resync_interval
+        rechecks: dict[str, float] = {}  # image name → when to walk it again
         while True:
-            with trio.move_on_at(next_resync):
+            with trio.move_on_at(min([next_resync, *rechecks.values()])):
                 try:
                     event = await events.receive()
                 except trio.EndOfChannel:
                     return  # subscribe() raises the reason on exit
+                now = trio.current_time()
                 if isinstance(event, ContentCreated):
-                    soon = trio.current_time() + CONTENT_CREATED_DEBOUNCE
-                    next_resync = min(next_resync, soon)
-                else:
-                    await self._apply(event)
+                    next_resync = min(next_resync, now + CONTENT_CREATED_DEBOUNCE)
+                    continue
+                await self._apply(event)
+                if isinstance(event, ImageChanged):
+                    rechecks[event.name] = now + IMAGE_RECHECK_DELAY
                 continue
-            await self.sync()
-            next_resync = trio.current_time() + self._resync_interval
+            now = trio.current_time()
+            if now >= next_resync:
+                rechecks.clear()
+                await self.sync()
+                next_resync = trio.current_time() + self._resync_interval
+            for name in [n for n, due in rechecks.items() if due <= now]:
+                del rechecks[name]
+                await self._refresh_image(name)
 
     async def _apply(self, event: ContainerdEvent) -> None:
         self._events_applied += 1

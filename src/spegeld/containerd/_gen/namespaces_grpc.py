@@ -15,16 +15,16 @@ import spegeld.containerd._gen.namespaces_pb2
 class NamespacesBase(abc.ABC):
 
     @abc.abstractmethod
-    async def Get(self, stream: 'grpclib.server.Stream[spegeld.containerd._gen.namespaces_pb2.GetNamespaceRequest, spegeld.containerd._gen.namespaces_pb2.GetNamespaceResponse]') -> None:
+    async def List(self, stream: 'grpclib.server.Stream[spegeld.containerd._gen.namespaces_pb2.ListNamespacesRequest, spegeld.containerd._gen.namespaces_pb2.ListNamespacesResponse]') -> None:
         pass
 
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
-            '/containerd.services.namespaces.v1.Namespaces/Get': grpclib.const.Handler(
-                self.Get,
+            '/containerd.services.namespaces.v1.Namespaces/List': grpclib.const.Handler(
+                self.List,
                 grpclib.const.Cardinality.UNARY_UNARY,
-                spegeld.containerd._gen.namespaces_pb2.GetNamespaceRequest,
-                spegeld.containerd._gen.namespaces_pb2.GetNamespaceResponse,
+                spegeld.containerd._gen.namespaces_pb2.ListNamespacesRequest,
+                spegeld.containerd._gen.namespaces_pb2.ListNamespacesResponse,
             ),
         }
 
@@ -32,9 +32,9 @@ class NamespacesBase(abc.ABC):
 class NamespacesStub:
 
     def __init__(self, channel: grpclib.client.Channel) -> None:
-        self.Get = grpclib.client.UnaryUnaryMethod(
+        self.List = grpclib.client.UnaryUnaryMethod(
             channel,
-            '/containerd.services.namespaces.v1.Namespaces/Get',
-            spegeld.containerd._gen.namespaces_pb2.GetNamespaceRequest,
-            spegeld.containerd._gen.namespaces_pb2.GetNamespaceResponse,
+            '/containerd.services.namespaces.v1.Namespaces/List',
+            spegeld.containerd._gen.namespaces_pb2.ListNamespacesRequest,
+            spegeld.containerd._gen.namespaces_pb2.ListNamespacesResponse,
         )

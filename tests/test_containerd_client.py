@@ -1,0 +1,147 @@
+"""The trio-native containerd client against a real, private containerd."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import trio
+
+from spegeld.containerd import TOPIC_FILTERS, ImageChanged, ImageDeleted, open_containerd
+from spegeld.errors import ContainerdPermission, ContainerdUnavailable, NotFound
+from spegeld.harness import PrivateContainerd, build_image
+from spegeld.oci import Digest
+
+from ._support import import_image, remove_image
+
+pytestmark = pytest.mark.containerd
+
+
+async def test_version_images_info_and_read(containerd: PrivateContainerd, tmp_path: Path) -> None:
+    image = build_image("example.com/team/app:v1", [200_000], seed=11)
+    with trio.fail_after(20):
+        await import_image(containerd, image, trio.Path(tmp_path))
+        async with open_containerd(containerd.socket, "k8s.io") as client:
+            version = await client.version()
+            assert version.version.startswith(("1.", "2."))
+            assert await client.namespace_exists()
+            names = [i.name for i in await client.list_images()]
+            assert names == ["example.com/team/app:v1"]
+            record = await client.get_image("example.com/team/app:v1")
+            assert record.target.digest == image.digest
+            assert record.target.media_type == image.media_type
+            layer = Digest(next(iter(image.layers.values()))[0])
+            info = await client.info(layer)
+            assert info.size == image.blobs[layer].size
+            data = b"".join([c async for c in client.read(layer)])
+            assert hashlib.sha256(data).hexdigest() == layer.removeprefix("sha256:")
+            part = b"".join([c async for c in client.read(layer, offset=10, size=5)])
+            assert part == data[10:15]
+            listed = {c.digest for c in await client.list_content()}
+            assert listed == image.digests()
+
+
+async def test_missing_things_map_to_not_found(containerd: PrivateContainerd) -> None:
+    with trio.fail_after(10):
+        async with open_containerd(containerd.socket, "k8s.io") as client:
+            with pytest.raises(NotFound):
+                await client.get_image("example.com/none:v1")
+            with pytest.raises(NotFound):
+                await client.info(Digest("sha256:" + "1" * 64))
+            async with open_containerd(containerd.socket, "no-such-namespace") as other:
+                assert not await other.namespace_exists()
+                assert await other.list_images() == []
+
+
+async def test_subscribe_delivers_image_events(
+    containerd: PrivateContainerd, tmp_path: Path
+) -> None:
+    image = build_image("example.com/team/events:v1", [1000], seed=12)
+    with trio.fail_after(20):
+        async with (
+            open_containerd(containerd.socket, "k8s.io") as client,
+            client.subscribe(TOPIC_FILTERS) as events,
+        ):
+            await trio.sleep(0.1)  # the stream is open once containerd has the request
+            await import_image(containerd, image, trio.Path(tmp_path))
+            assert await events.receive() == ImageChanged("example.com/team/events:v1")
+            await remove_image(containerd, image.name)
+            seen = []
+            while ImageDeleted(image.name) not in seen:
+                seen.append(await events.receive())
+
+
+async def test_subscription_ends_with_an_error_when_containerd_dies(
+    containerd: PrivateContainerd,
+) -> None:
+    with trio.fail_after(10):
+        async with open_containerd(containerd.socket, "k8s.io") as client:
+            with pytest.raises(ContainerdUnavailable):
+                async with client.subscribe(TOPIC_FILTERS) as events:
+                    await trio.sleep(0.1)
+                    await trio.to_thread.run_sync(containerd.kill)
+                    async for _ in events:
+                        pass
+
+
+async def test_client_reconnects_after_a_restart(containerd: PrivateContainerd) -> None:
+    with trio.fail_after(20):
+        async with open_containerd(containerd.socket, "k8s.io") as client:
+            await client.version()
+            await trio.to_thread.run_sync(containerd.kill)
+            with pytest.raises(ContainerdUnavailable):
+                await client.version()
+
+            async def restart_soon() -> None:
+                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(containerd.restart)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(restart_soon)
+                version = await client.wait_available(give_up_after=10)
+            assert version.version
+
+
+async def test_wait_available_gives_up_when_asked(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with open_containerd(tmp_path / "absent.sock", "k8s.io") as client:
+            with pytest.raises(ContainerdUnavailable, match="does not exist"):
+                await client.wait_available(give_up_after=0.3)
+
+
+@pytest.mark.parametrize("kind", ["missing", "regular-file", "directory"])
+async def test_bad_socket_paths_name_the_path(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "containerd.sock"
+    if kind == "regular-file":
+        path.write_text("not a socket")
+    elif kind == "directory":
+        path.mkdir()
+    with trio.fail_after(10):
+        async with open_containerd(path, "k8s.io") as client:
+            with pytest.raises(ContainerdUnavailable) as caught:
+                await client.version()
+    assert str(path) in str(caught.value)
+    expected = "does not exist" if kind == "missing" else "is not a socket"
+    assert expected in str(caught.value)
+
+
+def test_permission_problem_is_reported_for_unreadable_sockets(tmp_path: Path) -> None:
+    from spegeld.containerd import socket_problem
+
+    guarded = tmp_path / "guarded"
+    guarded.mkdir()
+    inner = guarded / "containerd.sock"
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(inner))
+        assert socket_problem(inner) is None
+        guarded.chmod(0o000)
+        try:
+            # Root ignores directory permissions, so this only bites for other users;
+            # tests/test_cli_containerd.py runs the real check as an unprivileged user.
+            problem = socket_problem(inner)
+            assert problem is None or isinstance(problem, ContainerdPermission)
+        finally:
+            guarded.chmod(0o755)

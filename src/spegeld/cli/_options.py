@@ -60,4 +60,4 @@ def containerd_config(
 
 
 def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")(func)
+    return option("--json", "as_json", is_flag=True, help="Print JSON for machines.")(func)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from spegeld.errors import SpegeldError
+from spegeld.errors import ConfigError, SpegeldError
 
 EXIT_USAGE = 2
 
@@ -28,16 +28,60 @@ def not_built(what: str, issue: str) -> None:
     raise click.exceptions.Exit(EXIT_USAGE)
 
 
-def _param_names(command: click.Command) -> set[str]:
-    names = {p.name for p in command.params if p.name}
+def _config_key(param: click.Parameter) -> str | None:
+    """A parameter's TOML key is its long flag: ``--containerd-sock`` → ``containerd_sock``."""
+    if not isinstance(param, click.Option) or param.name == "config":
+        return None
+    longs = [o for o in param.opts if o.startswith("--")]
+    return longs[0].lstrip("-").replace("-", "_") if longs else None
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    found: dict[str, click.Option] = {}
+    for param in command.params:
+        key = _config_key(param)
+        if key is not None and isinstance(param, click.Option):
+            found[key] = param
     if isinstance(command, click.Group):
         for sub in command.commands.values():
-            names |= _param_names(sub)
-    return names
+            found.update(_options(sub))
+    return found
+
+
+# What a TOML value may be for each click type; anything else is refused before
+# click sees it (click would hand an int to os.stat, for one).
+_TOML_TYPES: dict[type, tuple[type, ...]] = {
+    click.Path: (str,),
+    click.types.StringParamType: (str,),
+    click.Choice: (str,),
+    click.types.BoolParamType: (bool,),
+    click.IntRange: (int,),
+    click.types.IntParamType: (int,),
+    click.FloatRange: (int, float),
+    click.types.FloatParamType: (int, float),
+}
+
+
+def _check_value(path: Path, key: str, option: click.Option, value: Any) -> Any:
+    values = value if option.multiple and isinstance(value, list) else [value]
+    for kind, allowed in _TOML_TYPES.items():
+        if isinstance(option.type, kind):
+            for item in values:
+                if not isinstance(item, allowed) or (
+                    isinstance(item, bool) and bool not in allowed
+                ):
+                    wanted = " or ".join(t.__name__ for t in allowed)
+                    raise ConfigError(f"config file {path}: {key} must be a {wanted}, not {item!r}")
+            break
+    return value
 
 
 def _default_map(command: click.Command, values: dict[str, Any]) -> dict[str, Any]:
-    own = {p.name: values[p.name] for p in command.params if p.name in values}
+    own: dict[str, Any] = {}
+    for param in command.params:
+        key = _config_key(param)
+        if key in values and param.name:
+            own[param.name] = values[key]
     if isinstance(command, click.Group):
         for name, sub in command.commands.items():
             own[name] = _default_map(sub, values)
@@ -60,8 +104,11 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: Path | 
     from spegeld.config import load_toml
 
     group = ctx.command
+    options = _options(group)
     try:
-        values = load_toml(value, frozenset(_param_names(group)))
+        values = load_toml(value, frozenset(options))
+        for key, item in values.items():
+            _check_value(value, key, options[key], item)
     except SpegeldError as exc:
         fail(str(exc), exc.exit_code)
     ctx.default_map = _default_map(group, values)

@@ -62,7 +62,7 @@ def _platform(raw: Any) -> str | None:
 def _load(data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RemoteProtocolError(f"document is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise RemoteProtocolError("document is not a JSON object")

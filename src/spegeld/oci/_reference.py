@@ -57,8 +57,8 @@ def looks_like_registry(component: str) -> bool:
 
 def parse_reference(text: str) -> Reference:
     """Parse a containerd image name; it must name its registry (containerd's always do)."""
-    rest, _, digest_text = text.partition("@")
-    digest = parse_digest(digest_text) if digest_text else None
+    rest, at, digest_text = text.partition("@")
+    digest = parse_digest(digest_text) if at else None
     registry, slash, path = rest.partition("/")
     if not slash or not looks_like_registry(registry) or not REGISTRY_RE.fullmatch(registry):
         raise RemoteProtocolError(f"reference {text[:200]!r} does not start with a registry host")

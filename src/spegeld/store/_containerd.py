@@ -103,6 +103,8 @@ class ContainerdStore:
 
     async def open(self, digest: Digest, offset: int = 0, length: int | None = None) -> OpenBlob:
         desc = self.descriptor(digest)
+        if length == 0:
+            return OpenBlob(desc, None, _no_chunks())  # gRPC would read size 0 as "to the end"
         path = self.blob_path(digest)
         if path is not None:
             return OpenBlob(desc, path, _file_chunks(path, offset, length))
@@ -259,6 +261,11 @@ class ContainerdStore:
             for warning in warnings:
                 logger.warning("%s", warning)
         self._warnings = warnings
+
+
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield
 
 
 async def _file_chunks(path: Path, offset: int, length: int | None) -> AsyncIterator[bytes]:

@@ -91,6 +91,16 @@ class Index:
                 self._tags[key] = digest
             elif key not in self._refs:
                 self._tags.pop(key, None)
+            elif self._tags.get(key) == digest:
+                # Two images can carry one tag key (``app:v1`` and ``app:v1@sha256:…``):
+                # when the one that set it goes, the survivor's digest takes over.
+                self._tags[key] = self._tag_holder(key, excluding=entry)
+
+    def _tag_holder(self, key: str, excluding: ImageEntry) -> Digest:
+        for other in self._images.values():
+            if other is not excluding and key in other.tags:
+                return other.tags[key]
+        raise AssertionError(f"tag {key} is counted but no image holds it")
 
     def _bump(self, key: str, delta: int) -> None:
         self._refs[key] += delta

@@ -12,6 +12,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "spegeld"
 # Lower ranks may be imported by higher ones; equal ranks only within one package.
 RANKS = {
     "errors": 0,
+    "metrics": 0,
     "oci": 1,
     "config": 1,
     "containerd": 2,

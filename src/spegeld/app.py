@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+import logging
+import signal
 from dataclasses import dataclass
+from typing import Any
 
-from spegeld.config import ContainerdConfig
+import trio
+
+from spegeld.config import ContainerdConfig, NodeConfig
 from spegeld.containerd import open_containerd, socket_problem
+from spegeld.metrics import MetricsRegistry
+from spegeld.registry import Limits, Registry, RegistrySettings
+from spegeld.routing import NodeId, Peer, StaticRouter, advertise_store
 from spegeld.store import ContainerdStore, Snapshot
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,3 +37,87 @@ async def index_once(cfg: ContainerdConfig) -> IndexReport:
         store = ContainerdStore(client, cfg.content_path, cfg.resync_interval)
         await store.sync()
         return IndexReport(store.list(), store.statistics().warnings)
+
+
+def _status(cfg: NodeConfig, store: ContainerdStore, registry: Registry) -> dict[str, Any]:
+    return {
+        "node": cfg.node_name,
+        "version": _version(),
+        "advertise_addr": cfg.advertise_addr,
+        "registry": [f"{host}:{port}" for host, port in registry.addresses],
+        "store": dataclasses.asdict(store.statistics()),
+        "http": registry.statistics(),
+        "router": {"kind": "static", "peers": list(cfg.static_peers)},
+        "coordinator": None,
+    }
+
+
+def _version() -> str:
+    return importlib.metadata.version("spegeld")
+
+
+async def run_node(
+    cfg: NodeConfig,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one node until SIGTERM or SIGINT, then drain and return (exit 0)."""
+    metrics = MetricsRegistry()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_containerd(cfg.containerd.socket, cfg.containerd.namespace) as client:
+            store = ContainerdStore(
+                client, cfg.containerd.content_path, cfg.containerd.resync_interval
+            )
+            router = StaticRouter(
+                [Peer(NodeId(f"static-{addr}"), addr) for addr in cfg.static_peers]
+            )
+            settings = RegistrySettings(
+                host=cfg.registry_host,
+                port=cfg.registry_port,
+                mirrored_registries=cfg.mirrored_registries,
+                resolve_tags=cfg.resolve_tags,
+                limits=Limits(grace_period=cfg.grace_period),
+            )
+            registry = Registry(
+                store,
+                router,
+                metrics,
+                settings,
+                ready=lambda: store.statistics().synced and router.ready(),
+                status=lambda: _status(cfg, store, registry),
+            )
+            registry_done = trio.Event()
+
+            async def serve_registry(
+                *, task_status: trio.TaskStatus[list[tuple[str, int]]]
+            ) -> None:
+                try:
+                    await registry.run(task_status=task_status)
+                finally:
+                    registry_done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.run)
+                nursery.start_soon(_report_first_sync, store)
+                await nursery.start(advertise_store, store, router)
+                await nursery.start(serve_registry)
+                task_status.started(registry.addresses)
+                async for signum in signals:
+                    logger.info(
+                        "%s: stopping, in-flight responses get %.0f s",
+                        signal.Signals(signum).name,
+                        cfg.grace_period,
+                    )
+                    break
+                registry.shutdown()
+                await registry_done.wait()
+                nursery.cancel_scope.cancel()
+    logger.info("stopped")
+
+
+async def _report_first_sync(store: ContainerdStore) -> None:
+    await store.wait_synced()
+    stats = store.statistics()
+    logger.info(
+        "store synced: %d images, %d digests, %d tags", stats.images, stats.digests, stats.tags
+    )

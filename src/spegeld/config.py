@@ -53,3 +53,35 @@ def load_toml(path: Path, known_keys: frozenset[str]) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
         values[name] = value
     return values
+
+
+DEFAULT_REGISTRY_ADDR = "0.0.0.0:5000"
+DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
+DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything ``spegeld run`` needs, validated."""
+
+    node_name: str
+    containerd: ContainerdConfig
+    registry_host: str
+    registry_port: int
+    advertise_addr: str
+    mirrored_registries: frozenset[str]
+    resolve_tags: bool
+    static_peers: tuple[str, ...]
+    state_dir: Path
+    grace_period: float = DEFAULT_GRACE_PERIOD
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` or ``:port`` (all addresses) → (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    if any(c.isspace() or c in "/?#@" for c in host):
+        raise ConfigError(f"{what} {text!r} has an invalid host")
+    return host, int(port_text)

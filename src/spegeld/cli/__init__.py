@@ -9,7 +9,8 @@ import click
 from spegeld.cli._root import SpegeldGroup, load_config_file
 from spegeld.cli.demo import demo
 from spegeld.cli.images import images
-from spegeld.cli.pending import configure, doctor, run, status
+from spegeld.cli.pending import configure, doctor, status
+from spegeld.cli.run import run
 from spegeld.cli.version import version
 
 __all__ = ["cli", "main"]

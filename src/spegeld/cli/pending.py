@@ -13,12 +13,6 @@ _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 @click.command(context_settings=_PASS_THROUGH)
-def run() -> None:
-    """Run the node daemon: registry mirror, gossip, election. (Not built yet.)"""
-    not_built("spegeld run", "issue 3, the registry mirror")
-
-
-@click.command(context_settings=_PASS_THROUGH)
 def doctor() -> None:
     """Check everything spegeld depends on and name what is wrong. (Not built yet.)"""
     not_built("spegeld doctor", "issue 5, election and doctor")

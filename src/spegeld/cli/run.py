@@ -1,0 +1,93 @@
+"""``spegeld run``: the node daemon."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import click
+
+from spegeld import config
+from spegeld.cli._options import containerd_config, containerd_options, option
+
+
+def default_advertise_addr() -> str:
+    """The source address of the default route: a UDP connect sends no packet."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only asks the kernel for a route
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def registry_host(entry: str) -> str:
+    """``https://docker.io`` or ``docker.io`` → ``docker.io``, as containerd's ``ns`` names it."""
+    host = entry.strip().split("://", 1)[-1].rstrip("/")
+    if not host or "/" in host or any(c.isspace() for c in host):
+        raise click.BadParameter(f"{entry!r} is not a registry URL or host")
+    return host
+
+
+@click.command()
+@option("--node-name", default=socket.gethostname, help="This node's name.  [default: hostname]")
+@containerd_options
+@option("--registry-addr", default=config.DEFAULT_REGISTRY_ADDR, show_default=True,
+        help="HOST:PORT the registry mirror listens on.")  # fmt: skip
+@option("--advertise-addr", default=None,
+        help="IP peers use to reach this node.  [default: default route's source]")  # fmt: skip
+@option("--mirrored-registries", default="", show_default=True,
+        help="Comma-separated registries to mirror (URLs or hosts); empty: all.")  # fmt: skip
+@option("--resolve-tags/--no-resolve-tags", default=True, show_default=True,
+        help="Answer tag lookups (manifests by tag) as well as digests.")  # fmt: skip
+@option("--static-peer", "static_peers", multiple=True, metavar="HOST:PORT",
+        help="A peer registry to ask on a miss (repeatable); a stopgap before gossip.")  # fmt: skip
+@option("--state-dir", type=click.Path(path_type=Path), default=config.DEFAULT_STATE_DIR,
+        show_default=True, help="Where the daemon keeps state between runs.")  # fmt: skip
+@option("--grace-period", type=click.FloatRange(min=0), default=config.DEFAULT_GRACE_PERIOD,
+        show_default=True, help="Seconds in-flight responses get at shutdown.")  # fmt: skip
+@option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+        show_default=True)  # fmt: skip
+@option("--log-format", type=click.Choice(["text", "json"]), default=None,
+        help="Log format.  [default: json unless stderr is a terminal]")  # fmt: skip
+def run(
+    node_name: str,
+    containerd_sock: Path,
+    containerd_namespace: str,
+    containerd_content_path: Path,
+    registry_addr: str,
+    advertise_addr: str | None,
+    mirrored_registries: str,
+    resolve_tags: bool,
+    static_peers: tuple[str, ...],
+    state_dir: Path,
+    grace_period: float,
+    log_level: str,
+    log_format: str | None,
+) -> None:
+    """Run the node daemon: serve this node's images to containerd and to peers."""
+    import trio
+
+    from spegeld.app import run_node
+    from spegeld.cli._logging import configure_logging
+
+    host, port = config.parse_host_port(registry_addr, "--registry-addr")
+    for peer in static_peers:
+        config.parse_host_port(peer, "--static-peer")
+    registries = frozenset(registry_host(e) for e in mirrored_registries.split(",") if e.strip())
+    cfg = config.NodeConfig(
+        node_name=node_name,
+        containerd=containerd_config(
+            containerd_sock, containerd_namespace, containerd_content_path
+        ),
+        registry_host=host,
+        registry_port=port,
+        advertise_addr=advertise_addr or default_advertise_addr(),
+        mirrored_registries=registries,
+        resolve_tags=resolve_tags,
+        static_peers=static_peers,
+        state_dir=state_dir,
+        grace_period=grace_period,
+    )
+    configure_logging(log_level, log_format)
+    trio.run(run_node, cfg)

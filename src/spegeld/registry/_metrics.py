@@ -1,0 +1,60 @@
+"""The registry's metrics: Spegel's names where Spegel has one, ``spegeld_`` otherwise.
+
+Spegel's Grafana dashboard reads ``spegel_mirror_requests_total``,
+``spegel_resolve_duration_seconds`` and the ``spegel_advertised_*`` gauges, so
+those keep Spegel's names and labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from spegeld.metrics import MetricsRegistry
+
+RESOLVE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class RegistryMetrics:
+    def __init__(self, registry: MetricsRegistry) -> None:
+        self.mirror_requests = registry.counter(
+            "spegel_mirror_requests_total",
+            "Mirror requests by registry and whether they were served (hit) or not (miss).",
+            ("registry", "cache", "source"),
+        )
+        self.resolve_duration = registry.histogram(
+            "spegel_resolve_duration_seconds",
+            "Time to find the holders of a key in the router.",
+            ("router",),
+            buckets=RESOLVE_BUCKETS,
+        )
+        self.bytes_served = registry.counter(
+            "spegeld_bytes_served_total",
+            "Body bytes sent to clients, by where they came from (local or peer).",
+            ("source",),
+        )
+        self.proxy_errors = registry.counter(
+            "spegeld_proxy_errors_total",
+            "Failed fetches from peers, by reason.",
+            ("reason",),
+        )
+        self.bad_peers = registry.counter(
+            "spegeld_bad_peers_total",
+            "Peers marked bad for sending bytes that do not match their digest.",
+        )
+        self.hedges = registry.counter(
+            "spegeld_proxy_hedged_requests_total",
+            "Second fetches started because the first peer was slow to answer.",
+        )
+        self._advertised = {
+            name: registry.gauge(f"spegel_advertised_{name}", help_text, ("registry",))
+            for name, help_text in (
+                ("images", "Images this node advertises."),
+                ("image_tags", "Image tags this node advertises."),
+                ("image_digests", "Image digests this node advertises."),
+                ("keys", "Keys this node advertises."),
+            )
+        }
+
+    def track_advertised(self, name: str, value: Callable[[], float]) -> None:
+        """Compute ``spegel_advertised_<name>`` at scrape time."""
+        self._advertised[name].labels(registry="all").set_function(value)

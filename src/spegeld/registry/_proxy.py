@@ -1,0 +1,245 @@
+"""The mirror proxy: fetch what this node lacks from peers that hold it.
+
+Only addresses the router names are ever contacted, never one from the
+request. Blob bytes are hashed as they stream; when a peer breaks off, the
+rest comes from the next holder with a Range request from the byte already
+received, so the client sees one intact response. The last chunk is held back
+until the digest checks out: on a mismatch the response is cut and the peer
+is marked bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from spegeld.oci import Digest
+from spegeld.routing import Peer, Router
+
+from ._errors import RegistryError
+from ._hedge import LatencyTracker, first_success
+from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
+from ._metrics import RegistryMetrics
+from ._peer import PeerFailed, PeerResponse, fetch
+from ._ranges import ByteRange
+
+logger = logging.getLogger(__name__)
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+FORWARDED_HEADERS = (b"accept", b"user-agent")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    holders_to_try: int = 3
+    connect_timeout: float = 1.0  # seconds; peers are on the local network
+    response_timeout: float = 5.0  # seconds until a peer's response head arrives
+    bad_peer_ttl: float = 300.0  # seconds a peer that sent corrupt bytes is avoided
+
+
+class Proxy:
+    def __init__(self, router: Router, metrics: RegistryMetrics, settings: ProxySettings) -> None:
+        self._router = router
+        self._metrics = metrics
+        self._settings = settings
+        self._latency = LatencyTracker()
+        self._bad: dict[Peer, float] = {}
+
+    def mark_bad(self, peer: Peer) -> None:
+        logger.warning(
+            "peer %s (%s) sent bytes that do not match their digest", peer.node, peer.registry
+        )
+        self._metrics.bad_peers.inc()
+        self._bad[peer] = trio.current_time() + self._settings.bad_peer_ttl
+
+    def holders(self, key: str) -> list[Peer]:
+        start = trio.current_time()
+        found = self._router.lookup(key, self._settings.holders_to_try * 2)
+        self._metrics.resolve_duration.labels(router="local").observe(trio.current_time() - start)
+        now = trio.current_time()
+        good = [p for p in found if self._bad.get(p, 0) <= now]
+        bad = [p for p in found if self._bad.get(p, 0) > now]
+        return (good + bad)[: self._settings.holders_to_try]
+
+    async def manifest(
+        self, holders: Sequence[Peer], request: Request, target: bytes, digest: Digest | None
+    ) -> Response | None:
+        """A manifest from the first holder whose bytes hash to the digest they claim."""
+
+        async def attempt(peer: Peer) -> tuple[PeerResponse, bytes] | None:
+            response = await self._open(peer, request, target, None)
+            if response is None:
+                return None
+            try:
+                body = await response.read_all(MAX_MANIFEST_SIZE)
+            except PeerFailed as exc:
+                self._metrics.proxy_errors.labels(reason="broken").inc()
+                logger.info("manifest from %s failed: %s", peer.registry, exc)
+                return None
+            finally:
+                await response.aclose()
+            actual = "sha256:" + hashlib.sha256(body).hexdigest()
+            claimed = (response.header(b"docker-content-digest") or b"").decode("latin-1")
+            if actual != (digest or claimed):
+                self.mark_bad(peer)
+                return None
+            return response, body
+
+        won = await first_success(holders, attempt, _release_pair, self._latency.hedge_delay())
+        if won is None:
+            return None
+        response, body = won
+        self._metrics.bytes_served.labels(source="peer").inc(len(body))
+        content_type = response.header(b"content-type") or b"application/octet-stream"
+        digest_text = ("sha256:" + hashlib.sha256(body).hexdigest()).encode()
+        headers = [(b"content-type", content_type), (b"docker-content-digest", digest_text)]
+        return Response(200, headers, BytesBody(body))
+
+    async def blob(
+        self,
+        holders: Sequence[Peer],
+        request: Request,
+        target: bytes,
+        digest: Digest,
+        wanted: ByteRange | None,
+        range_header: bytes | None,
+    ) -> Response | None:
+        first = await first_success(
+            holders,
+            lambda peer: self._open(peer, request, target, range_header),
+            _release,
+            self._latency.hedge_delay(),
+            self._metrics.hedges.inc,
+        )
+        if first is None:
+            return None
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"docker-content-digest", digest.encode()),
+            (b"accept-ranges", b"bytes"),
+        ]
+        status = first.status
+        if status == 206:
+            content_range = first.header(b"content-range")
+            if content_range is None:
+                await first.aclose()
+                raise RegistryError(502, "UNKNOWN", "peer answered a range without Content-Range")
+            headers.append((b"content-range", content_range))
+        offset = _range_start(first) if status == 206 else 0
+        verify = digest if status == 200 else None
+        others = [p for p in holders if p != first.peer]
+        chunks = self._stream(first, others, request, target, offset, first.length, verify)
+        return Response(status, headers, StreamBody(chunks, first.length))
+
+    async def _open(
+        self, peer: Peer, request: Request, target: bytes, range_header: bytes | None
+    ) -> PeerResponse | None:
+        headers = [(name, value) for name in FORWARDED_HEADERS if (value := request.header(name))]
+        if range_header is not None:
+            headers.append((b"range", range_header))
+        start = trio.current_time()
+        try:
+            response = await fetch(
+                peer,
+                request.method,
+                target,
+                headers,
+                connect_timeout=self._settings.connect_timeout,
+                response_timeout=self._settings.response_timeout,
+            )
+        except PeerFailed as exc:
+            self._metrics.proxy_errors.labels(reason="unreachable").inc()
+            logger.info("peer %s: %s", peer.registry, exc)
+            return None
+        self._latency.observe(trio.current_time() - start)
+        if response.status not in (200, 206):
+            if response.status != 404:
+                self._metrics.proxy_errors.labels(reason=f"status_{response.status}").inc()
+            await response.aclose()
+            return None
+        return response
+
+    async def _stream(
+        self,
+        current: PeerResponse,
+        others: list[Peer],
+        request: Request,
+        target: bytes,
+        offset: int,
+        length: int,
+        verify: Digest | None,
+    ) -> AsyncIterator[bytes]:
+        hasher = hashlib.sha256() if verify else None
+        received = 0
+        held: bytes | None = None
+        served_by = [current.peer]
+        try:
+            while True:
+                try:
+                    async for chunk in current.body():
+                        if hasher is not None:
+                            hasher.update(chunk)
+                        received += len(chunk)
+                        if held is not None:
+                            self._metrics.bytes_served.labels(source="peer").inc(len(held))
+                            yield held
+                        held = chunk
+                    break
+                except PeerFailed as exc:
+                    self._metrics.proxy_errors.labels(reason="broken").inc()
+                    logger.info("resuming after %d bytes: %s", received, exc)
+                    await current.aclose()
+                    resumed = await self._resume(
+                        others, request, target, offset + received, length - received
+                    )
+                    if resumed is None:
+                        raise AbortResponse("no holder could resume the blob") from exc
+                    current = resumed
+                    served_by.append(current.peer)
+                    others = [p for p in others if p != current.peer]
+            if hasher is not None and "sha256:" + hasher.hexdigest() != verify:
+                for peer in served_by:
+                    self.mark_bad(peer)
+                raise AbortResponse(f"bytes for {verify} do not match it")
+            if held is not None:
+                self._metrics.bytes_served.labels(source="peer").inc(len(held))
+                yield held
+        finally:
+            await current.aclose()
+
+    async def _resume(
+        self, holders: list[Peer], request: Request, target: bytes, start: int, remaining: int
+    ) -> PeerResponse | None:
+        header = f"bytes={start}-{start + remaining - 1}".encode()
+        for peer in holders:
+            response = await self._open(peer, request, target, header)
+            if response is None:
+                continue
+            if (
+                response.status == 206
+                and _range_start(response) == start
+                and response.length == remaining
+            ):
+                return response
+            await response.aclose()
+        return None
+
+
+def _range_start(response: PeerResponse) -> int:
+    text = (response.header(b"content-range") or b"").decode("latin-1")
+    try:
+        return int(text.removeprefix("bytes ").partition("-")[0])
+    except ValueError:
+        return -1
+
+
+async def _release(response: PeerResponse) -> None:
+    await response.aclose()
+
+
+async def _release_pair(pair: tuple[PeerResponse, bytes]) -> None:
+    await pair[0].aclose()

@@ -1,0 +1,51 @@
+"""One HTTP byte range per request (RFC 9110 §14), as the blob endpoint needs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._errors import RegistryError
+
+_SPEC = re.compile(r"([0-9]{1,19})-([0-9]{0,19})|-([0-9]{1,19})")
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+def unsatisfiable(size: int) -> RegistryError:
+    return RegistryError(416, "RANGE_NOT_SATISFIABLE", f"range not satisfiable: bytes */{size}")
+
+
+def parse_range(header: bytes | None, size: int) -> ByteRange | None:
+    """None for the whole blob; a ByteRange; or RegistryError(416) for a bad range."""
+    if header is None:
+        return None
+    text = header.decode("latin-1").strip()
+    unit, eq, spec = text.partition("=")
+    if not eq or unit.strip().lower() != "bytes" or "," in spec:
+        raise unsatisfiable(size)
+    match = _SPEC.fullmatch(spec.strip())
+    if match is None:
+        raise unsatisfiable(size)
+    first, last = match.group(1), match.group(2)
+    if first is None:  # suffix: the last N bytes
+        suffix = int(match.group(3))
+        if suffix == 0 or size == 0:
+            raise unsatisfiable(size)
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        raise unsatisfiable(size)
+    return ByteRange(start, min(end, size - 1))

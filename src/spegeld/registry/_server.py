@@ -1,0 +1,218 @@
+"""The OCI distribution pull API over the node's store, with the peer proxy on a miss."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from spegeld.errors import ContainerdError, NotFound
+from spegeld.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from spegeld.metrics import MetricsRegistry
+from spegeld.oci import Digest, is_index, is_manifest, tag_key
+from spegeld.routing import Router
+from spegeld.store import Store
+
+from ._errors import RegistryError, blob_unknown, manifest_unknown
+from ._http import BytesBody, FileBody, HttpServer, Limits, Request, Response, StreamBody
+from ._metrics import RegistryMetrics
+from ._peer import MIRRORED_HEADER
+from ._proxy import Proxy, ProxySettings
+from ._ranges import parse_range
+from ._routes import Kind, Route, parse_target
+
+logger = logging.getLogger(__name__)
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+JSON = b"application/json"
+API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+UNBOUNDED = 1 << 62  # validates a Range header's syntax when the size is not known here
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    mirrored_registries: frozenset[str] = frozenset()  # empty: every registry
+    resolve_tags: bool = True
+    limits: Limits = field(default_factory=Limits)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+
+
+class Registry:
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        metrics: MetricsRegistry,
+        settings: RegistrySettings,
+        *,
+        ready: Callable[[], bool],
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._store = store
+        self._router = router
+        self._metrics_registry = metrics
+        self._metrics = RegistryMetrics(metrics)
+        self._settings = settings
+        self._ready = ready
+        self._status = status
+        self._proxy = Proxy(router, self._metrics, settings.proxy)
+        self._server = HttpServer(self.handle, settings.limits)
+        self.addresses: list[tuple[str, int]] = []
+
+    def statistics(self) -> dict[str, int]:
+        stats = self._server.stats
+        return {
+            "connections": stats.connections,
+            "in_flight": stats.in_flight,
+            "requests": stats.requests,
+            "aborted": stats.aborted,
+            "bad_requests": stats.bad_requests,
+        }
+
+    def shutdown(self) -> None:
+        self._server.shutdown()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen, report the bound addresses, and serve until :meth:`shutdown` has drained."""
+        listeners = await trio.open_tcp_listeners(self._settings.port, host=self._settings.host)
+        self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+
+        async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            await self._server.serve(listeners, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            logger.info("registry mirror listening on %s", _describe(self.addresses))
+            task_status.started(self.addresses)
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            route = parse_target(request.method, request.target)
+            return await self._route(route, request)
+        except RegistryError as exc:
+            return _error(exc)
+
+    async def _route(self, route: Route, request: Request) -> Response:
+        if route.kind is Kind.BASE:
+            return Response(200, [(b"content-type", JSON), API_VERSION], BytesBody(b"{}"))
+        if route.kind is Kind.HEALTHZ:
+            return _text(200, b"ok\n")
+        if route.kind is Kind.READYZ:
+            return _text(200, b"ready\n") if self._ready() else _text(503, b"not ready\n")
+        if route.kind is Kind.METRICS:
+            body = self._metrics_registry.render().encode()
+            return Response(
+                200, [(b"content-type", METRICS_CONTENT_TYPE.encode())], BytesBody(body)
+            )
+        if route.kind is Kind.STATUS:
+            body = json.dumps(self._status(), indent=2, sort_keys=True).encode()
+            return Response(200, [(b"content-type", JSON)], BytesBody(body))
+        return await self._content(route, request)
+
+    async def _content(self, route: Route, request: Request) -> Response:
+        registry = route.registry or "unknown"
+        mirrored = request.header(MIRRORED_HEADER) == b"true"
+        source = "internal" if mirrored else "external"
+        unknown = manifest_unknown if route.kind is Kind.MANIFEST else blob_unknown
+        allow = self._settings.mirrored_registries
+        if allow and route.registry not in allow:
+            raise unknown(f"registry {registry} is not mirrored here")
+        key = self._key(route)
+        response = await self._local(route, request, key)
+        if response is None and not mirrored:
+            response = await self._proxied(route, request, key)
+        cache = "hit" if response is not None else "miss"
+        self._metrics.mirror_requests.labels(registry=registry, cache=cache, source=source).inc()
+        if response is None:
+            raise unknown(f"{route.name}:{route.reference} is not held by this cluster")
+        return response
+
+    def _key(self, route: Route) -> str:
+        if route.digest is not None:
+            return route.digest
+        assert route.tag is not None
+        if not self._settings.resolve_tags:
+            raise manifest_unknown("tags are not resolved by this mirror")
+        if route.registry is None:
+            raise manifest_unknown("the ns query parameter is required to resolve a tag")
+        return tag_key(route.registry, route.name, route.tag)
+
+    async def _local(self, route: Route, request: Request, key: str) -> Response | None:
+        try:
+            digest = route.digest or self._store.resolve(key)
+            desc = self._store.descriptor(digest)
+            if route.kind is Kind.MANIFEST:
+                if not (is_index(desc.media_type) or is_manifest(desc.media_type)):
+                    return None
+                return await self._local_manifest(digest, desc.media_type, desc.size)
+            return await self._local_blob(digest, desc.size, request)
+        except (NotFound, ContainerdError) as exc:
+            logger.debug("local miss for %s: %s", key, exc)
+            return None
+
+    async def _local_manifest(self, digest: Digest, media_type: str, size: int) -> Response:
+        if size > MAX_MANIFEST_SIZE:
+            raise manifest_unknown(f"{digest} is too large to be a manifest")
+        blob = await self._store.open(digest)
+        body = b"".join([chunk async for chunk in blob.chunks])
+        self._metrics.bytes_served.labels(source="local").inc(len(body))
+        headers = [
+            (b"content-type", media_type.encode()),
+            (b"docker-content-digest", digest.encode()),
+        ]
+        return Response(200, headers, BytesBody(body))
+
+    async def _local_blob(self, digest: Digest, size: int, request: Request) -> Response:
+        wanted = parse_range(request.header(b"range"), size)
+        offset, length = (wanted.start, wanted.length) if wanted else (0, size)
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"docker-content-digest", digest.encode()),
+            (b"accept-ranges", b"bytes"),
+        ]
+        if wanted is not None:
+            headers.append((b"content-range", wanted.content_range(size).encode()))
+        status = 206 if wanted else 200
+        if request.method != b"HEAD":
+            self._metrics.bytes_served.labels(source="local").inc(length)
+        blob = await self._store.open(digest, offset, length)
+        if blob.path is not None:
+            return Response(status, headers, FileBody(blob.path, offset, length))
+        return Response(status, headers, StreamBody(blob.chunks, length))
+
+    async def _proxied(self, route: Route, request: Request, key: str) -> Response | None:
+        holders = self._proxy.holders(key)
+        if not holders:
+            return None
+        kind = "manifests" if route.kind is Kind.MANIFEST else "blobs"
+        target = f"/v2/{route.name}/{kind}/{route.reference}"
+        if route.registry is not None:
+            target += f"?ns={route.registry}"
+        if route.kind is Kind.MANIFEST:
+            return await self._proxy.manifest(holders, request, target.encode(), route.digest)
+        assert route.digest is not None
+        range_header = request.header(b"range")
+        wanted = parse_range(range_header, UNBOUNDED) if range_header else None
+        return await self._proxy.blob(
+            holders, request, target.encode(), route.digest, wanted, range_header
+        )
+
+
+def _error(exc: RegistryError) -> Response:
+    return Response(exc.status, [(b"content-type", JSON), API_VERSION], BytesBody(exc.body()))
+
+
+def _text(status: int, body: bytes) -> Response:
+    return Response(status, [(b"content-type", b"text/plain; charset=utf-8")], BytesBody(body))
+
+
+def _describe(addresses: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{host}:{port}" for host, port in addresses)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
 from spegeld.harness import BuiltImage, PrivateContainerd
+from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Digest, parse_reference
+from spegeld.registry import Registry, RegistrySettings
+from spegeld.routing import Router
+from spegeld.store import MemoryStore, Store
 
 POLL = 0.01  # seconds between checks of a condition that events make true
 
@@ -39,3 +45,36 @@ async def remove_image(node: PrivateContainerd, name: str) -> None:
 
 def memory_blobs(image: BuiltImage) -> dict[Digest, tuple[str, bytes]]:
     return {Digest(d): (info.media_type, image.read_blob(d)) for d, info in image.blobs.items()}
+
+
+@asynccontextmanager
+async def serving_registry(
+    store: Store,
+    router: Router,
+    *,
+    host: str = "127.0.0.1",
+    **settings: Any,
+) -> AsyncIterator[tuple[Registry, str]]:
+    """A real Registry on a free loopback port, with its base URL; shut down on exit."""
+    registry = Registry(
+        store,
+        router,
+        MetricsRegistry(),
+        RegistrySettings(host=host, port=0, **settings),
+        ready=lambda: True,
+        status=lambda: {"node": "test"},
+    )
+    async with trio.open_nursery() as nursery:
+        ((bound_host, port), *_) = await nursery.start(registry.run)
+        try:
+            yield registry, f"http://{bound_host}:{port}"
+        finally:
+            registry.shutdown()
+
+
+def image_in_memory(image: BuiltImage) -> MemoryStore:
+    store = MemoryStore()
+    tag_key = parse_reference(image.name).tag_key()
+    assert tag_key is not None
+    store.add_image(image.name, memory_blobs(image), {tag_key: Digest(image.digest)})
+    return store

@@ -187,7 +187,10 @@ class HttpServer:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                        # Reads no bigger than the header limit, so h11 sees an
+                        # over-long head as incomplete and refuses it (431).
+                        size = min(RECEIVE_SIZE, self._limits.max_header_bytes)
+                        conn.receive_data(await stream.receive_some(size))
                     elif isinstance(event, h11.Request):
                         return event
                     else:  # ConnectionClosed, or PAUSED on a misbehaving client
@@ -209,9 +212,9 @@ class HttpServer:
             )
             response = await self._handler(request)
             await self._send(conn, stream, request, response)
-            if conn.their_state is h11.SEND_BODY:
-                return  # a request body we never read: the connection closes
-            while conn.their_state is not h11.DONE:
+            # Consume the request's end (and any body already buffered); a body
+            # still on the wire is never read, and the connection then closes.
+            while conn.their_state is h11.SEND_BODY:
                 if conn.next_event() is h11.NEED_DATA:
                     return
         finally:

@@ -99,6 +99,10 @@ class Registry:
             return await self._route(route, request)
         except RegistryError as exc:
             return _error(exc)
+        except Exception:
+            # A bug, not bad input: bad input is a RegistryError above.
+            logger.exception("internal error answering %r", request.target[:200])
+            return _error(RegistryError(500, "UNKNOWN", "internal error"))
 
     async def _route(self, route: Route, request: Request) -> Response:
         if route.kind is Kind.BASE:

@@ -15,6 +15,7 @@ RANKS = {
     "metrics": 0,
     "oci": 1,
     "config": 1,
+    "mirrorconfig": 1,
     "containerd": 2,
     "store": 3,
     "routing": 4,

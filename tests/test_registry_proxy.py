@@ -63,7 +63,9 @@ async def fake_peer(
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        )
         port = listeners[0].socket.getsockname()[1]
         yield f"127.0.0.1:{port}", seen
         nursery.cancel_scope.cancel()

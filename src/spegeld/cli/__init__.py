@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from spegeld.cli._root import SpegeldGroup, load_config_file
+from spegeld.cli.configure import configure
 from spegeld.cli.demo import demo
 from spegeld.cli.images import images
-from spegeld.cli.pending import configure, doctor, status
+from spegeld.cli.pending import doctor, status
 from spegeld.cli.run import run
 from spegeld.cli.version import version
 

@@ -22,20 +22,3 @@ def doctor() -> None:
 def status() -> None:
     """Ask the running daemon for its peers and counters. (Not built yet.)"""
     not_built("spegeld status", "issue 4, gossip")
-
-
-@click.group()
-def configure() -> None:
-    """Point containerd (or Talos) at this node's mirror."""
-
-
-@configure.command(context_settings=_PASS_THROUGH)
-def containerd() -> None:
-    """Write containerd hosts.toml files for the mirror. (Not built yet.)"""
-    not_built("spegeld configure containerd", "issue 3, the registry mirror")
-
-
-@configure.command(context_settings=_PASS_THROUGH)
-def talos() -> None:
-    """Print the Talos machine-config patch for the mirror. (Not built yet.)"""
-    not_built("spegeld configure talos", "issue 3, the registry mirror")

@@ -1,0 +1,119 @@
+"""``spegeld configure containerd|talos``: point containerd at this node's mirror."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from spegeld.cli._options import option
+from spegeld.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/containerd/certs.d")
+
+_mirror_target = option(
+    "--mirror-target",
+    metavar="URL",
+    help="This node's spegeld registry, http(s)://host:port (e.g. http://127.0.0.1:5000).",
+)
+_mirrored_registries = option(
+    "--mirrored-registries",
+    metavar="LIST",
+    default="",
+    help="Comma-separated registry URLs (https://docker.io,https://ghcr.io); empty = all.",
+)
+_resolve_tags = option(
+    "--resolve-tags/--no-resolve-tags",
+    default=True,
+    show_default=True,
+    help="Let the mirror resolve tags too, not only serve content by digest.",
+)
+
+
+def _required_target(mirror_target: str | None) -> str:
+    from spegeld.mirrorconfig import parse_mirror_target
+
+    if not mirror_target:
+        raise ConfigError("--mirror-target (or SPEGELD_MIRROR_TARGET) is required")
+    return parse_mirror_target(mirror_target)
+
+
+@click.group()
+def configure() -> None:
+    """Point containerd (or Talos) at this node's mirror."""
+
+
+@configure.command()
+@option(
+    "--config-path",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="containerd's registry hosts directory (the CRI plugin's registry config_path).",
+)
+@_mirror_target
+@_mirrored_registries
+@_resolve_tags
+@option(
+    "--remove",
+    is_flag=True,
+    help="Remove the hosts.toml files spegeld wrote and restore the ones they replaced.",
+)
+def containerd(
+    config_path: Path,
+    mirror_target: str | None,
+    mirrored_registries: str,
+    resolve_tags: bool,
+    remove: bool,
+) -> None:
+    """Write containerd hosts.toml files that try the mirror first.
+
+    One file per mirrored registry, or _default/hosts.toml for every registry. A
+    hosts.toml spegeld did not write is kept as hosts.toml.spegeld-backup. containerd
+    reads these files on each pull: no restart needed.
+    """
+    from spegeld.mirrorconfig import (
+        apply_hosts_files,
+        parse_registries,
+        remove_hosts_files,
+        render_hosts_files,
+    )
+
+    if remove:
+        report = remove_hosts_files(config_path)
+    else:
+        target = _required_target(mirror_target)
+        registries = parse_registries(mirrored_registries)
+        files = render_hosts_files(target, registries, resolve_tags=resolve_tags)
+        report = apply_hosts_files(config_path, files)
+    for warning in report.warnings:
+        click.echo(f"spegeld: warning: {warning}", err=True)
+    for change in report.changes:
+        note = f"  ({change.note})" if change.note else ""
+        click.echo(f"{change.change:<10} {change.path}{note}")
+    if remove and not report.changes:
+        click.echo(f"nothing to remove: no hosts.toml under {config_path} was written by spegeld")
+
+
+@configure.command()
+@_mirror_target
+@_mirrored_registries
+@_resolve_tags
+def talos(mirror_target: str | None, mirrored_registries: str, resolve_tags: bool) -> None:
+    """Print the Talos machine-config patch for the mirror.
+
+    Talos generates containerd's hosts directory from its machine config, so the patch
+    sets machine.registries.mirrors and the CRI part that keeps layers
+    (discard_unpacked_layers = false). Apply it with talosctl patch machineconfig.
+    """
+    from spegeld.mirrorconfig import parse_registries, render_talos_patch
+
+    target = _required_target(mirror_target)
+    registries = parse_registries(mirrored_registries)
+    click.echo(render_talos_patch(target, registries, resolve_tags=resolve_tags), nl=False)
+    if not resolve_tags:
+        click.echo(
+            "spegeld: note: Talos mirrors always resolve tags; "
+            "run the daemon with --no-resolve-tags as well",
+            err=True,
+        )

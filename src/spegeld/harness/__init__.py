@@ -28,6 +28,15 @@ from spegeld.harness._images import (
     host_platform,
     split_name,
 )
+from spegeld.harness._registry import (
+    RegistryError,
+    RegistryRequest,
+    RegistryResponse,
+    UpstreamRegistry,
+    default_repository,
+    parse_access_log,
+    registry_unavailable_reason,
+)
 
 __all__ = [
     "ANNOTATION_IMAGE_NAME",
@@ -45,4 +54,11 @@ __all__ = [
     "containerd_unavailable_reason",
     "host_platform",
     "split_name",
+    "RegistryError",
+    "RegistryRequest",
+    "RegistryResponse",
+    "UpstreamRegistry",
+    "default_repository",
+    "parse_access_log",
+    "registry_unavailable_reason",
 ]

@@ -178,3 +178,25 @@ async def test_the_proxy_only_contacts_router_members() -> None:
                         response = await client.get(path, headers={"host": bystander})
                         assert response.status_code in (400, 404)
         assert seen == []
+
+
+async def test_head_requests_are_proxied_with_real_lengths() -> None:
+    cluster = MemoryCluster()
+    holder = image_in_memory(IMAGE)
+    with trio.fail_after(10):
+        async with serving_registry(holder, StaticRouter([])) as (_, holder_url):
+            cluster.router(NodeId("a"), holder_url.removeprefix("http://")).advertise(
+                holder.list().keys()
+            )
+            router_b = cluster.router(NodeId("b"), "127.0.0.1:1")
+            async with serving_registry(MemoryStore(), router_b) as (_, url):
+                async with httpx.AsyncClient(base_url=url) as client:
+                    blob = await client.head(BLOB_PATH)
+                    assert blob.status_code == 200
+                    assert blob.headers["content-length"] == str(len(LAYER_BYTES))
+                    manifest = await client.head("/v2/team/app/manifests/v1?ns=example.com")
+                    assert manifest.status_code == 200
+                    assert manifest.headers["docker-content-digest"] == IMAGE.digest
+                    assert manifest.headers["content-length"] == str(IMAGE.size)
+                    metrics = (await client.get("/metrics")).text
+                    assert "spegeld_bad_peers_total 0" in metrics

@@ -31,3 +31,6 @@ def configure_logging(level: str, fmt: str | None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Their debug output is per HTTP/2 frame: far too much even for --log-level debug.
+    for chatty in ("hpack", "h2", "grpclib"):
+        logging.getLogger(chatty).setLevel(max(root.level, logging.INFO))

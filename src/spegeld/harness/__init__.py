@@ -37,8 +37,11 @@ from spegeld.harness._registry import (
     parse_access_log,
     registry_unavailable_reason,
 )
+from spegeld.harness._spegeld import SpegeldProcess, free_port
 
 __all__ = [
+    "SpegeldProcess",
+    "free_port",
     "ANNOTATION_IMAGE_NAME",
     "ANNOTATION_REF_NAME",
     "DOCKER_MEDIA_TYPES",

@@ -71,7 +71,9 @@ class Proxy:
         """A manifest from the first holder whose bytes hash to the digest they claim."""
 
         async def attempt(peer: Peer) -> tuple[PeerResponse, bytes] | None:
-            response = await self._open(peer, request, target, None)
+            # Always GET, even for a HEAD: a manifest is small, and only its bytes
+            # prove the digest the peer claims.
+            response = await self._open(peer, request, target, None, method=b"GET")
             if response is None:
                 return None
             try:
@@ -117,6 +119,12 @@ class Proxy:
         )
         if first is None:
             return None
+        if request.method == b"HEAD":
+            await first.aclose()
+            length = (first.header(b"content-length") or b"").decode("latin-1")
+            if not length.isdigit():
+                return None
+            first.length = int(length)
         headers = [
             (b"content-type", b"application/octet-stream"),
             (b"docker-content-digest", digest.encode()),
@@ -131,12 +139,20 @@ class Proxy:
             headers.append((b"content-range", content_range))
         offset = _range_start(first) if status == 206 else 0
         verify = digest if status == 200 else None
+        if request.method == b"HEAD":
+            return Response(status, headers, StreamBody(_no_chunks(), first.length))
         others = [p for p in holders if p != first.peer]
         chunks = self._stream(first, others, request, target, offset, first.length, verify)
         return Response(status, headers, StreamBody(chunks, first.length))
 
     async def _open(
-        self, peer: Peer, request: Request, target: bytes, range_header: bytes | None
+        self,
+        peer: Peer,
+        request: Request,
+        target: bytes,
+        range_header: bytes | None,
+        *,
+        method: bytes | None = None,
     ) -> PeerResponse | None:
         headers = [(name, value) for name in FORWARDED_HEADERS if (value := request.header(name))]
         if range_header is not None:
@@ -145,7 +161,7 @@ class Proxy:
         try:
             response = await fetch(
                 peer,
-                request.method,
+                method or request.method,
                 target,
                 headers,
                 connect_timeout=self._settings.connect_timeout,
@@ -216,7 +232,7 @@ class Proxy:
     ) -> PeerResponse | None:
         header = f"bytes={start}-{start + remaining - 1}".encode()
         for peer in holders:
-            response = await self._open(peer, request, target, header)
+            response = await self._open(peer, request, target, header, method=b"GET")
             if response is None:
                 continue
             if (
@@ -227,6 +243,11 @@ class Proxy:
                 return response
             await response.aclose()
         return None
+
+
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield
 
 
 def _range_start(response: PeerResponse) -> int:

@@ -1,0 +1,183 @@
+"""A real ``spegeld run`` process per simulated node, stopped by its PID.
+
+Plain synchronous code, like the rest of the harness. The daemon logs JSON
+lines to ``<base_dir>/spegeld.log``; readiness is ``GET /readyz`` answering 200.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from spegeld.harness._containerd import PrivateContainerd
+
+_LIVE: set[SpegeldProcess] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for node in list(_LIVE):
+        node.stop()
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` right now (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class SpegeldProcess:
+    def __init__(
+        self,
+        base_dir: Path,
+        containerd: PrivateContainerd,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        ready_timeout: float = 15.0,
+    ) -> None:
+        self.base_dir = base_dir
+        self.containerd = containerd
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.extra_args = list(extra_args)
+        self.ready_timeout = ready_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base_dir / "spegeld.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "spegeld", "run",
+            "--node-name", self.base_dir.name,
+            "--containerd-sock", str(self.containerd.socket),
+            "--containerd-content-path", str(self.containerd.content_path),
+            "--registry-addr", self.address,
+            "--advertise-addr", self.host,
+            "--state-dir", str(self.base_dir / "state"),
+            "--log-format", "json",
+            "--log-level", "debug",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self) -> Self:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        _LIVE.add(self)
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"spegeld exited with {self._proc.returncode}\n{self.log_tail()}"
+                )
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"spegeld not ready at {self.url}\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def get(
+        self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                response.read(),
+            )
+        finally:
+            conn.close()
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.get("/status")[2])
+        return result
+
+    def metric(self, sample: str) -> float:
+        """The value of one exposition line, e.g. ``spegeld_bytes_served_total{source="peer"}``."""
+        for line in self.get("/metrics")[2].decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+        return 0.0
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM by PID, SIGKILL after ``timeout``; the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            return proc.returncode
+        finally:
+            self._proc = None
+            _LIVE.discard(self)
+
+    def kill(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            self._proc = None
+            _LIVE.discard(self)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

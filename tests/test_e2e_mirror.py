@@ -1,0 +1,141 @@
+"""End to end with real components only: containerd, ctr, Distribution, skopeo, spegeld.
+
+Node A and node B each run a private containerd and a ``spegeld run`` on their
+own loopback address. A pulls through its mirror (a miss, a fast 404, then the
+upstream); the upstream is stopped; B pulls the same image and every byte
+comes from A.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spegeld.harness import (
+    PrivateContainerd,
+    SpegeldProcess,
+    UpstreamRegistry,
+    build_image,
+    free_port,
+    host_platform,
+)
+
+pytestmark = [pytest.mark.containerd, pytest.mark.slow]
+
+IMAGE = build_image("example.com/team/app:v1", [3_000_000, 1_000_000, 500_000], seed=61)
+HOST = host_platform()
+
+
+def configure_hosts(hosts_dir: Path, mirror: str, upstream: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "spegeld", "configure", "containerd", "--config-path", str(hosts_dir),
+         "--mirror-target", mirror, "--mirrored-registries", upstream],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
+    registry = UpstreamRegistry(tmp_path / "upstream")
+    try:
+        registry.start()
+        yield registry
+    finally:
+        registry.close()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[tuple[PrivateContainerd, PrivateContainerd]]:
+    a = PrivateContainerd(tmp_path / "a-containerd")
+    b = PrivateContainerd(tmp_path / "b-containerd")
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_pull_through_the_mirror_then_from_the_peer_with_the_upstream_down(
+    tmp_path: Path,
+    upstream: UpstreamRegistry,
+    nodes: tuple[PrivateContainerd, PrivateContainerd],
+) -> None:
+    containerd_a, containerd_b = nodes
+    ref = upstream.push(IMAGE, "team/app", "v1")
+    port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
+    peer_a, peer_b = f"127.0.0.2:{port_a}", f"127.0.0.3:{port_b}"
+    spegeld_a = SpegeldProcess(
+        tmp_path / "node-a", containerd_a, host="127.0.0.2", port=port_a,
+        extra_args=["--static-peer", peer_b],
+    )  # fmt: skip
+    spegeld_b = SpegeldProcess(
+        tmp_path / "node-b", containerd_b, host="127.0.0.3", port=port_b,
+        extra_args=["--static-peer", peer_a],
+    )  # fmt: skip
+    with spegeld_a, spegeld_b:
+        configure_hosts(tmp_path / "hosts-a", spegeld_a.url, upstream.url)
+        configure_hosts(tmp_path / "hosts-b", spegeld_b.url, upstream.url)
+
+        # A miss anywhere in the cluster is a fast 404.
+        start = time.monotonic()
+        status, _, body = spegeld_a.get(f"/v2/team/app/manifests/v1?ns={upstream.address}")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        assert time.monotonic() - start < 0.5
+
+        # Node A: through its mirror (misses), then the upstream.
+        log_start = upstream.log_position()
+        containerd_a.ctr("images", "pull", "--hosts-dir", str(tmp_path / "hosts-a"), ref)
+        assert upstream.blob_bytes_served(log_start) == sum(
+            IMAGE.blobs[d].size for d in (IMAGE.platforms[0].config, *IMAGE.platforms[0].layers)
+        )
+        miss = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="miss",source="external"}}'
+        assert spegeld_a.metric(miss) >= 1
+        wait_for(lambda: spegeld_a.status()["store"]["tags"] == 1, 10, "A to index the pull")
+
+        # The upstream goes away; node B pulls, and every byte comes from A.
+        upstream.stop()
+        containerd_b.ctr("images", "pull", "--hosts-dir", str(tmp_path / "hosts-b"), ref)
+        want = IMAGE.digests(HOST)
+        assert want <= containerd_b.content_digests()
+        for digest in want:
+            assert containerd_b.blob_path(digest).read_bytes() == IMAGE.read_blob(digest)
+        peer_bytes = spegeld_b.metric('spegeld_bytes_served_total{source="peer"}')
+        assert peer_bytes >= sum(IMAGE.blobs[d].size for d in want)
+        hit = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="hit",source="internal"}}'
+        assert spegeld_a.metric(hit) >= len(want)
+
+        # skopeo is a second real client, by digest (tags need containerd's ?ns=).
+        manifest = IMAGE.platforms[0].manifest
+        source = f"docker://{peer_b}/team/app@{manifest}"
+        inspected = subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", source],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert inspected.stdout == IMAGE.read_blob(manifest)
+        layout = tmp_path / "copied"
+        subprocess.run(
+            ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", source, f"oci:{layout}"],
+            capture_output=True, timeout=120, check=True,
+        )  # fmt: skip
+        for layer in IMAGE.platforms[0].layers:
+            copied = layout / "blobs" / "sha256" / layer.removeprefix("sha256:")
+            assert copied.read_bytes() == IMAGE.read_blob(layer)
+        assert spegeld_a.stop() == 0
+        assert spegeld_b.stop() == 0

@@ -6,6 +6,7 @@
     │   ├── ContainerdUnavailable   socket missing, not a socket, refused, or containerd down
     │   ├── ContainerdPermission    the socket exists but we may not connect
     │   └── ContainerdNamespace     the namespace is unusable
+    ├── ListenError                 a listening socket could not be opened
     ├── NotFound                    the content or image does not exist
     └── ProtocolError               a message broke its protocol
         ├── LocalProtocolError      we erred
@@ -23,6 +24,7 @@ __all__ = [
     "ContainerdNamespace",
     "ContainerdPermission",
     "ContainerdUnavailable",
+    "ListenError",
     "LocalProtocolError",
     "NotFound",
     "ProtocolError",
@@ -57,6 +59,10 @@ class ContainerdPermission(ContainerdError):
 
 class ContainerdNamespace(ContainerdError):
     """The containerd namespace is invalid."""
+
+
+class ListenError(SpegeldError):
+    """An address to listen on is taken, not ours, or not permitted."""
 
 
 class NotFound(SpegeldError):

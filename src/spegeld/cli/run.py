@@ -9,6 +9,7 @@ import click
 
 from spegeld import config
 from spegeld.cli._options import containerd_config, containerd_options, option
+from spegeld.errors import SpegeldError
 
 
 def default_advertise_addr() -> str:
@@ -90,4 +91,16 @@ def run(
         grace_period=grace_period,
     )
     configure_logging(log_level, log_format)
-    trio.run(run_node, cfg)
+    try:
+        trio.run(run_node, cfg)
+    except BaseExceptionGroup as group:
+        # Nurseries wrap what a component raised; a known failure still gets one line.
+        known = group.subgroup(lambda exc: isinstance(exc, SpegeldError))
+        if known is None:
+            raise
+        raise _first_leaf(known) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from spegeld.errors import ContainerdError, NotFound
+from spegeld.errors import ContainerdError, ListenError, NotFound
 from spegeld.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Digest, is_index, is_manifest, tag_key
@@ -82,7 +82,12 @@ class Registry:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen, report the bound addresses, and serve until :meth:`shutdown` has drained."""
-        listeners = await trio.open_tcp_listeners(self._settings.port, host=self._settings.host)
+        host, port = self._settings.host, self._settings.port
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ListenError(f"registry cannot listen on {host}:{port}: {reason}") from exc
         self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
 
         async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from ._errors import RegistryError
 
-_SPEC = re.compile(r"([0-9]{1,19})-([0-9]{0,19})|-([0-9]{1,19})")
+# Positions may have any number of digits: RFC 9110 §14.1.2 reads a last-pos or a
+# suffix-length past the end as "to the end". Each is clamped to the size (all that matters
+# about it), so a long one is never converted: int() refuses strings past 4300 digits.
+_SPEC = re.compile(r"([0-9]+)-([0-9]*)|-([0-9]+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +43,20 @@ def parse_range(header: bytes | None, size: int) -> ByteRange | None:
         raise unsatisfiable(size)
     first, last = match.group(1), match.group(2)
     if first is None:  # suffix: the last N bytes
-        suffix = int(match.group(3))
+        suffix = _position(match.group(3), size)
         if suffix == 0 or size == 0:
             raise unsatisfiable(size)
         return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first, size)
+    end = _position(last, size) if last else size - 1
     if start >= size or end < start:
         raise unsatisfiable(size)
     return ByteRange(start, min(end, size - 1))
+
+
+def _position(digits: str, size: int) -> int:
+    """A position from the header, clamped to ``size``."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(size)):
+        return size  # larger than the blob, however long
+    return min(int(digits), size)

@@ -1,0 +1,663 @@
+"""The gossip protocol core: SWIM membership plus versioned key ownership. Sans-I/O.
+
+Inputs are datagrams and the time, ``receive(datagram, addr, now)`` and
+``handle_timer(now)``; outputs are ``datagrams_to_send(now)`` and
+``next_deadline()``. There are no sockets, no trio and no clock in here, so a
+simulator can run thousands of nodes in one process and tests can set time.
+
+Membership is SWIM: a probe every ``probe_interval`` (ping, then ping-req
+through ``indirect_checks`` members), then suspect, then dead, with
+incarnation numbers so a node can refute a suspicion. News is piggybacked on
+every datagram and gossiped to ``gossip_nodes`` members every
+``gossip_interval``, each item ``retransmit_mult * ceil(log10(N + 1))`` times.
+
+Ownership: each node's keys carry a version. A change is a Delta for the next
+version, gossiped like membership news. A receiver applies deltas in version
+order, holding back any that arrive early. Anti-entropy repairs the rest:
+every ``sync_interval`` a node sends a Summary of some members (with the
+version it holds of each) to a random member, which answers with its own
+view of them; whoever sees a newer version pulls that node's whole key set in
+chunks (StatePull, StateChunk). A gap that stays open pulls from the owner.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from spegeld.errors import RemoteProtocolError
+from spegeld.routing import NodeId, Peer
+
+from ._codec import decode_payload, encode_message, encode_sender
+from ._messages import (
+    Ack,
+    Addr,
+    Delta,
+    Join,
+    Member,
+    Message,
+    Ping,
+    PingReq,
+    State,
+    StateChunk,
+    StatePull,
+    Summary,
+)
+from ._ownership import KeyLedger, PeerKeys
+from ._queue import BroadcastQueue
+from ._security import MAX_PAYLOAD, DroppedPacket, Keyring, ReplayWindow, open_datagram, seal
+from ._table import HolderTable
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """memberlist's LAN defaults, plus the ownership repair timings."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    retransmit_mult: int = 4
+    suspicion_mult: float = 4.0
+    sync_interval: float = 1.0
+    gap_timeout: float = 1.0  # a version gap this old pulls the owner's whole state
+    join_retry: float = 1.0
+    dead_forget: float = 60.0  # a dead member's record (and incarnation) is kept this long
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    node: str
+    addr: Addr
+    registry: str
+    incarnation: int  # start above any earlier run's: the shell uses the wall clock
+    seeds: tuple[Addr, ...] = ()
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(slots=True)
+class _Peer:
+    node: str
+    slot: int
+    incarnation: int
+    state: State
+    addr: Addr
+    registry: str
+    coordinator: bool
+    since: float  # when the state last changed
+    keys: PeerKeys
+    rtt: float | None = None
+
+
+@dataclass(slots=True)
+class _Probe:
+    seq: int
+    target: str
+    sent: float
+    indirect_at: float
+    suspect_at: float
+    indirect_sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    node: str
+    state: str
+    incarnation: int
+    addr: str
+    registry: str
+    rtt_ms: float | None
+    keys: int
+    version: int
+    coordinator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GossipStatistics:
+    node: str
+    incarnation: int
+    own_keys: int
+    own_version: int
+    known_keys: int
+    members: dict[str, int]
+    packets_in: int
+    packets_out: int
+    bytes_in: int
+    bytes_out: int
+    dropped: dict[str, int]
+
+
+class GossipCore:
+    def __init__(self, config: GossipConfig, keyring: Keyring, rng: random.Random, now: float):
+        self.config = config
+        self.node = config.node
+        self._t = config.timings
+        self._keyring = keyring
+        self._rng = rng
+        self.incarnation = config.incarnation
+        self.coordinator = False
+        self.ledger = KeyLedger(version_base=config.incarnation << 20)
+        self.table = HolderTable()
+        self._peers: dict[str, _Peer] = {}
+        self._slots: list[str | None] = []
+        self._replay = ReplayWindow()
+        self._queue = BroadcastQueue(self._t.retransmit_mult)
+        self._outbox: list[tuple[bytes, Addr]] = []
+        self._sequence = 0
+        self._probe_seq = 0
+        self._probe: _Probe | None = None
+        self._order: list[str] = []  # every known peer, in probe order (shuffled per round)
+        self._cursor = 0
+        self._suspects: dict[str, float] = {}  # node → when its suspicion ends
+        self._lagging: set[str] = set()  # peers whose keys we know we lack
+        self._relays: dict[int, tuple[Addr, int, float]] = {}
+        self._sync_cursor = 0
+        self._next_probe = now + rng.random() * self._t.probe_interval
+        self._next_gossip = now + rng.random() * self._t.gossip_interval
+        self._next_sync = now + rng.random() * self._t.sync_interval
+        self._next_join = now
+        self.counters: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+
+    # ---- local commands -------------------------------------------------------------
+
+    def advertise(self, keys: set[str] | frozenset[str] | list[str]) -> None:
+        for delta in self.ledger.change(self.node, added=keys, removed=()):
+            self._broadcast(("delta", self.node, delta.version), delta)
+
+    def withdraw(self, keys: set[str] | frozenset[str] | list[str]) -> None:
+        for delta in self.ledger.change(self.node, added=(), removed=keys):
+            self._broadcast(("delta", self.node, delta.version), delta)
+
+    def set_coordinator(self, coordinator: bool) -> None:
+        if coordinator != self.coordinator:
+            self.coordinator = coordinator
+            self.incarnation += 1
+            self._broadcast(("member", self.node), self._self_member())
+
+    def leave(self, now: float) -> None:
+        """Tell a few members we are going, so nobody waits out a suspicion."""
+        self.incarnation += 1
+        farewell = Member(
+            self.node,
+            self.incarnation,
+            State.LEFT,
+            self.config.addr,
+            self.config.registry,
+            self.ledger.version,
+            self.coordinator,
+        )
+        for peer in self._pick_alive(self._t.gossip_nodes * 2):
+            self._send(peer.addr, [farewell], piggyback=False)
+
+    def lookup(self, key: str, count: int) -> list[Peer]:
+        """Holders of ``key``: alive before suspect, then by RTT; never this node."""
+        found: list[tuple[int, float, float, _Peer]] = []
+        for slot in self.table.holders(key):
+            node = self._slots[slot]
+            peer = self._peers.get(node) if node else None
+            if peer is None or peer.state not in (State.ALIVE, State.SUSPECT):
+                continue
+            rtt = peer.rtt if peer.rtt is not None else 1.0
+            found.append((int(peer.state), rtt, self._rng.random(), peer))
+        found.sort(key=lambda entry: entry[:3])
+        return [Peer(NodeId(p.node), p.registry) for *_, p in found[:count]]
+
+    def members(self) -> list[MemberView]:
+        views = []
+        for peer in self._peers.values():
+            views.append(
+                MemberView(
+                    node=peer.node,
+                    state=peer.state.name.lower(),
+                    incarnation=peer.incarnation,
+                    addr=f"{peer.addr[0]}:{peer.addr[1]}",
+                    registry=peer.registry,
+                    rtt_ms=None if peer.rtt is None else round(peer.rtt * 1000, 3),
+                    keys=self.table.count_of(peer.slot),
+                    version=peer.keys.version,
+                    coordinator=peer.coordinator,
+                )
+            )
+        return sorted(views, key=lambda v: v.node)
+
+    def coordinator_peer(self) -> str | None:
+        if self.coordinator:
+            return self.node
+        alive = [p for p in self._peers.values() if p.coordinator and p.state is State.ALIVE]
+        return max(alive, key=lambda p: p.incarnation).node if alive else None
+
+    def alive_count(self) -> int:
+        return sum(1 for p in self._peers.values() if p.state is State.ALIVE)
+
+    def statistics(self) -> GossipStatistics:
+        states = Counter(p.state.name.lower() for p in self._peers.values())
+        return GossipStatistics(
+            node=self.node,
+            incarnation=self.incarnation,
+            own_keys=len(self.ledger.own_keys),
+            own_version=self.ledger.version,
+            known_keys=len(self.table),
+            members=dict(states),
+            packets_in=self.counters["packets_in"],
+            packets_out=self.counters["packets_out"],
+            bytes_in=self.counters["bytes_in"],
+            bytes_out=self.counters["bytes_out"],
+            dropped=dict(self.dropped),
+        )
+
+    # ---- sans-I/O interface ------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_deadline(self) -> float:
+        deadlines = [self._next_probe, self._next_gossip, self._next_sync]
+        if self._probe is not None:
+            deadlines.append(
+                self._probe.indirect_at if not self._probe.indirect_sent else self._probe.suspect_at
+            )
+        if self.config.seeds and not self._peers:
+            deadlines.append(self._next_join)
+        if self._suspects:
+            deadlines.append(min(self._suspects.values()))
+        return min(deadlines)
+
+    def receive(self, datagram: bytes, addr: Addr, now: float) -> None:
+        self.counters["packets_in"] += 1
+        self.counters["bytes_in"] += len(datagram)
+        try:
+            opened = open_datagram(self._keyring, datagram)
+            sender, messages = decode_payload(opened.payload)
+        except DroppedPacket as exc:
+            self.dropped[exc.reason] += 1
+            return
+        except RemoteProtocolError:
+            self.dropped["malformed"] += 1
+            return
+        if sender == self.node:
+            self.dropped["self"] += 1
+            return
+        if not self._replay.check_and_record(sender, opened.incarnation, opened.sequence):
+            self.dropped["replay"] += 1
+            return
+        for message in messages:
+            self._handle(sender, addr, message, now)
+
+    def handle_timer(self, now: float) -> None:
+        if self.config.seeds and not self._peers and now >= self._next_join:
+            for seed in self.config.seeds:
+                self._send(seed, [Join(self._self_member())], piggyback=False)
+            self._next_join = now + self._t.join_retry
+        self._check_probe(now)
+        if now >= self._next_probe:
+            self._start_probe(now)
+            self._next_probe = now + self._t.probe_interval
+        self._expire_suspects(now)
+        if now >= self._next_gossip:
+            self._gossip()
+            self._next_gossip = now + self._t.gossip_interval
+        if now >= self._next_sync:
+            self._pull_lagging(now)
+            self._anti_entropy(now)
+            self._next_sync = now + self._t.sync_interval
+        self._relays = {s: r for s, r in self._relays.items() if r[2] > now}
+
+    # ---- message handling -----------------------------------------------------------
+
+    def _handle(self, sender: str, addr: Addr, message: Message, now: float) -> None:
+        match message:
+            case Ping(seq):
+                self._send(addr, [Ack(seq)])
+            case Ack(seq):
+                self._on_ack(seq, now)
+            case PingReq(seq, _target, target_addr):
+                self._probe_seq += 1
+                self._relays[self._probe_seq] = (addr, seq, now + self._t.probe_interval)
+                self._send(target_addr, [Ping(self._probe_seq)])
+            case Member():
+                self._merge(message, now, source=addr)
+            case Delta():
+                self._on_delta(message, now)
+            case Summary(members, reply):
+                for member in members:
+                    self._merge(member, now, source=addr)
+                if not reply:
+                    mine = [m for m in (self._view_of(member.node) for member in members) if m]
+                    self._send(addr, [self._fit_summary(mine, True)], piggyback=False)
+            case StatePull(node, have):
+                self._on_state_pull(node, have, addr)
+            case StateChunk():
+                self._on_chunk(message, now)
+            case Join(member):
+                self._merge(member, now, source=addr)
+                self._send_member_list(addr)
+
+    def _merge(self, member: Member, now: float, source: Addr) -> None:
+        if member.node == self.node:
+            if member.state is not State.ALIVE and member.incarnation >= self.incarnation:
+                self.incarnation = member.incarnation + 1  # refute: we are alive
+                self._broadcast(("member", self.node), self._self_member())
+            return
+        peer = self._peers.get(member.node)
+        if peer is None:
+            if member.state in (State.DEAD, State.LEFT):
+                return
+            peer = self._add_peer(member, now)
+            self._broadcast(("member", member.node), member)
+        elif not self._supersedes(member, peer):
+            self._want_version(peer, member.version, source, now)
+            return
+        else:
+            peer.incarnation, peer.addr = member.incarnation, member.addr
+            peer.registry, peer.coordinator = member.registry, member.coordinator
+            self._set_state(peer, member.state, now)
+            self._broadcast(("member", member.node), member)
+        if member.state is State.ALIVE or member.state is State.SUSPECT:
+            self._want_version(peer, member.version, source, now)
+
+    @staticmethod
+    def _supersedes(member: Member, peer: _Peer) -> bool:
+        if member.state is State.ALIVE:
+            return member.incarnation > peer.incarnation or (
+                member.incarnation == peer.incarnation
+                and peer.state is State.ALIVE
+                and (member.addr, member.registry, member.coordinator)
+                != (peer.addr, peer.registry, peer.coordinator)
+            )
+        if member.state is State.SUSPECT:
+            return member.incarnation > peer.incarnation or (
+                member.incarnation == peer.incarnation and peer.state is State.ALIVE
+            )
+        return member.incarnation >= peer.incarnation and peer.state not in (State.DEAD, State.LEFT)
+
+    def _add_peer(self, member: Member, now: float) -> _Peer:
+        self._forget_dead(now)
+        try:
+            slot = self._slots.index(None)
+        except ValueError:
+            slot = len(self._slots)
+            self._slots.append(None)
+        self._slots[slot] = member.node
+        peer = _Peer(
+            member.node,
+            slot,
+            member.incarnation,
+            member.state,
+            member.addr,
+            member.registry,
+            member.coordinator,
+            now,
+            PeerKeys(),
+        )
+        self._peers[member.node] = peer
+        self._order.append(member.node)
+        return peer
+
+    def _set_state(self, peer: _Peer, state: State, now: float) -> None:
+        if state is peer.state:
+            return
+        peer.state, peer.since = state, now
+        self._suspects.pop(peer.node, None)
+        if state is State.SUSPECT:
+            self._suspects[peer.node] = now + self._suspicion_timeout()
+        elif state in (State.DEAD, State.LEFT):
+            self.table.drop(peer.slot)
+            peer.keys.reset()
+
+    def _forget_dead(self, now: float) -> None:
+        if len(self._peers) % 64:
+            return  # sweep now and then, not on every new member
+        for peer in [p for p in self._peers.values() if p.state in (State.DEAD, State.LEFT)]:
+            if now - peer.since > self._t.dead_forget:
+                del self._peers[peer.node]
+                self._slots[peer.slot] = None
+                self._order.remove(peer.node)
+
+    def _want_version(self, peer: _Peer, version: int, source: Addr, now: float) -> None:
+        """Someone says ``peer``'s keys reached ``version``; pull them if we lag."""
+        if peer.keys.note_claim(version, now):
+            self._lagging.add(peer.node)
+            if peer.keys.should_pull(now, self._t.gap_timeout):
+                self._send(source, [StatePull(peer.node, peer.keys.version)], piggyback=False)
+
+    def _pull_lagging(self, now: float) -> None:
+        """Gaps that gossip has not closed: ask each owner for its whole key set."""
+        for node in list(self._lagging):
+            peer = self._peers.get(node)
+            if peer is None or peer.keys.gap_since is None or peer.state is not State.ALIVE:
+                self._lagging.discard(node)
+            elif peer.keys.should_pull(now, self._t.gap_timeout):
+                self._send(peer.addr, [StatePull(node, peer.keys.version)], piggyback=False)
+
+    def _on_delta(self, delta: Delta, now: float) -> None:
+        if delta.node == self.node:
+            return
+        peer = self._peers.get(delta.node)
+        if peer is None or peer.state in (State.DEAD, State.LEFT):
+            return
+        applied = peer.keys.offer(delta, now)
+        if applied is None:
+            return
+        if not applied:
+            self._lagging.add(peer.node)
+            if peer.keys.should_pull(now, self._t.gap_timeout):
+                self._send(peer.addr, [StatePull(peer.node, peer.keys.version)], piggyback=False)
+        for change in applied:
+            self.table.remove(peer.slot, change.removed)
+            self.table.add(peer.slot, change.added)
+        self._broadcast(("delta", delta.node, delta.version), delta)
+
+    def _on_state_pull(self, node: str, have: int, addr: Addr) -> None:
+        if node == self.node:
+            keys, version = sorted(self.ledger.own_keys), self.ledger.version
+        else:
+            peer = self._peers.get(node)
+            if peer is None or not peer.keys.complete or peer.keys.version <= have:
+                return
+            keys, version = sorted(self.table.keys_of(peer.slot)), peer.keys.version
+        if version <= have:
+            return
+        for chunk in self.ledger.chunk_state(node, version, keys):
+            self._send(addr, [chunk], piggyback=False)
+
+    def _on_chunk(self, chunk: StateChunk, now: float) -> None:
+        peer = self._peers.get(chunk.node)
+        if peer is None or peer.state in (State.DEAD, State.LEFT):
+            return
+        whole = peer.keys.assemble(chunk, now)
+        if whole is not None:
+            self.table.replace(peer.slot, whole)
+            for change in peer.keys.drain():
+                self.table.remove(peer.slot, change.removed)
+                self.table.add(peer.slot, change.added)
+
+    # ---- SWIM failure detection -------------------------------------------------------
+
+    def _start_probe(self, now: float) -> None:
+        target = None
+        for _ in range(len(self._order)):
+            if self._cursor >= len(self._order):
+                self._cursor = 0
+                self._rng.shuffle(self._order)  # SWIM: a fresh random order each round
+            peer = self._peers.get(self._order[self._cursor])
+            self._cursor += 1
+            if peer is not None and peer.state in (State.ALIVE, State.SUSPECT):
+                target = peer
+                break
+        if target is None:
+            return
+        self._probe_seq += 1
+        self._probe = _Probe(
+            self._probe_seq,
+            target.node,
+            now,
+            now + self._t.probe_timeout,
+            now + self._t.probe_interval,
+        )
+        self._send(target.addr, [Ping(self._probe_seq)])
+
+    def _on_ack(self, seq: int, now: float) -> None:
+        relay = self._relays.pop(seq, None)
+        if relay is not None:
+            self._send(relay[0], [Ack(relay[1])])
+            return
+        probe = self._probe
+        if probe is None or probe.seq != seq:
+            return
+        self._probe = None
+        peer = self._peers.get(probe.target)
+        if peer is None:
+            return
+        if not probe.indirect_sent:
+            sample = now - probe.sent
+            peer.rtt = sample if peer.rtt is None else 0.8 * peer.rtt + 0.2 * sample
+        if peer.state is State.SUSPECT:
+            pass  # only the member itself can refute, with a higher incarnation
+
+    def _check_probe(self, now: float) -> None:
+        probe = self._probe
+        if probe is None:
+            return
+        target = self._peers.get(probe.target)
+        if target is None:
+            self._probe = None
+            return
+        if not probe.indirect_sent and now >= probe.indirect_at:
+            probe.indirect_sent = True
+            helpers = [
+                p for p in self._pick_alive(self._t.indirect_checks + 1) if p.node != target.node
+            ][: self._t.indirect_checks]
+            for helper in helpers:
+                self._send(helper.addr, [PingReq(probe.seq, target.node, target.addr)])
+        if now >= probe.suspect_at:
+            self._probe = None
+            if target.state is State.ALIVE:
+                self._set_state(target, State.SUSPECT, now)
+                self._broadcast(("member", target.node), self._member_of(target))
+
+    def _suspicion_timeout(self) -> float:
+        n = max(1, len(self._peers) + 1)
+        return self._t.suspicion_mult * max(1.0, math.log10(n)) * self._t.probe_interval
+
+    def _expire_suspects(self, now: float) -> None:
+        for node, until in list(self._suspects.items()):
+            if now >= until:
+                peer = self._peers[node]
+                self._set_state(peer, State.DEAD, now)
+                self._broadcast(("member", peer.node), self._member_of(peer))
+
+    # ---- dissemination ------------------------------------------------------------------
+
+    def _gossip(self) -> None:
+        if not len(self._queue):
+            return
+        for peer in self._pick_alive(self._t.gossip_nodes):
+            self._send(peer.addr, [])
+
+    def _anti_entropy(self, now: float) -> None:
+        targets = self._pick_alive(1)
+        if not targets:
+            return
+        views = [self._self_member()]
+        nodes = list(self._peers)
+        room = MAX_PAYLOAD - 64 - len(encode_message(views[0]))
+        for step in range(len(nodes)):
+            peer = self._peers[nodes[(self._sync_cursor + step) % len(nodes)]]
+            view = self._member_of(peer)
+            size = len(encode_message(view))
+            if size > room:
+                break
+            room -= size
+            views.append(view)
+        self._sync_cursor = (self._sync_cursor + len(views) - 1) % max(1, len(nodes))
+        self._send(targets[0].addr, [Summary(tuple(views), False)], piggyback=False)
+
+    def _fit_summary(self, views: list[Member], reply: bool) -> Summary:
+        room = MAX_PAYLOAD - 64
+        fitted = []
+        for view in views:
+            size = len(encode_message(view))
+            if size > room:
+                break
+            fitted.append(view)
+            room -= size
+        return Summary(tuple(fitted), reply)
+
+    def _send_member_list(self, addr: Addr) -> None:
+        views = [
+            self._self_member(),
+            *(
+                self._member_of(p)
+                for p in self._peers.values()
+                if p.state in (State.ALIVE, State.SUSPECT)
+            ),
+        ]
+        batch: list[Member] = []
+        room = MAX_PAYLOAD - 64
+        for view in views:
+            size = len(encode_message(view))
+            if size > room and batch:
+                self._send(addr, [Summary(tuple(batch), True)], piggyback=False)
+                batch, room = [], MAX_PAYLOAD - 64
+            batch.append(view)
+            room -= size
+        if batch:
+            self._send(addr, [Summary(tuple(batch), True)], piggyback=False)
+
+    def _broadcast(self, subject: tuple[str, ...] | tuple[str, str, int], message: Message) -> None:
+        self._queue.put(subject, message, encode_message(message))
+
+    def _send(self, addr: Addr, messages: list[Message], *, piggyback: bool = True) -> None:
+        parts = [encode_sender(self.node), *(encode_message(m) for m in messages)]
+        room = MAX_PAYLOAD - sum(map(len, parts))
+        if piggyback and room > 32:
+            parts += self._queue.take(room, len(self._peers) + 1, lambda m: False)
+        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+        datagram = seal(self._keyring, self.incarnation, self._sequence, b"".join(parts))
+        self.counters["packets_out"] += 1
+        self.counters["bytes_out"] += len(datagram)
+        self._outbox.append((datagram, addr))
+
+    def _pick_alive(self, count: int) -> list[_Peer]:
+        """Up to ``count`` distinct random alive peers, without scanning them all."""
+        picked: dict[str, _Peer] = {}
+        for _ in range(count * 4):
+            if len(picked) >= count or not self._order:
+                break
+            peer = self._peers.get(self._order[self._rng.randrange(len(self._order))])
+            if peer is not None and peer.state is State.ALIVE:
+                picked[peer.node] = peer
+        return list(picked.values())
+
+    def _self_member(self) -> Member:
+        return Member(
+            self.node,
+            self.incarnation,
+            State.ALIVE,
+            self.config.addr,
+            self.config.registry,
+            self.ledger.version,
+            self.coordinator,
+        )
+
+    def _member_of(self, peer: _Peer) -> Member:
+        return Member(
+            peer.node,
+            peer.incarnation,
+            peer.state,
+            peer.addr,
+            peer.registry,
+            peer.keys.version,
+            peer.coordinator,
+        )
+
+    def _view_of(self, node: str) -> Member | None:
+        if node == self.node:
+            return self._self_member()
+        peer = self._peers.get(node)
+        return self._member_of(peer) if peer else None

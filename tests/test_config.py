@@ -274,7 +274,6 @@ def test_short_help_flag() -> None:
     "args",
     [
         ["doctor"],
-        ["status"],
         ["doctor", "--timeout", "5", "extra"],  # future flags pass through, still not built
     ],
     ids=" ".join,

@@ -68,6 +68,8 @@ def test_ready_only_once_containerd_is_synced_and_survives_restarts(tmp_path: Pa
         ("--registry-addr", "1.2.3.4:99999", "is not HOST:PORT"),
         ("--static-peer", "x", "is not HOST:PORT"),
         ("--grace-period", "-1", "grace-period"),
+        ("--peer", "nope", "is not HOST:PORT"),
+        ("--gossip-addr", "1.2.3.4", "is not HOST:PORT"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flag: str, value: str, needle: str) -> None:
@@ -80,6 +82,24 @@ def test_bad_flags_are_one_line_errors(flag: str, value: str, needle: str) -> No
     assert needle in result.stderr
 
 
+def test_gossip_without_a_key_is_refused_plainly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "spegeld", "run", "--containerd-sock", str(tmp_path / "none.sock")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "gossip needs a cluster key" in result.stderr
+    key = tmp_path / "key"
+    key.write_text("1:short\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "spegeld", "run", "--cluster-key-file", str(key)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert str(key) in bad.stderr and "short" not in bad.stderr.replace(str(key), "")
+
+
 def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     import socket
 
@@ -89,7 +109,8 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "spegeld", "run", "--registry-addr", f"127.0.0.1:{port}",
-             "--containerd-sock", str(tmp_path / "none.sock"), "--log-format", "text"],
+             "--containerd-sock", str(tmp_path / "none.sock"), "--log-format", "text",
+             "--insecure-gossip", "--gossip-addr", "127.0.0.1:0"],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
     assert result.returncode == 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import logging
+import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +15,12 @@ import trio
 
 from spegeld.config import ContainerdConfig, NodeConfig
 from spegeld.containerd import open_containerd, socket_problem
+from spegeld.errors import ConfigError
+from spegeld.gossip import GossipConfig, GossipCore, Keyring, load_credential, load_key_file
+from spegeld.gossip._shell import GossipRouter, load_members, resolve_seeds
 from spegeld.metrics import MetricsRegistry
 from spegeld.registry import Limits, Registry, RegistrySettings
-from spegeld.routing import NodeId, Peer, StaticRouter, advertise_store
+from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
 from spegeld.store import ContainerdStore, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -39,17 +44,53 @@ async def index_once(cfg: ContainerdConfig) -> IndexReport:
         return IndexReport(store.list(), store.statistics().warnings)
 
 
-def _status(cfg: NodeConfig, store: ContainerdStore, registry: Registry) -> dict[str, Any]:
-    return {
+def load_keyring(cfg: NodeConfig) -> Keyring | None:
+    """The gossip keyring, read once at start; None when gossip is off (static peers)."""
+    if cfg.static_peers:
+        return None
+    if cfg.cluster_key_file is not None:
+        keyring, warnings = load_key_file(cfg.cluster_key_file)
+    elif (credential := load_credential()) is not None:
+        keyring, warnings = credential
+    elif cfg.insecure_gossip:
+        logger.warning("gossip is NOT authenticated (--insecure-gossip): use it only in labs")
+        return Keyring.insecure()
+    else:
+        raise ConfigError(
+            "gossip needs a cluster key: --cluster-key-file PATH "
+            "(or a systemd credential named gossip-key, or --insecure-gossip for labs)"
+        )
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return keyring
+
+
+def _status(
+    cfg: NodeConfig, store: ContainerdStore, registry: Registry, gossip: GossipRouter | None
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
         "node": cfg.node_name,
         "version": _version(),
         "advertise_addr": cfg.advertise_addr,
         "registry": [f"{host}:{port}" for host, port in registry.addresses],
         "store": dataclasses.asdict(store.statistics()),
         "http": registry.statistics(),
-        "router": {"kind": "static", "peers": list(cfg.static_peers)},
         "coordinator": None,
     }
+    if gossip is None:
+        status["router"] = {"kind": "static", "peers": list(cfg.static_peers)}
+    else:
+        status["router"] = {"kind": "gossip"}
+        status["gossip"] = gossip.status()
+        status["coordinator"] = status["gossip"]["coordinator"]
+    return status
+
+
+async def _gossip_seeds(cfg: NodeConfig, own: tuple[str, int]) -> tuple[tuple[str, int], ...]:
+    seeds = list(cfg.peers)
+    seeds += await resolve_seeds(cfg.peer_dns, cfg.gossip_port)
+    seeds += load_members(cfg.state_dir)
+    return tuple(s for s in dict.fromkeys(seeds) if s != own)
 
 
 def _version() -> str:
@@ -58,6 +99,7 @@ def _version() -> str:
 
 async def run_node(
     cfg: NodeConfig,
+    keyring: Keyring | None,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -68,9 +110,31 @@ async def run_node(
             store = ContainerdStore(
                 client, cfg.containerd.content_path, cfg.containerd.resync_interval
             )
-            router = StaticRouter(
-                [Peer(NodeId(f"static-{addr}"), addr) for addr in cfg.static_peers]
-            )
+            gossip: GossipRouter | None = None
+            router: Router
+            if cfg.static_peers:
+                router = StaticRouter(
+                    [Peer(NodeId(f"static-{addr}"), addr) for addr in cfg.static_peers]
+                )
+            else:
+                assert keyring is not None
+                own = (cfg.advertise_addr, cfg.gossip_port)
+                core = GossipCore(
+                    GossipConfig(
+                        node=cfg.node_name,
+                        addr=own,
+                        registry=f"{cfg.advertise_addr}:{cfg.registry_port}",
+                        # Above any earlier run's, so peers take our news over our past's.
+                        incarnation=int(time.time()),
+                        seeds=await _gossip_seeds(cfg, own),
+                    ),
+                    keyring,
+                    random.Random(),
+                    trio.current_time(),
+                )
+                router = gossip = GossipRouter(
+                    core, (cfg.gossip_host, cfg.gossip_port), cfg.state_dir
+                )
             settings = RegistrySettings(
                 host=cfg.registry_host,
                 port=cfg.registry_port,
@@ -84,7 +148,7 @@ async def run_node(
                 metrics,
                 settings,
                 ready=lambda: store.statistics().synced and router.ready(),
-                status=lambda: _status(cfg, store, registry),
+                status=lambda: _status(cfg, store, registry, gossip),
             )
             registry_done = trio.Event()
 
@@ -99,6 +163,8 @@ async def run_node(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store.run)
                 nursery.start_soon(_report_first_sync, store)
+                if gossip is not None:
+                    await nursery.start(gossip.run)
                 await nursery.start(advertise_store, store, router)
                 await nursery.start(serve_registry)
                 task_status.started(registry.addresses)
@@ -110,6 +176,8 @@ async def run_node(
                     )
                     break
                 registry.shutdown()
+                if gossip is not None:
+                    await gossip.leave()
                 await registry_done.wait()
                 nursery.cancel_scope.cancel()
     logger.info("stopped")

@@ -56,6 +56,7 @@ def load_toml(path: Path, known_keys: frozenset[str]) -> dict[str, Any]:
 
 
 DEFAULT_REGISTRY_ADDR = "0.0.0.0:5000"
+DEFAULT_GOSSIP_ADDR = "0.0.0.0:7946"  # memberlist's port
 DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
 DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
 
@@ -74,6 +75,12 @@ class NodeConfig:
     static_peers: tuple[str, ...]
     state_dir: Path
     grace_period: float = DEFAULT_GRACE_PERIOD
+    gossip_host: str = "0.0.0.0"
+    gossip_port: int = 7946
+    peers: tuple[tuple[str, int], ...] = ()
+    peer_dns: tuple[str, ...] = ()
+    cluster_key_file: Path | None = None
+    insecure_gossip: bool = False
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:

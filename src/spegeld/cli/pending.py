@@ -16,9 +16,3 @@ _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 def doctor() -> None:
     """Check everything spegeld depends on and name what is wrong. (Not built yet.)"""
     not_built("spegeld doctor", "issue 5, election and doctor")
-
-
-@click.command(context_settings=_PASS_THROUGH)
-def status() -> None:
-    """Ask the running daemon for its peers and counters. (Not built yet.)"""
-    not_built("spegeld status", "issue 4, gossip")

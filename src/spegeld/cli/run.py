@@ -41,8 +41,17 @@ def registry_host(entry: str) -> str:
         help="Comma-separated registries to mirror (URLs or hosts); empty: all.")  # fmt: skip
 @option("--resolve-tags/--no-resolve-tags", default=True, show_default=True,
         help="Answer tag lookups (manifests by tag) as well as digests.")  # fmt: skip
+@option("--gossip-addr", default=config.DEFAULT_GOSSIP_ADDR, show_default=True,
+        help="HOST:PORT gossip listens on (UDP).")  # fmt: skip
+@option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+        help="A gossip seed (repeatable).")  # fmt: skip
+@option("--peer-dns", "peer_dns", multiple=True, metavar="NAME[:PORT]",
+        help="A DNS name whose addresses are gossip seeds (repeatable).")  # fmt: skip
+@option("--cluster-key-file", type=click.Path(path_type=Path, readable=False), default=None,
+        help="Gossip key file (<id>:<base64 secret> per line; the first signs).")  # fmt: skip
+@option("--insecure-gossip", is_flag=True, help="Gossip without authentication (labs only).")
 @option("--static-peer", "static_peers", multiple=True, metavar="HOST:PORT",
-        help="A peer registry to ask on a miss (repeatable); a stopgap before gossip.")  # fmt: skip
+        help="Instead of gossip: a peer registry asked on every miss (repeatable).")  # fmt: skip
 @option("--state-dir", type=click.Path(path_type=Path), default=config.DEFAULT_STATE_DIR,
         show_default=True, help="Where the daemon keeps state between runs.")  # fmt: skip
 @option("--grace-period", type=click.FloatRange(min=0), default=config.DEFAULT_GRACE_PERIOD,
@@ -60,6 +69,11 @@ def run(
     advertise_addr: str | None,
     mirrored_registries: str,
     resolve_tags: bool,
+    gossip_addr: str,
+    peers: tuple[str, ...],
+    peer_dns: tuple[str, ...],
+    cluster_key_file: Path | None,
+    insecure_gossip: bool,
     static_peers: tuple[str, ...],
     state_dir: Path,
     grace_period: float,
@@ -69,10 +83,12 @@ def run(
     """Run the node daemon: serve this node's images to containerd and to peers."""
     import trio
 
-    from spegeld.app import run_node
+    from spegeld.app import load_keyring, run_node
     from spegeld.cli._logging import configure_logging
 
     host, port = config.parse_host_port(registry_addr, "--registry-addr")
+    gossip_host, gossip_port = config.parse_host_port(gossip_addr, "--gossip-addr")
+    seeds = tuple(config.parse_host_port(peer, "--peer") for peer in peers)
     for peer in static_peers:
         config.parse_host_port(peer, "--static-peer")
     registries = frozenset(registry_host(e) for e in mirrored_registries.split(",") if e.strip())
@@ -89,10 +105,17 @@ def run(
         static_peers=static_peers,
         state_dir=state_dir,
         grace_period=grace_period,
+        gossip_host=gossip_host,
+        gossip_port=gossip_port,
+        peers=seeds,
+        peer_dns=peer_dns,
+        cluster_key_file=cluster_key_file,
+        insecure_gossip=insecure_gossip,
     )
     configure_logging(log_level, log_format)
+    keyring = load_keyring(cfg)
     try:
-        trio.run(run_node, cfg)
+        trio.run(run_node, cfg, keyring)
     except BaseExceptionGroup as group:
         # Nurseries wrap what a component raised; a known failure still gets one line.
         known = group.subgroup(lambda exc: isinstance(exc, SpegeldError))

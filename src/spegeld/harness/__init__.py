@@ -37,11 +37,12 @@ from spegeld.harness._registry import (
     parse_access_log,
     registry_unavailable_reason,
 )
-from spegeld.harness._spegeld import SpegeldProcess, free_port
+from spegeld.harness._spegeld import SpegeldProcess, free_port, write_cluster_key
 
 __all__ = [
     "SpegeldProcess",
     "free_port",
+    "write_cluster_key",
     "ANNOTATION_IMAGE_NAME",
     "ANNOTATION_REF_NAME",
     "DOCKER_MEDIA_TYPES",

@@ -7,8 +7,10 @@ lines to ``<base_dir>/spegeld.log``; readiness is ``GET /readyz`` answering 200.
 from __future__ import annotations
 
 import atexit
+import base64
 import http.client
 import json
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,11 +32,18 @@ def _stop_all() -> None:
         node.stop()
 
 
-def free_port(host: str) -> int:
+def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
     """A port free on ``host`` right now (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def write_cluster_key(path: Path) -> Path:
+    """A fresh gossip key file, readable by its owner only."""
+    path.write_text(f"1:{base64.b64encode(secrets.token_bytes(32)).decode()}\n")
+    path.chmod(0o600)
+    return path
 
 
 class SpegeldProcess:
@@ -47,6 +56,9 @@ class SpegeldProcess:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float = 15.0,
+        gossip_port: int | None = None,
+        key_file: Path | None = None,
+        peers: Sequence[str] = (),
     ) -> None:
         self.base_dir = base_dir
         self.containerd = containerd
@@ -54,11 +66,18 @@ class SpegeldProcess:
         self.port = port if port is not None else free_port(host)
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
+        self.gossip_port = gossip_port or free_port(host, socket.SOCK_DGRAM)
+        self.key_file = key_file
+        self.peers = list(peers)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def gossip_address(self) -> str:
+        return f"{self.host}:{self.gossip_port}"
 
     @property
     def url(self) -> str:
@@ -83,8 +102,20 @@ class SpegeldProcess:
             "--state-dir", str(self.base_dir / "state"),
             "--log-format", "json",
             "--log-level", "debug",
+            *self._gossip_args(),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _gossip_args(self) -> list[str]:
+        if "--static-peer" in self.extra_args:
+            return []
+        args = ["--gossip-addr", self.gossip_address]
+        args += (
+            ["--cluster-key-file", str(self.key_file)] if self.key_file else ["--insecure-gossip"]
+        )
+        for peer in self.peers:
+            args += ["--peer", peer]
+        return args
 
     def start(self) -> Self:
         self.base_dir.mkdir(parents=True, exist_ok=True)

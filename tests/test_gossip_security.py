@@ -492,10 +492,24 @@ def test_key_file_not_regular(tmp_path: Path) -> None:
     assert "not a regular file" in _config_error(fifo)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_key_file_unreadable(tmp_path: Path) -> None:
+    """For real: a process without root's override capabilities meets the file's mode."""
+    import subprocess
+    import sys
+
     path = _write(tmp_path, f"{KEY_1_B64}\n", mode=0o000)
-    assert "permission denied" in _config_error(path)
+    os.chown(path, 65534, 65534)  # someone else's file, like a Secret mounted for another user
+    no_dac = "-dac_override,-dac_read_search"
+    code = (
+        "import sys\nfrom spegeld.gossip._keyfile import load_key_file\n"
+        "from spegeld.errors import ConfigError\n"
+        "try:\n    load_key_file(sys.argv[1])\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    argv = [sys.executable, "-c", code, str(path)]
+    if os.geteuid() == 0:
+        argv = ["setpriv", f"--bounding-set={no_dac}", f"--inh-caps={no_dac}", *argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert "permission denied" in result.stdout, result.stderr
 
 
 def test_key_file_unreadable_as_root_is_simulated(

@@ -3,7 +3,8 @@
 Node A and node B each run a private containerd and a ``spegeld run`` on their
 own loopback address. A pulls through its mirror (a miss, a fast 404, then the
 upstream); the upstream is stopped; B pulls the same image and every byte
-comes from A.
+comes from A. Twice: once with ``--static-peer``, once with B finding A's
+content through gossip alone (one ``--peer`` seed, a shared cluster key).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from spegeld.harness import (
     build_image,
     free_port,
     host_platform,
+    write_cluster_key,
 )
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
@@ -139,3 +142,84 @@ def test_pull_through_the_mirror_then_from_the_peer_with_the_upstream_down(
             assert copied.read_bytes() == IMAGE.read_blob(layer)
         assert spegeld_a.stop() == 0
         assert spegeld_b.stop() == 0
+
+
+def test_pull_through_the_mirror_then_from_the_peer_with_gossip(
+    tmp_path: Path,
+    upstream: UpstreamRegistry,
+    nodes: tuple[PrivateContainerd, PrivateContainerd],
+) -> None:
+    containerd_a, containerd_b = nodes
+    ref = upstream.push(IMAGE, "team/app", "v1")
+    key = write_cluster_key(tmp_path / "cluster.key")
+    spegeld_a = SpegeldProcess(tmp_path / "node-a", containerd_a, host="127.0.0.2", key_file=key)
+    spegeld_b = SpegeldProcess(
+        tmp_path / "node-b", containerd_b, host="127.0.0.3", key_file=key,
+        peers=[spegeld_a.gossip_address],
+    )  # fmt: skip
+    with spegeld_a, spegeld_b:
+        # No static peers: B knows of A only through the gossip seed.
+        for node in (spegeld_a, spegeld_b):
+            assert node.status()["router"] == {"kind": "gossip"}
+            assert "--static-peer" not in node.argv()
+
+        def peer_of(node: SpegeldProcess) -> dict[str, Any]:
+            (peer,) = node.status()["gossip"]["peers"]
+            return dict(peer)
+
+        wait_for(
+            lambda: peer_of(spegeld_a)["state"] == peer_of(spegeld_b)["state"] == "alive",
+            10,
+            "A and B to see each other alive",
+        )
+        assert peer_of(spegeld_b)["node"] == "node-a"
+        assert peer_of(spegeld_b)["registry"] == spegeld_a.address
+        configure_hosts(tmp_path / "hosts-a", spegeld_a.url, upstream.url)
+        configure_hosts(tmp_path / "hosts-b", spegeld_b.url, upstream.url)
+
+        # A miss anywhere in the cluster is a fast 404: a table read, no peer asked.
+        start = time.monotonic()
+        status, _, body = spegeld_a.get(f"/v2/team/app/manifests/v1?ns={upstream.address}")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        assert time.monotonic() - start < 0.5
+
+        # Node A: through its mirror (misses), then the upstream.
+        log_start = upstream.log_position()
+        containerd_a.ctr("images", "pull", "--hosts-dir", str(tmp_path / "hosts-a"), ref)
+        assert upstream.blob_bytes_served(log_start) == sum(
+            IMAGE.blobs[d].size for d in (IMAGE.platforms[0].config, *IMAGE.platforms[0].layers)
+        )
+        miss = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="miss",source="external"}}'
+        assert spegeld_a.metric(miss) >= 1
+        wait_for(lambda: spegeld_a.status()["store"]["tags"] == 1, 10, "A to index the pull")
+
+        # A's keys reach B's table by gossip: every blob of the pull, plus the tag key.
+        want = IMAGE.digests(HOST)
+        wait_for(lambda: peer_of(spegeld_b)["keys"] == len(want) + 1, 10, "B to learn A's keys")
+
+        # The upstream goes away; node B pulls, and every byte comes from A.
+        upstream.stop()
+        containerd_b.ctr("images", "pull", "--hosts-dir", str(tmp_path / "hosts-b"), ref)
+        assert want <= containerd_b.content_digests()
+        for digest in want:
+            assert containerd_b.blob_path(digest).read_bytes() == IMAGE.read_blob(digest)
+        peer_bytes = spegeld_b.metric('spegeld_bytes_served_total{source="peer"}')
+        assert peer_bytes >= sum(IMAGE.blobs[d].size for d in want)
+        hit = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="hit",source="internal"}}'
+        assert spegeld_a.metric(hit) >= len(want)
+
+        # skopeo is a second real client, by digest (tags need containerd's ?ns=).
+        manifest = IMAGE.platforms[0].manifest
+        source = f"docker://{spegeld_b.address}/team/app@{manifest}"
+        inspected = subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", source],
+            capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert inspected.stdout == IMAGE.read_blob(manifest)
+
+        # B now holds the image too, and says so: A's table lists B as a holder.
+        wait_for(lambda: peer_of(spegeld_a)["keys"] >= len(want), 10, "A to learn B's keys")
+        for node in (spegeld_a, spegeld_b):
+            assert node.status()["gossip"]["packets"]["dropped"] == {}
+        assert spegeld_b.stop() == 0
+        assert spegeld_a.stop() == 0

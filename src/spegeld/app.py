@@ -9,6 +9,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -86,6 +87,30 @@ def _status(
     return status
 
 
+INCARNATION_FILE = "incarnation"
+
+
+def _next_incarnation(state_dir: Path) -> int:
+    """Above any earlier run's, so peers take our news over our past's (and the replay
+    window accepts us): the wall clock's second, or one more than the last run saved."""
+    path = state_dir / INCARNATION_FILE
+    try:
+        saved = int(path.read_text().strip())
+    except (OSError, ValueError):
+        saved = 0
+    incarnation = max(int(time.time()), saved + 1)
+    _save_incarnation(state_dir, incarnation)
+    return incarnation
+
+
+def _save_incarnation(state_dir: Path, incarnation: int) -> None:
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / INCARNATION_FILE).write_text(f"{incarnation}\n")
+    except OSError as exc:
+        logger.warning("cannot save the gossip incarnation in %s: %s", state_dir, exc)
+
+
 async def _gossip_seeds(cfg: NodeConfig, own: tuple[str, int]) -> tuple[tuple[str, int], ...]:
     seeds = list(cfg.peers)
     seeds += await resolve_seeds(cfg.peer_dns, cfg.gossip_port)
@@ -124,8 +149,7 @@ async def run_node(
                         node=cfg.node_name,
                         addr=own,
                         registry=f"{cfg.advertise_addr}:{cfg.registry_port}",
-                        # Above any earlier run's, so peers take our news over our past's.
-                        incarnation=int(time.time()),
+                        incarnation=_next_incarnation(cfg.state_dir),
                         seeds=await _gossip_seeds(cfg, own),
                     ),
                     keyring,
@@ -178,6 +202,7 @@ async def run_node(
                 registry.shutdown()
                 if gossip is not None:
                     await gossip.leave()
+                    _save_incarnation(cfg.state_dir, gossip.core.incarnation)
                 await registry_done.wait()
                 nursery.cancel_scope.cancel()
     logger.info("stopped")

@@ -1,9 +1,10 @@
 """msgpack encoding of gossip payloads; the boundary where ``Any`` becomes typed.
 
 A payload is a msgpack stream: first the sender's node id, then one array per
-message, ``[type, fields...]``. Digest keys travel as 32 raw bytes, tag keys as
-strings. Anything that does not decode into the dataclasses of ``_messages``
-raises RemoteProtocolError and is dropped.
+message, ``[type, fields...]``. Digest keys (``sha256:`` and 64 lowercase hex
+digits) travel as 32 raw bytes, any other key as a string. Anything that does
+not decode into the dataclasses of ``_messages`` raises RemoteProtocolError and
+is dropped. docs/protocol.md describes every message.
 """
 
 from __future__ import annotations
@@ -32,25 +33,51 @@ from ._messages import (
 MAX_ID = 253  # node ids are DNS-label-ish names
 MAX_KEY = 512
 MAX_INT = (1 << 63) - 1
+MAX_INCARNATION = 0xFFFF_FFFF  # it is also the datagram header's u32 incarnation
 MAX_MESSAGES = 256
 _DIGEST_PREFIX = "sha256:"
+_LOWER_HEX = frozenset("0123456789abcdef")
 
 PING, ACK, PING_REQ, MEMBER, DELTA, SUMMARY, STATE_PULL, STATE_CHUNK, JOIN = range(9)
 
 
+def _digest_bytes(key: str) -> bytes | None:
+    # Only the canonical lowercase form: bytes decode back to lowercase, so any
+    # other spelling must travel as a string to come back unchanged.
+    if len(key) == 71 and key.startswith(_DIGEST_PREFIX) and _LOWER_HEX.issuperset(key[7:]):
+        return bytes.fromhex(key[7:])
+    return None
+
+
 def _key_out(key: str) -> bytes | str:
-    if key.startswith(_DIGEST_PREFIX) and len(key) == 71:
-        try:
-            return bytes.fromhex(key[7:])
-        except ValueError:
-            return key
-    return key
+    raw = _digest_bytes(key)
+    return key if raw is None else raw
+
+
+def key_size(key: str) -> int:
+    """An upper bound on the bytes ``key`` takes in a message (exact for digests)."""
+    return 34 if _digest_bytes(key) is not None else len(key.encode()) + 3
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` survives the wire: every receiver's decoder would accept it.
+
+    The byte bound is stricter than the decoder's character bound, so that any
+    one key fits in a delta and a state chunk whatever the node ids.
+    """
+    return 0 < len(key.encode()) <= MAX_KEY and key.isprintable()
 
 
 def _key_in(raw: Any) -> str:
     if isinstance(raw, bytes) and len(raw) == 32:
         return _DIGEST_PREFIX + raw.hex()
-    if isinstance(raw, str) and 0 < len(raw) <= MAX_KEY and raw.isprintable():
+    # Bytes, not characters, bound what a key costs to pass on (valid_key, for senders).
+    if (
+        isinstance(raw, str)
+        and 0 < len(raw) <= MAX_KEY
+        and raw.isprintable()
+        and (raw.isascii() or len(raw.encode()) <= MAX_KEY)
+    ):
         return raw
     raise RemoteProtocolError("bad key")
 
@@ -107,6 +134,27 @@ def encode_sender(node: str) -> bytes:
     return packed
 
 
+def encode_record(member: Member) -> bytes:
+    """One member record as it sits inside a Summary: ``encode_summary`` joins these."""
+    packed: bytes = msgpack.packb(_member_out(member), use_bin_type=True)
+    return packed
+
+
+SUMMARY_OVERHEAD = 6  # a Summary's bytes besides its records: array, type, flag, list header
+
+
+def encode_summary(records: list[bytes], reply: bool) -> bytes:
+    """A Summary from already encoded records, so a sender sizes each record once."""
+    count = len(records)
+    if count < 16:
+        head = bytes((0x90 | count,))
+    elif count < 1 << 16:
+        head = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        raise ValueError("too many records for one summary")
+    return b"\x93" + bytes((SUMMARY,)) + (b"\xc3" if reply else b"\xc2") + head + b"".join(records)
+
+
 def decode_payload(payload: bytes) -> tuple[str, list[Message]]:
     unpacker = msgpack.Unpacker(
         raw=False, use_list=True, max_buffer_size=len(payload) + 1, strict_map_key=True
@@ -123,7 +171,10 @@ def decode_payload(payload: bytes) -> tuple[str, list[Message]]:
 
 
 def _id(raw: Any) -> str:
-    if isinstance(raw, str) and 0 < len(raw) <= MAX_ID and raw.isprintable():
+    # ASCII, as Kubernetes node names and host names are: with it, a length in characters
+    # is a length in bytes, and the largest member record (about 835 bytes) always fits
+    # in a datagram. Printable Unicode could quadruple it.
+    if isinstance(raw, str) and 0 < len(raw) <= MAX_ID and raw.isascii() and raw.isprintable():
         return raw
     raise RemoteProtocolError("bad node id")
 
@@ -135,7 +186,9 @@ def _int(raw: Any) -> int:
 
 
 def _addr(host: Any, port: Any) -> Addr:
-    if not (isinstance(host, str) and 0 < len(host) <= 255 and host.isprintable()):
+    if not (
+        isinstance(host, str) and 0 < len(host) <= 255 and host.isascii() and host.isprintable()
+    ):
         raise RemoteProtocolError("bad host")
     port = _int(port)
     if not 0 < port < 65536:
@@ -149,28 +202,40 @@ def _list(raw: Any, limit: int = 4096) -> list[Any]:
     raise RemoteProtocolError("bad list")
 
 
+_STATES = tuple(State)
+
+
 def _member_in(raw: Any) -> Member:
-    fields = _list(raw, 8)
-    if len(fields) != 8:
+    # The hottest decoder (a Summary carries dozens of records), so the checks are
+    # inlined. ``type(x) is int`` also refuses bool; msgpack yields exact types.
+    if type(raw) is not list or len(raw) != 8:
         raise RemoteProtocolError("bad member")
-    node, incarnation, state, host, port, registry, version, coordinator = fields
-    if not isinstance(registry, str) or len(registry) > 300 or not registry.isprintable():
-        raise RemoteProtocolError("bad registry address")
-    try:
-        member_state = State(_int(state))
-    except ValueError as exc:
-        raise RemoteProtocolError("bad state") from exc
-    if not isinstance(coordinator, bool):
-        raise RemoteProtocolError("bad coordinator flag")
-    return Member(
-        _id(node),
-        _int(incarnation),
-        member_state,
-        _addr(host, port),
-        registry,
-        _int(version),
-        coordinator,
-    )
+    node, incarnation, state, host, port, registry, version, coordinator = raw
+    if not (
+        type(node) is str
+        and 0 < len(node) <= MAX_ID
+        and type(incarnation) is int
+        and 0 <= incarnation <= MAX_INCARNATION
+        and type(state) is int
+        and 0 <= state < len(_STATES)
+        and type(host) is str
+        and 0 < len(host) <= 255
+        and type(port) is int
+        and 0 < port < 65536
+        and type(registry) is str
+        and len(registry) <= 300
+        and type(version) is int
+        and 0 <= version <= MAX_INT
+        and type(coordinator) is bool
+        and node.isascii()
+        and host.isascii()
+        and registry.isascii()
+        and node.isprintable()
+        and host.isprintable()
+        and registry.isprintable()
+    ):
+        raise RemoteProtocolError("bad member")
+    return Member(node, incarnation, _STATES[state], (host, port), registry, version, coordinator)
 
 
 def _decode(raw: Any) -> Message:

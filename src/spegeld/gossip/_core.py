@@ -18,10 +18,20 @@ every ``sync_interval`` a node sends a Summary of some members (with the
 version it holds of each) to a random member, which answers with its own
 view of them; whoever sees a newer version pulls that node's whole key set in
 chunks (StatePull, StateChunk). A gap that stays open pulls from the owner.
+
+Healing: a dead record yields only to a higher incarnation from the node
+itself, so every ``RECONNECT_INTERVAL`` a node sends one dead member a Summary
+carrying that member's record as we hold it (Serf's reconnect): if it was a
+partition and not a crash, the member refutes, and its answer carries our
+record, which we refute in turn. A node whose seeds all look dead joins one
+again, and a seed answers a joiner it holds as dead with that record too.
+
+docs/protocol.md describes the wire format and these rules in full.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import Counter
@@ -30,7 +40,16 @@ from dataclasses import dataclass, field
 from spegeld.errors import RemoteProtocolError
 from spegeld.routing import NodeId, Peer
 
-from ._codec import decode_payload, encode_message, encode_sender
+from ._codec import (
+    MAX_INCARNATION,
+    SUMMARY_OVERHEAD,
+    decode_payload,
+    encode_message,
+    encode_record,
+    encode_sender,
+    encode_summary,
+    valid_key,
+)
 from ._messages import (
     Ack,
     Addr,
@@ -49,6 +68,24 @@ from ._ownership import KeyLedger, PeerKeys
 from ._queue import BroadcastQueue
 from ._security import MAX_PAYLOAD, DroppedPacket, Keyring, ReplayWindow, open_datagram, seal
 from ._table import HolderTable
+
+RECONNECT_INTERVAL = 10.0  # seconds between tries at a dead member or lost seeds (Serf: 30 s)
+CHUNK_OVERHEAD = 32  # a StateChunk's bytes besides its keys and node id: type, ints, headers
+# Sequence numbers accepted behind the newest one seen from a sender. A state pull is
+# answered with a burst of chunks (about 70 for 2000 digests), and a burst that arrives
+# reordered must not fall out of the window: the 64 that IPsec uses would drop the first
+# chunks of any burst longer than that.
+REPLAY_WINDOW = 256
+_MAX_SEQUENCE = 0xFFFF_FFFF  # the datagram header's u32
+# Piggyback bytes kept for membership news when ownership deltas go first. Deltas are
+# rare and are what the cluster is for, but under heavy loss the stream of suspicions
+# and refutations outruns what datagrams can carry, and a delta queued behind it took
+# 20 s or more to spread; membership still gets about five records per datagram.
+MEMBER_RESERVE = 256
+
+
+def _never(message: Message) -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +137,7 @@ class _Probe:
     indirect_at: float
     suspect_at: float
     indirect_sent: bool = False
+    helpers: tuple[str, ...] = ()  # asked to ping-req: their relayed acks count too
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,30 +180,43 @@ class GossipCore:
         self.ledger = KeyLedger(version_base=config.incarnation << 20)
         self.table = HolderTable()
         self._peers: dict[str, _Peer] = {}
-        self._slots: list[str | None] = []
-        self._replay = ReplayWindow()
-        self._queue = BroadcastQueue(self._t.retransmit_mult)
+        self._slots: list[_Peer | None] = []  # table slot → member (None: free)
+        self._free_slots: list[int] = []  # slots of forgotten members, for reuse
+        self._dead: dict[str, float] = {}  # dead or left members → since when
+        self._by_addr: dict[Addr, str] = {}  # gossip address → member, to recognise seeds
+        self._sender = encode_sender(config.node)  # every payload starts with it
+        self._replay = ReplayWindow(window=REPLAY_WINDOW)
+        self._queue = BroadcastQueue(self._t.retransmit_mult)  # membership news
+        self._deltas = BroadcastQueue(self._t.retransmit_mult)  # ownership news
         self._outbox: list[tuple[bytes, Addr]] = []
         self._sequence = 0
-        self._probe_seq = 0
         self._probe: _Probe | None = None
         self._order: list[str] = []  # every known peer, in probe order (shuffled per round)
         self._cursor = 0
         self._suspects: dict[str, float] = {}  # node → when its suspicion ends
         self._lagging: set[str] = set()  # peers whose keys we know we lack
-        self._relays: dict[int, tuple[Addr, int, float]] = {}
+        # our ping's seq → (who asked, their seq, whom we ping, until when)
+        self._relays: dict[int, tuple[Addr, int, str, float]] = {}
         self._sync_cursor = 0
         self._next_probe = now + rng.random() * self._t.probe_interval
         self._next_gossip = now + rng.random() * self._t.gossip_interval
         self._next_sync = now + rng.random() * self._t.sync_interval
         self._next_join = now
+        self._next_reconnect = now + (1 + rng.random()) * RECONNECT_INTERVAL
         self.counters: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
 
     # ---- local commands -------------------------------------------------------------
 
     def advertise(self, keys: set[str] | frozenset[str] | list[str]) -> None:
-        for delta in self.ledger.change(self.node, added=keys, removed=()):
+        """Announce ``keys``; a key no peer's decoder would accept is skipped and counted.
+
+        One such key would make every datagram that carries it undecodable.
+        """
+        good = [key for key in keys if valid_key(key)]
+        if len(good) != len(keys):
+            self.counters["keys_rejected"] += len(keys) - len(good)
+        for delta in self.ledger.change(self.node, added=good, removed=()):
             self._broadcast(("delta", self.node, delta.version), delta)
 
     def withdraw(self, keys: set[str] | frozenset[str] | list[str]) -> None:
@@ -175,12 +226,11 @@ class GossipCore:
     def set_coordinator(self, coordinator: bool) -> None:
         if coordinator != self.coordinator:
             self.coordinator = coordinator
-            self.incarnation += 1
-            self._broadcast(("member", self.node), self._self_member())
+            self._raise_incarnation(self.incarnation)
 
     def leave(self, now: float) -> None:
         """Tell a few members we are going, so nobody waits out a suspicion."""
-        self.incarnation += 1
+        self.incarnation = min(self.incarnation + 1, MAX_INCARNATION)
         farewell = Member(
             self.node,
             self.incarnation,
@@ -194,17 +244,26 @@ class GossipCore:
             self._send(peer.addr, [farewell], piggyback=False)
 
     def lookup(self, key: str, count: int) -> list[Peer]:
-        """Holders of ``key``: alive before suspect, then by RTT; never this node."""
-        found: list[tuple[int, float, float, _Peer]] = []
+        """Holders of ``key``: alive before suspect, then by RTT; never this node.
+
+        Equal holders come in random order, to spread the load between them.
+        """
+        slots = self._slots
+        found: list[tuple[int, float, float, int]] = []
         for slot in self.table.holders(key):
-            node = self._slots[slot]
-            peer = self._peers.get(node) if node else None
-            if peer is None or peer.state not in (State.ALIVE, State.SUSPECT):
+            peer = slots[slot]
+            if peer is None:
+                continue
+            if peer.state is State.ALIVE:
+                rank = 0
+            elif peer.state is State.SUSPECT:
+                rank = 1
+            else:
                 continue
             rtt = peer.rtt if peer.rtt is not None else 1.0
-            found.append((int(peer.state), rtt, self._rng.random(), peer))
-        found.sort(key=lambda entry: entry[:3])
-        return [Peer(NodeId(p.node), p.registry) for *_, p in found[:count]]
+            found.append((rank, rtt, self._rng.random(), slot))
+        best = heapq.nsmallest(count, found) if count < len(found) else sorted(found)
+        return [Peer(NodeId(p.node), p.registry) for p in (slots[e[3]] for e in best) if p]
 
     def members(self) -> list[MemberView]:
         views = []
@@ -256,16 +315,15 @@ class GossipCore:
         return out
 
     def next_deadline(self) -> float:
-        deadlines = [self._next_probe, self._next_gossip, self._next_sync]
-        if self._probe is not None:
-            deadlines.append(
-                self._probe.indirect_at if not self._probe.indirect_sent else self._probe.suspect_at
-            )
+        deadline = min(self._next_probe, self._next_gossip, self._next_sync, self._next_reconnect)
+        probe = self._probe
+        if probe is not None:
+            deadline = min(deadline, probe.suspect_at if probe.indirect_sent else probe.indirect_at)
         if self.config.seeds and not self._peers:
-            deadlines.append(self._next_join)
+            deadline = min(deadline, self._next_join)
         if self._suspects:
-            deadlines.append(min(self._suspects.values()))
-        return min(deadlines)
+            deadline = min(deadline, *self._suspects.values())
+        return deadline
 
     def receive(self, datagram: bytes, addr: Addr, now: float) -> None:
         self.counters["packets_in"] += 1
@@ -304,8 +362,13 @@ class GossipCore:
         if now >= self._next_sync:
             self._pull_lagging(now)
             self._anti_entropy(now)
+            self._forget_dead(now)
             self._next_sync = now + self._t.sync_interval
-        self._relays = {s: r for s, r in self._relays.items() if r[2] > now}
+        if now >= self._next_reconnect:
+            self._reconnect()
+            self._next_reconnect = now + RECONNECT_INTERVAL
+        if self._relays:
+            self._relays = {s: r for s, r in self._relays.items() if r[3] > now}
 
     # ---- message handling -----------------------------------------------------------
 
@@ -314,11 +377,11 @@ class GossipCore:
             case Ping(seq):
                 self._send(addr, [Ack(seq)])
             case Ack(seq):
-                self._on_ack(seq, now)
-            case PingReq(seq, _target, target_addr):
-                self._probe_seq += 1
-                self._relays[self._probe_seq] = (addr, seq, now + self._t.probe_interval)
-                self._send(target_addr, [Ping(self._probe_seq)])
+                self._on_ack(sender, seq, now)
+            case PingReq(seq, target, target_addr):
+                ours = self._new_seq()
+                self._relays[ours] = (addr, seq, target, now + self._t.probe_interval)
+                self._send(target_addr, [Ping(ours)])
             case Member():
                 self._merge(message, now, source=addr)
             case Delta():
@@ -328,20 +391,18 @@ class GossipCore:
                     self._merge(member, now, source=addr)
                 if not reply:
                     mine = [m for m in (self._view_of(member.node) for member in members) if m]
-                    self._send(addr, [self._fit_summary(mine, True)], piggyback=False)
+                    self._send_parts(addr, [self._fit_summary(mine, True)], piggyback=False)
             case StatePull(node, have):
                 self._on_state_pull(node, have, addr)
             case StateChunk():
                 self._on_chunk(message, now)
             case Join(member):
                 self._merge(member, now, source=addr)
-                self._send_member_list(addr)
+                self._send_member_list(addr, member.node)
 
     def _merge(self, member: Member, now: float, source: Addr) -> None:
         if member.node == self.node:
-            if member.state is not State.ALIVE and member.incarnation >= self.incarnation:
-                self.incarnation = member.incarnation + 1  # refute: we are alive
-                self._broadcast(("member", self.node), self._self_member())
+            self._merge_self(member)
             return
         peer = self._peers.get(member.node)
         if peer is None:
@@ -350,15 +411,40 @@ class GossipCore:
             peer = self._add_peer(member, now)
             self._broadcast(("member", member.node), member)
         elif not self._supersedes(member, peer):
-            self._want_version(peer, member.version, source, now)
+            if peer.state is State.ALIVE or peer.state is State.SUSPECT:
+                self._want_version(peer, member.version, source, now)
             return
         else:
+            if peer.addr != member.addr:
+                if self._by_addr.get(peer.addr) == peer.node:
+                    del self._by_addr[peer.addr]
+                self._by_addr[member.addr] = peer.node
             peer.incarnation, peer.addr = member.incarnation, member.addr
             peer.registry, peer.coordinator = member.registry, member.coordinator
             self._set_state(peer, member.state, now)
             self._broadcast(("member", member.node), member)
         if member.state is State.ALIVE or member.state is State.SUSPECT:
             self._want_version(peer, member.version, source, now)
+
+    def _merge_self(self, member: Member) -> None:
+        """News about this node: refute anything but our own current word."""
+        if member.version > self.ledger.version:
+            # An earlier life of ours got further: count past it, so that peers holding
+            # its keys see a newer version and pull our whole (current) set.
+            self.ledger.jump(member.version)
+            self._raise_incarnation(max(self.incarnation, member.incarnation))
+        elif member.incarnation > self.incarnation or (
+            member.state is not State.ALIVE and member.incarnation >= self.incarnation
+        ):
+            self._raise_incarnation(member.incarnation)  # refute: we are alive
+
+    def _raise_incarnation(self, above: int) -> None:
+        """Take an incarnation above ``above`` and say so, so our record wins everywhere."""
+        if above >= MAX_INCARNATION:
+            self.counters["incarnation_exhausted"] += 1  # only a key holder can push us here
+            return
+        self.incarnation = max(self.incarnation, above + 1)
+        self._broadcast(("member", self.node), self._self_member())
 
     @staticmethod
     def _supersedes(member: Member, peer: _Peer) -> bool:
@@ -376,13 +462,11 @@ class GossipCore:
         return member.incarnation >= peer.incarnation and peer.state not in (State.DEAD, State.LEFT)
 
     def _add_peer(self, member: Member, now: float) -> _Peer:
-        self._forget_dead(now)
-        try:
-            slot = self._slots.index(None)
-        except ValueError:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
             slot = len(self._slots)
             self._slots.append(None)
-        self._slots[slot] = member.node
         peer = _Peer(
             member.node,
             slot,
@@ -395,7 +479,15 @@ class GossipCore:
             PeerKeys(),
         )
         self._peers[member.node] = peer
+        self._slots[slot] = peer
+        # At a random place, as memberlist does: appended in the order they were learned,
+        # every node would probe the same member in the same second of its first round.
         self._order.append(member.node)
+        spot = self._rng.randrange(len(self._order))
+        self._order[spot], self._order[-1] = self._order[-1], self._order[spot]
+        self._by_addr[member.addr] = member.node
+        if member.state is State.SUSPECT:  # heard of first as suspect: it may never refute
+            self._suspects[member.node] = now + self._suspicion_timeout()
         return peer
 
     def _set_state(self, peer: _Peer, state: State, now: float) -> None:
@@ -403,20 +495,26 @@ class GossipCore:
             return
         peer.state, peer.since = state, now
         self._suspects.pop(peer.node, None)
+        self._dead.pop(peer.node, None)
         if state is State.SUSPECT:
             self._suspects[peer.node] = now + self._suspicion_timeout()
         elif state in (State.DEAD, State.LEFT):
             self.table.drop(peer.slot)
             peer.keys.reset()
+            self._dead[peer.node] = now
 
     def _forget_dead(self, now: float) -> None:
-        if len(self._peers) % 64:
-            return  # sweep now and then, not on every new member
-        for peer in [p for p in self._peers.values() if p.state in (State.DEAD, State.LEFT)]:
-            if now - peer.since > self._t.dead_forget:
-                del self._peers[peer.node]
+        """Drop records dead for ``dead_forget``: after that, only a seed can reconnect us."""
+        for node, since in list(self._dead.items()):
+            if now - since > self._t.dead_forget:
+                peer = self._peers.pop(node)
+                del self._dead[node]
                 self._slots[peer.slot] = None
-                self._order.remove(peer.node)
+                self._free_slots.append(peer.slot)
+                self._order.remove(node)
+                self._lagging.discard(node)
+                if self._by_addr.get(peer.addr) == node:
+                    del self._by_addr[peer.addr]
 
     def _want_version(self, peer: _Peer, version: int, source: Addr, now: float) -> None:
         """Someone says ``peer``'s keys reached ``version``; pull them if we lag."""
@@ -462,7 +560,13 @@ class GossipCore:
             keys, version = sorted(self.table.keys_of(peer.slot)), peer.keys.version
         if version <= have:
             return
-        for chunk in self.ledger.chunk_state(node, version, keys):
+        # Room for keys once our id, the owner's id and the chunk's fields are in.
+        budget = MAX_PAYLOAD - len(self._sender) - len(encode_sender(node)) - CHUNK_OVERHEAD
+        chunks = self.ledger.chunk_state(node, version, keys, budget)
+        # In a fresh order each time: whatever a lossy or reordering path dropped from
+        # the last answer is unlikely to be dropped again, and the puller keeps the rest.
+        self._rng.shuffle(chunks)
+        for chunk in chunks:
             self._send(addr, [chunk], piggyback=False)
 
     def _on_chunk(self, chunk: StateChunk, now: float) -> None:
@@ -491,23 +595,33 @@ class GossipCore:
                 break
         if target is None:
             return
-        self._probe_seq += 1
+        seq = self._new_seq()
         self._probe = _Probe(
-            self._probe_seq,
+            seq,
             target.node,
             now,
             now + self._t.probe_timeout,
             now + self._t.probe_interval,
         )
-        self._send(target.addr, [Ping(self._probe_seq)])
+        self._send(target.addr, [Ping(seq)])
 
-    def _on_ack(self, seq: int, now: float) -> None:
-        relay = self._relays.pop(seq, None)
+    def _new_seq(self) -> int:
+        # Random, not counted: an outsider who replays a member's ack to another node
+        # (the header names no destination) would have to hit that node's probe seq.
+        return self._rng.getrandbits(62)
+
+    def _on_ack(self, sender: str, seq: int, now: float) -> None:
+        relay = self._relays.get(seq)
         if relay is not None:
-            self._send(relay[0], [Ack(relay[1])])
+            if sender == relay[2]:
+                del self._relays[seq]
+                self._send(relay[0], [Ack(relay[1])])
             return
         probe = self._probe
         if probe is None or probe.seq != seq:
+            return
+        if sender != probe.target and sender not in probe.helpers:
+            self.dropped["stray_ack"] += 1
             return
         self._probe = None
         peer = self._peers.get(probe.target)
@@ -532,8 +646,13 @@ class GossipCore:
             helpers = [
                 p for p in self._pick_alive(self._t.indirect_checks + 1) if p.node != target.node
             ][: self._t.indirect_checks]
+            probe.helpers = tuple(helper.node for helper in helpers)
             for helper in helpers:
                 self._send(helper.addr, [PingReq(probe.seq, target.node, target.addr)])
+            # And once more directly (memberlist falls back to TCP here): a lost ping or
+            # ack is the usual cause, and each false suspicion costs the whole cluster a
+            # suspect and a refutation, each passed on 4·log10(N) times by every member.
+            self._send(target.addr, [Ping(probe.seq)])
         if now >= probe.suspect_at:
             self._probe = None
             if target.state is State.ALIVE:
@@ -554,83 +673,136 @@ class GossipCore:
     # ---- dissemination ------------------------------------------------------------------
 
     def _gossip(self) -> None:
-        if not len(self._queue):
+        if not (len(self._queue) or len(self._deltas)):
             return
-        for peer in self._pick_alive(self._t.gossip_nodes):
+        # Suspects too, as memberlist does: gossip is how a suspect hears that it is one
+        # (and refutes), and how it keeps up with keys meanwhile.
+        for peer in self._pick_alive(self._t.gossip_nodes, suspect=True):
             self._send(peer.addr, [])
 
     def _anti_entropy(self, now: float) -> None:
         targets = self._pick_alive(1)
         if not targets:
             return
-        views = [self._self_member()]
-        nodes = list(self._peers)
-        room = MAX_PAYLOAD - 64 - len(encode_message(views[0]))
-        for step in range(len(nodes)):
-            peer = self._peers[nodes[(self._sync_cursor + step) % len(nodes)]]
-            view = self._member_of(peer)
-            size = len(encode_message(view))
-            if size > room:
-                break
-            room -= size
-            views.append(view)
-        self._sync_cursor = (self._sync_cursor + len(views) - 1) % max(1, len(nodes))
-        self._send(targets[0].addr, [Summary(tuple(views), False)], piggyback=False)
+        records = [encode_record(self._self_member())]
+        room = self._summary_room() - len(records[0])
+        slots = self._slots  # stable order, so the window walks every member in turn
+        count = len(slots)
+        step = 0
+        while step < count:
+            peer = slots[(self._sync_cursor + step) % count]
+            if peer is not None:
+                record = encode_record(self._member_of(peer))
+                if len(record) > room:
+                    if len(records) == 1:
+                        step += 1  # too big even alone with ours: skip it, don't stall here
+                    break
+                room -= len(record)
+                records.append(record)
+            step += 1
+        self._sync_cursor = (self._sync_cursor + step) % max(1, count)
+        self._send_parts(targets[0].addr, [encode_summary(records, False)], piggyback=False)
 
-    def _fit_summary(self, views: list[Member], reply: bool) -> Summary:
-        room = MAX_PAYLOAD - 64
+    def _summary_room(self) -> int:
+        """Bytes of member records that fit in one Summary after our id."""
+        return MAX_PAYLOAD - len(self._sender) - SUMMARY_OVERHEAD
+
+    def _fit_summary(self, views: list[Member], reply: bool) -> bytes:
+        room = self._summary_room()
         fitted = []
         for view in views:
-            size = len(encode_message(view))
-            if size > room:
+            record = encode_record(view)
+            if len(record) > room:
                 break
-            fitted.append(view)
-            room -= size
-        return Summary(tuple(fitted), reply)
+            fitted.append(record)
+            room -= len(record)
+        return encode_summary(fitted, reply)
 
-    def _send_member_list(self, addr: Addr) -> None:
-        views = [
-            self._self_member(),
-            *(
-                self._member_of(p)
-                for p in self._peers.values()
-                if p.state in (State.ALIVE, State.SUSPECT)
-            ),
+    def _send_member_list(self, addr: Addr, joiner: str) -> None:
+        views = [self._self_member()]
+        known = self._peers.get(joiner)
+        if known is not None and known.state in (State.DEAD, State.LEFT):
+            views.append(self._member_of(known))  # it must refute this to be heard again
+        views += [
+            self._member_of(p)
+            for p in self._peers.values()
+            if p.state in (State.ALIVE, State.SUSPECT)
         ]
-        batch: list[Member] = []
-        room = MAX_PAYLOAD - 64
+        batch: list[bytes] = []
+        room = self._summary_room()
         for view in views:
-            size = len(encode_message(view))
-            if size > room and batch:
-                self._send(addr, [Summary(tuple(batch), True)], piggyback=False)
-                batch, room = [], MAX_PAYLOAD - 64
-            batch.append(view)
-            room -= size
+            record = encode_record(view)
+            if len(record) > room and batch:
+                self._send_parts(addr, [encode_summary(batch, True)], piggyback=False)
+                batch, room = [], self._summary_room()
+            batch.append(record)
+            room -= len(record)
         if batch:
-            self._send(addr, [Summary(tuple(batch), True)], piggyback=False)
+            self._send_parts(addr, [encode_summary(batch, True)], piggyback=False)
+
+    def _reconnect(self) -> None:
+        """Try one dead member and, if every seed looks dead, a seed: a partition may be over.
+
+        The summary carries the member's own record as we hold it, which it will refute
+        if it is alive; its answer carries its record of us, which we refute in turn.
+        """
+        dead = [node for node in self._dead if self._peers[node].state is State.DEAD]
+        if dead:
+            peer = self._peers[self._rng.choice(dead)]
+            summary = encode_summary(
+                [encode_record(self._self_member()), encode_record(self._member_of(peer))], False
+            )
+            self._send_parts(peer.addr, [summary], piggyback=False)
+        if self.config.seeds and self._peers and not self._seed_alive():
+            seed = self.config.seeds[self._rng.randrange(len(self.config.seeds))]
+            self._send(seed, [Join(self._self_member())], piggyback=False)
+
+    def _seed_alive(self) -> bool:
+        for seed in self.config.seeds:
+            peer = self._peers.get(self._by_addr.get(seed, ""))
+            if peer is not None and peer.state is State.ALIVE and peer.addr == seed:
+                return True
+        return False
 
     def _broadcast(self, subject: tuple[str, ...] | tuple[str, str, int], message: Message) -> None:
-        self._queue.put(subject, message, encode_message(message))
+        queue = self._deltas if isinstance(message, Delta) else self._queue
+        queue.put(subject, message, encode_message(message))
 
     def _send(self, addr: Addr, messages: list[Message], *, piggyback: bool = True) -> None:
-        parts = [encode_sender(self.node), *(encode_message(m) for m in messages)]
+        self._send_parts(addr, [encode_message(m) for m in messages], piggyback=piggyback)
+
+    def _send_parts(self, addr: Addr, encoded: list[bytes], *, piggyback: bool = True) -> None:
+        parts = [self._sender, *encoded]
         room = MAX_PAYLOAD - sum(map(len, parts))
         if piggyback and room > 32:
-            parts += self._queue.take(room, len(self._peers) + 1, lambda m: False)
-        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+            size = len(self._peers) + 1
+            news = self._deltas.take(max(0, room - MEMBER_RESERVE), size, _never)
+            room -= sum(map(len, news))
+            news += self._queue.take(room, size, _never)
+            room = MAX_PAYLOAD - sum(map(len, parts)) - sum(map(len, news))
+            if room > 32 and len(self._deltas):
+                news += self._deltas.take(room, size, _never, more=True)
+            parts += news
+        self._sequence += 1
+        if self._sequence > _MAX_SEQUENCE:
+            # Never reuse an (incarnation, sequence) pair: receivers would drop it as a replay.
+            self._sequence = 0
+            self._raise_incarnation(self.incarnation)
         datagram = seal(self._keyring, self.incarnation, self._sequence, b"".join(parts))
         self.counters["packets_out"] += 1
         self.counters["bytes_out"] += len(datagram)
         self._outbox.append((datagram, addr))
 
-    def _pick_alive(self, count: int) -> list[_Peer]:
-        """Up to ``count`` distinct random alive peers, without scanning them all."""
+    def _pick_alive(self, count: int, *, suspect: bool = False) -> list[_Peer]:
+        """Up to ``count`` distinct random alive (or suspect) peers, without scanning them all."""
         picked: dict[str, _Peer] = {}
         for _ in range(count * 4):
             if len(picked) >= count or not self._order:
                 break
             peer = self._peers.get(self._order[self._rng.randrange(len(self._order))])
-            if peer is not None and peer.state is State.ALIVE:
+            if peer is not None and (
+                peer.state is State.ALIVE or (suspect and peer.state is State.SUSPECT)
+            ):
                 picked[peer.node] = peer
         return list(picked.values())
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ._codec import key_size as encoded_size
 from ._messages import Delta, StateChunk
 
 DELTA_BUDGET = 600  # encoded bytes of keys per delta: it must ride piggyback on a datagram
-CHUNK_BUDGET = 1000  # encoded bytes of keys per state chunk
+CHUNK_BUDGET = 1000  # encoded bytes of keys per state chunk, at most (the core may ask less)
 MAX_PENDING = 256  # early deltas held per peer; beyond this a whole-state pull is cheaper
 BIG_GAP = 32  # a gap this wide pulls at once instead of waiting for gossip to fill it
-CHUNK_TIMEOUT = 5.0  # seconds an incomplete state transfer is kept
+CHUNK_TIMEOUT = 5.0  # seconds an incomplete state transfer is kept after its last chunk
 
-
-def encoded_size(key: str) -> int:
-    """Bytes a key takes in msgpack: a digest as 32 raw bytes, anything else as a string."""
-    return 34 if key.startswith("sha256:") and len(key) == 71 else len(key.encode()) + 3
+__all__ = ["CHUNK_BUDGET", "DELTA_BUDGET", "KeyLedger", "PeerKeys", "encoded_size"]
 
 
 def _batches(keys: Iterable[str], budget: int) -> list[list[str]]:
@@ -57,9 +55,15 @@ class KeyLedger:
             deltas.append(Delta(node, self.version, tuple(batch), ()))
         return deltas
 
+    def jump(self, above: int) -> None:
+        """Count past ``above``: a version an earlier life of this node reached."""
+        self.version = max(self.version, above) + 1
+
     @staticmethod
-    def chunk_state(node: str, version: int, keys: list[str]) -> list[StateChunk]:
-        batches = _batches(keys, CHUNK_BUDGET)
+    def chunk_state(
+        node: str, version: int, keys: list[str], budget: int = CHUNK_BUDGET
+    ) -> list[StateChunk]:
+        batches = _batches(keys, min(budget, CHUNK_BUDGET))
         return [StateChunk(node, version, i, len(batches), tuple(b)) for i, b in enumerate(batches)]
 
 
@@ -130,6 +134,9 @@ class PeerKeys:
         elif chunk.version < current[0] or chunk.count != current[1]:
             return None
         current[3][chunk.index] = chunk.keys
+        # The timeout runs from the last chunk, not the first: a big state over a lossy
+        # link takes several pulls, and each one fills in what the last one lost.
+        current = (current[0], current[1], now, current[3])
         self._assembling = current
         if len(current[3]) < current[1]:
             return None

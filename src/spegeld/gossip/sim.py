@@ -86,15 +86,12 @@ class Simulation:
         """
         members = [core._self_member() for core in self.nodes.values()]
         for core in self.nodes.values():
+            # Straight into the member table: merging would queue N news items and
+            # send N state pulls per node only to throw them away.
             for member in members:
-                core._merge(member, self.now, source=member.addr)
-                peer = core._peers.get(member.node)
-                if peer is not None:
+                if member.node != core.node and member.node not in core._peers:
+                    peer = core._add_peer(member, self.now)
                     peer.keys.version = peer.keys.claimed = member.version
-                    peer.keys.gap_since = None
-            core._lagging.clear()
-            core._outbox.clear()
-            core._queue = type(core._queue)(self.timings.retransmit_mult)
 
     def _schedule(self, addr: Addr) -> None:
         self._tie += 1

@@ -5,13 +5,16 @@ request. Blob bytes are hashed as they stream; when a peer breaks off, the
 rest comes from the next holder with a Range request from the byte already
 received, so the client sees one intact response. The last chunk is held back
 until the digest checks out: on a mismatch the response is cut and the peer
-is marked bad.
+is marked bad. A large blob is hashed in a worker thread, beside the socket
+work of the trio thread: SHA-256 is the largest single cost of the proxy path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 FORWARDED_HEADERS = (b"accept", b"user-agent")
+HASH_IN_THREAD_MIN = 1024 * 1024  # bytes; smaller blobs are hashed inline, no thread hop
+HASH_BACKLOG = 8 * 1024 * 1024  # bytes handed to the hashing thread, not yet hashed
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +194,7 @@ class Proxy:
         length: int,
         verify: Digest | None,
     ) -> AsyncIterator[bytes]:
-        hasher = hashlib.sha256() if verify else None
+        hasher = _hasher(length) if verify else None
         received = 0
         held: bytes | None = None
         served_by = [current.peer]
@@ -198,7 +203,7 @@ class Proxy:
                 try:
                     async for chunk in current.body():
                         if hasher is not None:
-                            hasher.update(chunk)
+                            await hasher.update(chunk)
                         received += len(chunk)
                         if held is not None:
                             self._metrics.bytes_served.labels(source="peer").inc(len(held))
@@ -217,7 +222,7 @@ class Proxy:
                     current = resumed
                     served_by.append(current.peer)
                     others = [p for p in others if p != current.peer]
-            if hasher is not None and "sha256:" + hasher.hexdigest() != verify:
+            if hasher is not None and "sha256:" + await hasher.hexdigest() != verify:
                 for peer in served_by:
                     self.mark_bad(peer)
                 raise AbortResponse(f"bytes for {verify} do not match it")
@@ -225,6 +230,8 @@ class Proxy:
                 self._metrics.bytes_served.labels(source="peer").inc(len(held))
                 yield held
         finally:
+            if hasher is not None:
+                hasher.close()
             await current.aclose()
 
     async def _resume(
@@ -264,3 +271,82 @@ async def _release(response: PeerResponse) -> None:
 
 async def _release_pair(pair: tuple[PeerResponse, bytes]) -> None:
     await pair[0].aclose()
+
+
+class _InlineSha256:
+    """SHA-256 in the trio thread: for blobs too small to be worth a thread hop."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    async def update(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+
+    async def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        pass
+
+
+class _ThreadedSha256:
+    """SHA-256 of a stream, computed in a worker thread while the trio thread moves bytes.
+
+    hashlib releases the GIL while it hashes a large buffer, so hashing and socket work
+    overlap on two cores. One worker per stream keeps the chunks in order; ``update``
+    waits while more than ``backlog`` bytes are queued, which bounds memory when the
+    hashing falls behind. ``close`` (idempotent) lets the worker end.
+    """
+
+    def __init__(self, backlog: int) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._backlog = backlog
+        self._queued = 0  # bytes given to the worker and not yet hashed (trio thread only)
+        self._finished = False  # the worker has hashed everything and stopped
+        self._closed = False
+        self._lot = trio.lowlevel.ParkingLot()
+        self._token = trio.lowlevel.current_trio_token()
+        trio.lowlevel.start_thread_soon(self._work, _ignore, name="spegeld-sha256")
+
+    def _work(self) -> None:  # worker thread
+        with contextlib.suppress(trio.RunFinishedError):
+            try:
+                while (chunk := self._queue.get()) is not None:
+                    self._sha.update(chunk)
+                    self._token.run_sync_soon(self._hashed, len(chunk))
+            finally:
+                self._token.run_sync_soon(self._finish)
+
+    def _hashed(self, size: int) -> None:
+        self._queued -= size
+        self._lot.unpark_all()
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._lot.unpark_all()
+
+    async def update(self, chunk: bytes) -> None:
+        self._queued += len(chunk)
+        self._queue.put(chunk)
+        while self._queued > self._backlog and not self._finished:
+            await self._lot.park()
+
+    async def hexdigest(self) -> str:
+        self.close()
+        while not self._finished:
+            await self._lot.park()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+
+def _hasher(length: int) -> _InlineSha256 | _ThreadedSha256:
+    return _ThreadedSha256(HASH_BACKLOG) if length >= HASH_IN_THREAD_MIN else _InlineSha256()
+
+
+def _ignore(_: object) -> None:
+    pass

@@ -29,14 +29,18 @@ the client costs little and the figure is what the server can push; the targets 
 **recv_into** reads into a reused 1 MiB buffer, and **curl** writes to ``/dev/null``: both copy
 every byte, as a real consumer does. Each download opens a new connection; its time runs from
 connect to last byte. Rounds are interleaved (every client and server once per round); the
-median of the rounds is reported, with the CPU time the serving process(es) and the client
-used per GB (``/proc/PID/stat``, ``getrusage``). One more download per server with
-recv_into and with curl hashes the bytes and checks the sha256.
+median of the rounds is reported, with the CPU time per GB of the serving process(es), of the
+client, and of the rest of the machine (``/proc/PID/stat``, ``getrusage``, ``/proc/stat``):
+"rest" shows when other work on a shared machine competed for the CPUs. One more download
+per server with recv_into and with curl hashes the bytes and checks the sha256. As a
+reference for the proxy, which must hash every byte, it also times hashlib's SHA-256 over
+the blob in memory on one core.
 
 ``--baseline-ref REF`` (repeatable) adds a proxy node that runs the ``src/`` of a git ref
 (e.g. ``HEAD``), or of a directory holding a ``spegeld`` package, next to the working tree's,
 so a change to the proxy path is measured in the same run.
-``--profile`` runs the spegeld nodes under cProfile (their figures then include the
+``--wait-quiet SECONDS`` first waits (up to that long) for the machine to be less than 25 %
+busy. ``--profile`` runs the spegeld nodes under cProfile (their figures then include the
 profiler's cost) and prints the top functions of each.
 """
 
@@ -647,6 +651,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                 flush=True,
             )
 
+        info["sha256_mb_per_s"] = sha256_speed(blob_file, args.repeat)
         missing = "sha256:" + secrets.token_hex(32)
         tag = f"/v2/{repo}/manifests/{image.tag}"
         unknown = f"/v2/{repo}/manifests/{missing}"
@@ -689,6 +694,20 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             with contextlib.suppress(Exception):
                 proc.stop()
         stack.close()
+
+
+def sha256_speed(path: Path, repeat: int) -> float:
+    """Median MB/s of hashlib's SHA-256 over the blob, held in memory, in 1 MiB updates:
+    one core's ceiling for anything that verifies the blob as it streams."""
+    data = memoryview(path.read_bytes())
+    speeds = []
+    for _ in range(repeat):
+        sha = hashlib.sha256()
+        t0 = time.perf_counter()
+        for start in range(0, len(data), RECV_BUFFER):
+            sha.update(data[start : start + RECV_BUFFER])
+        speeds.append(len(data) / (time.perf_counter() - t0) / 1e6)
+    return statistics.median(speeds)
 
 
 def profile_text(path: Path, limit: int) -> str:
@@ -759,6 +778,12 @@ def report(
         if target:
             line += f" {'>= ' + str(target):>7}  {verdict(values[0] >= target)}"
         print(line)
+    sha = info["sha256_mb_per_s"]
+    proxied = by_key["proxied"].median(primary)
+    print(
+        f"SHA-256 of the blob in memory, one core (hashlib): {sha:.0f} MB/s;"
+        f" proxied ({primary}) / SHA-256: {proxied / sha:.2f}"
+    )
     print()
     print("Manifest HEAD latency, one keep-alive connection, ms (after 10 % warm-up requests)")
     head = f"{'request':<42} {'count':>5} {'p50':>7} {'p99':>7} {'max':>7}  target"

@@ -758,9 +758,18 @@ class GossipCore:
             self._send(seed, [Join(self._self_member())], piggyback=False)
 
     def _seed_alive(self) -> bool:
+        """Whether some seed is a member, alive or suspect.
+
+        Suspect counts: under heavy loss a seed is suspect somewhere most of the time,
+        and every Join costs it a whole member list.
+        """
         for seed in self.config.seeds:
             peer = self._peers.get(self._by_addr.get(seed, ""))
-            if peer is not None and peer.state is State.ALIVE and peer.addr == seed:
+            if (
+                peer is not None
+                and peer.state in (State.ALIVE, State.SUSPECT)
+                and peer.addr == seed
+            ):
                 return True
         return False
 

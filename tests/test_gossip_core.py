@@ -21,7 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spegeld.errors import RemoteProtocolError
-from spegeld.gossip import GossipConfig, GossipCore, Keyring, MemberView, Timings
+from spegeld.gossip import (
+    CoordinatorState,
+    GossipConfig,
+    GossipCore,
+    Keyring,
+    MemberView,
+    Timings,
+)
 from spegeld.gossip._codec import (
     MAX_ID,
     MAX_INCARNATION,
@@ -994,3 +1001,37 @@ def test_header_fields_are_the_ones_sealed() -> None:
     datagram = _sealed("x", 77, Ping(1), incarnation=9)
     magic, version, key_id, incarnation, sequence = struct.unpack_from(">2sBBII", datagram)
     assert (magic, version, key_id, incarnation, sequence) == (b"SG", 1, 1, 9, 77)
+
+
+def test_coordinator_view_follows_the_flag_and_member_states() -> None:
+    sim = Simulation(3, seed=7, start_joined=True)
+    a, b, _ = sim.nodes.values()
+    assert a.coordinator_view() == (CoordinatorState.GONE, None)  # members, nobody leads
+    b.set_coordinator(True)
+    assert b.coordinator_view() == (CoordinatorState.SELF, b.node)
+    sim.run_until(5.0, stop=lambda: a.coordinator_view()[0] is CoordinatorState.ALIVE)
+    assert a.coordinator_view() == (CoordinatorState.ALIVE, b.node)
+    killed = sim.now
+    sim.kill(1)
+    reached = sim.run_until(60.0, stop=lambda: a.coordinator_view()[0] is CoordinatorState.GONE)
+    assert a.coordinator_view() == (CoordinatorState.GONE, b.node)
+    # GONE already at suspicion: contenders read the Lease early, the Lease decides.
+    assert killed < reached < killed + 5.0
+
+
+def test_a_core_without_members_has_no_coordinator_view_and_takes_new_seeds() -> None:
+    core = GossipCore(
+        GossipConfig(
+            node="lone", addr=("127.0.0.1", 7946), registry="127.0.0.1:5000", incarnation=1
+        ),
+        Keyring.insecure(),
+        random.Random(1),
+        0.0,
+    )
+    assert core.coordinator_view() == (CoordinatorState.NONE, None)
+    core.add_seed(("127.0.0.2", 7946))
+    core.add_seed(("127.0.0.2", 7946))
+    core.add_seed(("127.0.0.1", 7946))  # our own address is never a seed
+    assert core.config.seeds == (("127.0.0.2", 7946),)
+    core.handle_timer(core.next_deadline())
+    assert [addr for _, addr in core.datagrams_to_send(0.0)] == [("127.0.0.2", 7946)]

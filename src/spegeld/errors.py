@@ -2,10 +2,15 @@
 
     SpegeldError                    base; ``exit_code`` is what the CLI exits with
     ├── ConfigError                 bad flag, file or environment value
+    │   └── KubeconfigError         a kubeconfig or in-cluster credential we cannot use
     ├── ContainerdError             talking to containerd failed
     │   ├── ContainerdUnavailable   socket missing, not a socket, refused, or containerd down
     │   ├── ContainerdPermission    the socket exists but we may not connect
     │   └── ContainerdNamespace     the namespace is unusable
+    ├── KubeError                   talking to the Kubernetes API failed
+    │   ├── KubeUnreachable         no HTTP answer: DNS, connect, TLS or timeout
+    │   └── KubeStatusError         the API answered with an error Status
+    │       └── LeaseConflict       409: someone changed the Lease first (a lost race)
     ├── ListenError                 a listening socket could not be opened
     ├── NotFound                    the content or image does not exist
     └── ProtocolError               a message broke its protocol
@@ -24,6 +29,11 @@ __all__ = [
     "ContainerdNamespace",
     "ContainerdPermission",
     "ContainerdUnavailable",
+    "KubeError",
+    "KubeStatusError",
+    "KubeUnreachable",
+    "KubeconfigError",
+    "LeaseConflict",
     "ListenError",
     "LocalProtocolError",
     "NotFound",
@@ -59,6 +69,32 @@ class ContainerdPermission(ContainerdError):
 
 class ContainerdNamespace(ContainerdError):
     """The containerd namespace is invalid."""
+
+
+class KubeconfigError(ConfigError):
+    """A kubeconfig (or in-cluster credential) is missing a part, malformed or unsupported."""
+
+
+class KubeError(SpegeldError):
+    """A call to the Kubernetes API failed."""
+
+
+class KubeUnreachable(KubeError):
+    """No HTTP answer from the API server; ``__cause__`` holds the transport error."""
+
+
+class KubeStatusError(KubeError):
+    """The API server answered with an error ``Status``."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(f"{code} {reason}: {message}" if message else f"{code} {reason}")
+        self.code = code
+        self.reason = reason  # the Status ``reason``, e.g. Forbidden, Conflict, NotFound
+        self.message = message
+
+
+class LeaseConflict(KubeStatusError):
+    """409: the Lease changed (or appeared) since we read it. A lost race, not a failure."""
 
 
 class ListenError(SpegeldError):

@@ -1,6 +1,7 @@
 """Gossip: SWIM membership and digest ownership over authenticated UDP; the Router."""
 
 from spegeld.gossip._core import (
+    CoordinatorState,
     GossipConfig,
     GossipCore,
     GossipStatistics,
@@ -8,15 +9,21 @@ from spegeld.gossip._core import (
     Timings,
 )
 from spegeld.gossip._keyfile import load_credential, load_key_file
+from spegeld.gossip._probe import ack_sender, ping_datagram
 from spegeld.gossip._security import Keyring
+from spegeld.gossip._shell import load_members
 
 __all__ = [
+    "CoordinatorState",
     "GossipConfig",
     "GossipCore",
     "GossipStatistics",
     "Keyring",
     "MemberView",
     "Timings",
+    "ack_sender",
     "load_credential",
     "load_key_file",
+    "load_members",
+    "ping_datagram",
 ]

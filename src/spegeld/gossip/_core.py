@@ -31,11 +31,12 @@ docs/protocol.md describes the wire format and these rules in full.
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spegeld.errors import RemoteProtocolError
 from spegeld.routing import NodeId, Peer
@@ -103,6 +104,13 @@ class Timings:
     gap_timeout: float = 1.0  # a version gap this old pulls the owner's whole state
     join_retry: float = 1.0
     dead_forget: float = 60.0  # a dead member's record (and incarnation) is kept this long
+
+
+class CoordinatorState(enum.Enum):
+    SELF = "self"
+    ALIVE = "alive"
+    GONE = "gone"
+    NONE = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +214,10 @@ class GossipCore:
         self.counters: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
 
+    @property
+    def key_fingerprint(self) -> str:
+        return self._keyring.fingerprint()
+
     # ---- local commands -------------------------------------------------------------
 
     def advertise(self, keys: set[str] | frozenset[str] | list[str]) -> None:
@@ -288,6 +300,29 @@ class GossipCore:
             return self.node
         alive = [p for p in self._peers.values() if p.coordinator and p.state is State.ALIVE]
         return max(alive, key=lambda p: p.incarnation).node if alive else None
+
+    def coordinator_view(self) -> tuple[CoordinatorState, str | None]:
+        """What gossip says about the coordinator, for the elector.
+
+        ALIVE: a live member other than us leads, so followers leave the API alone.
+        GONE: members exist but none alive leads (the coordinator is suspect, dead,
+        left, or stepped down). NONE: no members at all, so no view. SELF: we lead.
+        """
+        if self.coordinator:
+            return CoordinatorState.SELF, self.node
+        flagged = [p for p in self._peers.values() if p.coordinator]
+        alive = [p for p in flagged if p.state is State.ALIVE]
+        if alive:
+            return CoordinatorState.ALIVE, max(alive, key=lambda p: p.incarnation).node
+        if not self._peers:
+            return CoordinatorState.NONE, None
+        gone = max(flagged, key=lambda p: p.incarnation).node if flagged else None
+        return CoordinatorState.GONE, gone
+
+    def add_seed(self, addr: Addr) -> None:
+        """Join through ``addr`` too (the coordinator's address, read from the Lease)."""
+        if addr != self.config.addr and addr not in self.config.seeds:
+            self.config = replace(self.config, seeds=(*self.config.seeds, addr))
 
     def alive_count(self) -> int:
         return sum(1 for p in self._peers.values() if p.state is State.ALIVE)

@@ -80,6 +80,7 @@ the cluster.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 from collections import OrderedDict
@@ -240,6 +241,16 @@ class Keyring:
         if self._primary is None:
             return "Keyring.insecure()"
         return f"Keyring(key_ids={self.key_ids!r}, primary={self.primary_id})"
+
+    def fingerprint(self) -> str:
+        """``<primary id>:<16 hex>``, safe to show: a keyed hash, not the secret.
+
+        Two nodes (or the doctor and a daemon) with the same fingerprint seal alike.
+        """
+        if self._primary is None:
+            return "insecure"
+        digest = hashlib.sha256(b"spegeld gossip key fingerprint\0" + self._primary.secret)
+        return f"{self._primary.key_id}:{digest.hexdigest()[:16]}"
 
     def _primary_key(self) -> Key | None:
         return self._primary

@@ -37,12 +37,19 @@ class GossipRouter:
         self._state_dir = state_dir
         self._socket: trio.socket.SocketType | None = None
         self.send_errors = 0
+        self._ready = False
 
     # ---- the Router seam --------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Joined a cluster, or running alone on purpose (no seeds at all)."""
-        return not self.core.config.seeds or self.core.alive_count() > 0
+        """Joined a cluster, or running alone on purpose (no seeds at all).
+
+        Once ready, always ready: a seed added later (the coordinator, read from the
+        Lease) must not take a serving node out of rotation while it joins.
+        """
+        if not self._ready:
+            self._ready = not self.core.config.seeds or self.core.alive_count() > 0
+        return self._ready
 
     def lookup(self, key: str, count: int) -> list[Peer]:
         return self.core.lookup(key, count)
@@ -129,6 +136,7 @@ class GossipRouter:
         return {
             "node": stats.node,
             "incarnation": stats.incarnation,
+            "key_fingerprint": self.core.key_fingerprint,
             "own_keys": stats.own_keys,
             "known_keys": stats.known_keys,
             "members": stats.members,

@@ -25,9 +25,6 @@ test reports how often, and asserts that the cluster comes back whole.
 
 from __future__ import annotations
 
-import json
-import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -41,8 +38,10 @@ import pytest
 
 from spegeld.harness import (
     CtrError,
-    PrivateContainerd,
-    SpegeldProcess,
+    HarnessUnavailable,
+    NetnsContainerd,
+    NetnsSpegeld,
+    Network,
     build_image,
     host_platform,
     write_cluster_key,
@@ -62,172 +61,6 @@ OBSERVE_FOR = 10.0
 PULL_ATTEMPTS = 3
 POLL = 0.1
 COMMAND_TIMEOUT = 30.0
-
-
-def run(argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT) -> str:
-    result = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} exited with {result.returncode}: {result.stderr.strip()}"
-        )
-    return result.stdout
-
-
-class Network:
-    """A bridge namespace and node namespaces joined by veth pairs; all deleted by close()."""
-
-    def __init__(self, nodes: int) -> None:
-        suffix = secrets.token_hex(3)
-        self.bridge = f"spgt-br-{suffix}"
-        self.nodes = [f"spgt-n{i}-{suffix}" for i in range(nodes)]
-        self._created: list[str] = []
-
-    @staticmethod
-    def address(i: int) -> str:
-        return f"{SUBNET}.{i + 1}"
-
-    def create(self) -> None:
-        missing = [tool for tool in ("ip", "nft", "curl") if shutil.which(tool) is None]
-        if missing:
-            pytest.fail(
-                f"{', '.join(missing)} not found: apt-get install -y iproute2 nftables curl"
-            )
-        for name in [self.bridge, *self.nodes]:
-            result = subprocess.run(
-                ["ip", "netns", "add", name], capture_output=True, text=True, timeout=30, check=False
-            )  # fmt: skip
-            if result.returncode != 0:
-                pytest.fail(
-                    f"cannot create network namespace {name}: {result.stderr.strip()} "
-                    "(this test needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN; it must "
-                    "not be skipped)"
-                )
-            self._created.append(name)
-            run(["ip", "-n", name, "link", "set", "lo", "up"])
-        run(["ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge"])
-        run(["ip", "-n", self.bridge, "link", "set", "br0", "up"])
-        for i, node in enumerate(self.nodes):
-            # Both ends are created inside our namespaces, never in the host's.
-            run(["ip", "-n", node, "link", "add", "eth0", "type", "veth",
-                 "peer", "name", f"p{i}", "netns", self.bridge])  # fmt: skip
-            run(["ip", "-n", self.bridge, "link", "set", f"p{i}", "master", "br0"])
-            run(["ip", "-n", self.bridge, "link", "set", f"p{i}", "up"])
-            run(["ip", "-n", node, "addr", "add", f"{self.address(i)}/24", "dev", "eth0"])
-            run(["ip", "-n", node, "link", "set", "eth0", "up"])
-
-    def add_loss(self, node: str, port: int, percent: int) -> None:
-        """Drop ``percent`` % of the UDP datagrams arriving for ``port``, counting both."""
-        ruleset = f"""
-table inet {LOSS_TABLE} {{
-    chain input {{
-        type filter hook input priority 0; policy accept;
-        udp dport {port} counter
-        udp dport {port} numgen random mod 100 < {percent} counter drop
-    }}
-}}
-"""
-        subprocess.run(
-            ["ip", "netns", "exec", node, "nft", "-f", "-"],
-            input=ruleset, capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
-
-    def loss_counters(self, node: str) -> tuple[int, int]:
-        """(datagrams that arrived for the gossip port, datagrams the rule dropped)."""
-        listing = json.loads(run(["ip", "netns", "exec", node, "nft", "-j", "list", "table",
-                                  "inet", LOSS_TABLE]))  # fmt: skip
-        counts = []
-        for item in listing["nftables"]:
-            rule = item.get("rule")
-            if rule is None:
-                continue
-            for expr in rule["expr"]:
-                if "counter" in expr:
-                    counts.append(int(expr["counter"]["packets"]))
-        seen, dropped = counts
-        return seen, dropped
-
-    def close(self) -> None:
-        problems = []
-        for name in reversed(self._created):
-            result = subprocess.run(
-                ["ip", "netns", "del", name], capture_output=True, text=True, timeout=30, check=False
-            )  # fmt: skip
-            if result.returncode != 0:
-                problems.append(f"{name}: {result.stderr.strip()}")
-        self._created.clear()
-        left = set(run(["ip", "netns", "list"]).split()) & {self.bridge, *self.nodes}
-        assert not problems and not left, f"namespaces not deleted: {problems} {left}"
-
-
-def in_netns_wrapper(path: Path, netns: str, program: str) -> Path:
-    """An executable that runs ``program`` inside ``netns`` (exec all the way down, so
-    the PID the harness gets is the program's own, and it stops the right process)."""
-    path.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {program} "$@"\n')
-    path.chmod(0o755)
-    return path
-
-
-class NetnsContainerd(PrivateContainerd):
-    def __init__(self, base_dir: Path, netns: str) -> None:
-        base_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(
-            base_dir,
-            containerd_bin=str(in_netns_wrapper(base_dir / "containerd-in-netns", netns,
-                                                "containerd")),
-            ctr_bin=str(in_netns_wrapper(base_dir / "ctr-in-netns", netns, "ctr")),
-        )  # fmt: skip
-        self.netns = netns
-
-
-class NetnsSpegeld(SpegeldProcess):
-    """``spegeld run`` inside a namespace; every request to it is a curl from inside too."""
-
-    def __init__(
-        self,
-        netns: str,
-        base_dir: Path,
-        containerd: PrivateContainerd,
-        *,
-        host: str,
-        key_file: Path,
-        peers: Sequence[str],
-    ) -> None:
-        # Explicit ports: the host cannot bind (or probe) an address that only exists
-        # inside the namespace, and each namespace has its own ports anyway.
-        super().__init__(
-            base_dir, containerd, host=host, port=REGISTRY_PORT, gossip_port=GOSSIP_PORT,
-            key_file=key_file, peers=peers, ready_timeout=CONVERGE_WITHIN,
-        )  # fmt: skip
-        self.netns = netns
-
-    def argv(self) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *super().argv()]
-
-    def get(
-        self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        argv = ["ip", "netns", "exec", self.netns, "curl", "--silent", "--include",
-                "--noproxy", "*", "--max-time", "10", "--request", method]  # fmt: skip
-        for name, value in (headers or {}).items():
-            argv += ["--header", f"{name}: {value}"]
-        result = subprocess.run(
-            [*argv, f"{self.url}{path}"], capture_output=True, timeout=30, check=False
-        )
-        if result.returncode == 7:
-            raise ConnectionRefusedError(f"curl in {self.netns}: cannot connect to {self.url}")
-        if result.returncode == 28:
-            raise TimeoutError(f"curl in {self.netns}: {self.url}{path} timed out")
-        if result.returncode != 0:
-            raise OSError(f"curl in {self.netns} exited with {result.returncode}")
-        head, _, body = result.stdout.partition(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        found = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            found[name.strip().lower()] = value.strip()
-        return int(status_line.split()[1]), found, body
 
 
 class Node:
@@ -260,9 +93,12 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
 
 @pytest.fixture
 def network() -> Iterator[Network]:
-    net = Network(NODES)
+    net = Network(NODES, SUBNET)
     try:
-        net.create()
+        try:
+            net.create()
+        except HarnessUnavailable as exc:
+            pytest.fail(f"{exc} (this test must not be skipped)")
         yield net
     finally:
         net.close()
@@ -278,12 +114,15 @@ def nodes(network: Network, tmp_path: Path) -> Iterator[list[Node]]:
         spegeld = NetnsSpegeld(
             netns, tmp_path / f"node-{i}", containerd, host=network.address(i), key_file=key,
             peers=[] if i == 0 else [seed],
+            # Explicit ports: the host cannot bind (or probe) an address that only exists
+            # inside the namespace, and each namespace has its own ports anyway.
+            port=REGISTRY_PORT, gossip_port=GOSSIP_PORT, ready_timeout=CONVERGE_WITHIN,
         )  # fmt: skip
         built.append(Node(netns, containerd, spegeld))
     try:
         for node in built:
             node.containerd.start()
-            network.add_loss(node.netns, GOSSIP_PORT, LOSS_PERCENT)
+            network.add_loss(node.netns, GOSSIP_PORT, LOSS_PERCENT, LOSS_TABLE)
         built[0].launched = time.monotonic()
         built[0].spegeld.start()
         with ThreadPoolExecutor(max_workers=NODES) as pool:
@@ -410,7 +249,7 @@ def test_gossip_converges_and_spreads_keys_through_30_percent_udp_loss(
     # The loss was real, and roughly what was asked for.
     total_seen = total_dropped = 0
     for node in nodes:
-        seen, dropped = network.loss_counters(node.netns)
+        seen, dropped = network.counters(node.netns, LOSS_TABLE)
         assert dropped > 0, f"no gossip datagram was dropped in {node.netns}"
         total_seen, total_dropped = total_seen + seen, total_dropped + dropped
     refutations = {n.name: n.gossip()["incarnation"] - initial[n.name] for n in nodes}

@@ -28,6 +28,12 @@ from spegeld.harness._images import (
     host_platform,
     split_name,
 )
+from spegeld.harness._netns import (
+    NetnsContainerd,
+    NetnsSpegeld,
+    Network,
+    in_netns_wrapper,
+)
 from spegeld.harness._registry import (
     RegistryError,
     RegistryRequest,
@@ -40,6 +46,10 @@ from spegeld.harness._registry import (
 from spegeld.harness._spegeld import SpegeldProcess, free_port, write_cluster_key
 
 __all__ = [
+    "NetnsContainerd",
+    "NetnsSpegeld",
+    "Network",
+    "in_netns_wrapper",
     "SpegeldProcess",
     "free_port",
     "write_cluster_key",

@@ -22,13 +22,13 @@ RANKS = {
     "gossip": 5,
     "registry": 5,
     "election": 5,
-    "kube": 5,
-    "doctor": 5,
+    "kube": 2,
     "systemd": 5,
     "harness": 5,
-    "app": 6,
-    "cli": 7,
-    "__main__": 8,
+    "doctor": 6,  # checks every layer below: kube, containerd, gossip
+    "app": 7,
+    "cli": 8,
+    "__main__": 9,
 }
 
 

@@ -7,7 +7,7 @@ variable, the ``--config`` TOML file, the built-in default.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,21 @@ DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
 DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
 
 
+DEFAULT_LEASE_NAMESPACE = "spegeld"
+DEFAULT_LEASE_NAME = "spegeld-coordinator"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    """Where the coordinator Lease lives and how to reach the API server."""
+
+    kubeconfig: Path | None = None  # None: in-cluster credentials, if any
+    context: str | None = None
+    namespace: str = DEFAULT_LEASE_NAMESPACE
+    name: str = DEFAULT_LEASE_NAME
+    enabled: bool = True  # --no-election turns it off
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything ``spegeld run`` needs, validated."""
@@ -81,6 +96,7 @@ class NodeConfig:
     peer_dns: tuple[str, ...] = ()
     cluster_key_file: Path | None = None
     insecure_gossip: bool = False
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:

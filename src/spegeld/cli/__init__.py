@@ -9,8 +9,8 @@ import click
 from spegeld.cli._root import SpegeldGroup, load_config_file
 from spegeld.cli.configure import configure
 from spegeld.cli.demo import demo
+from spegeld.cli.doctor import doctor
 from spegeld.cli.images import images
-from spegeld.cli.pending import doctor
 from spegeld.cli.run import run
 from spegeld.cli.status import status
 from spegeld.cli.version import version

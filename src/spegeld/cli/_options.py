@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -9,6 +10,9 @@ from typing import Any, TypeVar
 import click
 
 from spegeld import config
+from spegeld.errors import ConfigError
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,3 +65,82 @@ def containerd_config(
 
 def json_option(func: F) -> F:
     return option("--json", "as_json", is_flag=True, help="Print JSON for machines.")(func)
+
+
+def _stack(func: F, decorators: list[Callable[[F], F]]) -> F:
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def registry_addr_option(func: F) -> F:
+    return option(
+        "--registry-addr",
+        default=config.DEFAULT_REGISTRY_ADDR,
+        show_default=True,
+        help="HOST:PORT the registry mirror listens on.",
+    )(func)
+
+
+def state_dir_option(func: F) -> F:
+    return option(
+        "--state-dir",
+        type=click.Path(path_type=Path),
+        default=config.DEFAULT_STATE_DIR,
+        show_default=True,
+        help="Where the daemon keeps state between runs.",
+    )(func)
+
+
+def gossip_options(func: F) -> F:
+    return _stack(
+        func,
+        [
+            option("--gossip-addr", default=config.DEFAULT_GOSSIP_ADDR, show_default=True,
+                   help="HOST:PORT gossip listens on (UDP)."),
+            option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+                   help="A gossip seed (repeatable)."),
+            option("--cluster-key-file", type=click.Path(path_type=Path, readable=False),
+                   default=None,
+                   help="Gossip key file (<id>:<base64 secret> per line; the first signs)."),
+            option("--insecure-gossip", is_flag=True,
+                   help="Gossip without authentication (labs only)."),
+        ],
+    )  # fmt: skip
+
+
+def kube_options(func: F) -> F:
+    return _stack(
+        func,
+        [
+            option("--kubeconfig", type=click.Path(path_type=Path, readable=False), default=None,
+                   help="kubeconfig for the coordinator Lease.  [default: in-cluster "
+                   "credentials if KUBERNETES_SERVICE_HOST is set, else no election]"),
+            option("--kube-context", default=None, help="kubeconfig context.  [default: current]"),
+            option("--lease-namespace", default=config.DEFAULT_LEASE_NAMESPACE, show_default=True,
+                   help="Namespace of the coordinator Lease."),
+            option("--lease-name", default=config.DEFAULT_LEASE_NAME, show_default=True,
+                   help="Name of the coordinator Lease."),
+        ],
+    )  # fmt: skip
+
+
+def lease_settings(
+    kubeconfig: Path | None,
+    kube_context: str | None,
+    lease_namespace: str,
+    lease_name: str,
+    *,
+    enabled: bool = True,
+) -> config.LeaseSettings:
+    if not _DNS_LABEL.fullmatch(lease_namespace):
+        raise ConfigError(f"--lease-namespace {lease_namespace!r} is not a DNS label")
+    if len(lease_name) > 253 or not all(_DNS_LABEL.fullmatch(p) for p in lease_name.split(".")):
+        raise ConfigError(f"--lease-name {lease_name!r} is not a DNS subdomain name")
+    return config.LeaseSettings(
+        kubeconfig=kubeconfig,
+        context=kube_context,
+        namespace=lease_namespace,
+        name=lease_name,
+        enabled=enabled,
+    )

@@ -8,7 +8,16 @@ from pathlib import Path
 import click
 
 from spegeld import config
-from spegeld.cli._options import containerd_config, containerd_options, option
+from spegeld.cli._options import (
+    containerd_config,
+    containerd_options,
+    gossip_options,
+    kube_options,
+    lease_settings,
+    option,
+    registry_addr_option,
+    state_dir_option,
+)
 from spegeld.errors import SpegeldError
 
 
@@ -33,27 +42,22 @@ def registry_host(entry: str) -> str:
 @click.command()
 @option("--node-name", default=socket.gethostname, help="This node's name.  [default: hostname]")
 @containerd_options
-@option("--registry-addr", default=config.DEFAULT_REGISTRY_ADDR, show_default=True,
-        help="HOST:PORT the registry mirror listens on.")  # fmt: skip
+@registry_addr_option
 @option("--advertise-addr", default=None,
         help="IP peers use to reach this node.  [default: default route's source]")  # fmt: skip
 @option("--mirrored-registries", default="", show_default=True,
         help="Comma-separated registries to mirror (URLs or hosts); empty: all.")  # fmt: skip
 @option("--resolve-tags/--no-resolve-tags", default=True, show_default=True,
         help="Answer tag lookups (manifests by tag) as well as digests.")  # fmt: skip
-@option("--gossip-addr", default=config.DEFAULT_GOSSIP_ADDR, show_default=True,
-        help="HOST:PORT gossip listens on (UDP).")  # fmt: skip
-@option("--peer", "peers", multiple=True, metavar="HOST:PORT",
-        help="A gossip seed (repeatable).")  # fmt: skip
+@gossip_options
 @option("--peer-dns", "peer_dns", multiple=True, metavar="NAME[:PORT]",
         help="A DNS name whose addresses are gossip seeds (repeatable).")  # fmt: skip
-@option("--cluster-key-file", type=click.Path(path_type=Path, readable=False), default=None,
-        help="Gossip key file (<id>:<base64 secret> per line; the first signs).")  # fmt: skip
-@option("--insecure-gossip", is_flag=True, help="Gossip without authentication (labs only).")
 @option("--static-peer", "static_peers", multiple=True, metavar="HOST:PORT",
         help="Instead of gossip: a peer registry asked on every miss (repeatable).")  # fmt: skip
-@option("--state-dir", type=click.Path(path_type=Path), default=config.DEFAULT_STATE_DIR,
-        show_default=True, help="Where the daemon keeps state between runs.")  # fmt: skip
+@kube_options
+@option("--no-election", is_flag=True,
+        help="Never contend for the coordinator Lease (still follows gossip).")  # fmt: skip
+@state_dir_option
 @option("--grace-period", type=click.FloatRange(min=0), default=config.DEFAULT_GRACE_PERIOD,
         show_default=True, help="Seconds in-flight responses get at shutdown.")  # fmt: skip
 @option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -75,6 +79,11 @@ def run(
     cluster_key_file: Path | None,
     insecure_gossip: bool,
     static_peers: tuple[str, ...],
+    kubeconfig: Path | None,
+    kube_context: str | None,
+    lease_namespace: str,
+    lease_name: str,
+    no_election: bool,
     state_dir: Path,
     grace_period: float,
     log_level: str,
@@ -111,6 +120,9 @@ def run(
         peer_dns=peer_dns,
         cluster_key_file=cluster_key_file,
         insecure_gossip=insecure_gossip,
+        lease=lease_settings(
+            kubeconfig, kube_context, lease_namespace, lease_name, enabled=not no_election
+        ),
     )
     configure_logging(log_level, log_format)
     keyring = load_keyring(cfg)

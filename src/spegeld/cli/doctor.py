@@ -1,0 +1,179 @@
+"""``spegeld doctor``: every check of DESIGN.md §7, as a table or as JSON.
+
+Exit codes: 0 when everything is ok or warn, 1 when a check failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spegeld import config
+from spegeld.cli._options import (
+    containerd_config,
+    containerd_options,
+    gossip_options,
+    json_option,
+    kube_options,
+    lease_settings,
+    option,
+    registry_addr_option,
+    state_dir_option,
+)
+
+DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
+
+
+@click.command()
+@containerd_options
+@option("--containerd-config", "containerd_config_file",
+        type=click.Path(path_type=Path, readable=False),
+        default=DEFAULT_CONTAINERD_CONFIG, show_default=True,
+        help="containerd's config.toml (for config_path and discard_unpacked_layers).")  # fmt: skip
+@option("--hosts-dir", type=click.Path(path_type=Path, readable=False), default=None,
+        help="containerd's registry hosts directory.  "
+        "[default: config_path from config.toml]")  # fmt: skip
+@registry_addr_option
+@gossip_options
+@kube_options
+@option("--api-endpoint", "api_endpoints", multiple=True, metavar="IP:PORT",
+        help="A real API server endpoint behind the service VIP, tried when the VIP drops "
+        "packets (repeatable).")  # fmt: skip
+@state_dir_option
+@option("--timeout", type=click.FloatRange(min=0.1, max=120), default=3.0, show_default=True,
+        help="Seconds each check may take; the whole run ends within about 6x this.")  # fmt: skip
+@json_option
+def doctor(
+    containerd_sock: Path,
+    containerd_namespace: str,
+    containerd_content_path: Path,
+    containerd_config_file: Path,
+    hosts_dir: Path | None,
+    registry_addr: str,
+    gossip_addr: str,
+    peers: tuple[str, ...],
+    cluster_key_file: Path | None,
+    insecure_gossip: bool,
+    kubeconfig: Path | None,
+    kube_context: str | None,
+    lease_namespace: str,
+    lease_name: str,
+    api_endpoints: tuple[str, ...],
+    state_dir: Path,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Check the API server, containerd, the mirror, gossip and the key; name what is wrong."""
+    import trio
+
+    from spegeld import doctor as checks
+
+    seeds = tuple(config.parse_host_port(peer, "--peer") for peer in peers)
+    endpoints = tuple(config.parse_host_port(e, "--api-endpoint") for e in api_endpoints)
+    config.parse_host_port(gossip_addr, "--gossip-addr")
+    lease = lease_settings(kubeconfig, kube_context, lease_namespace, lease_name)
+    creds, creds_problem = _credentials(lease)
+    registry = config.parse_host_port(registry_addr, "--registry-addr")
+
+    async def main() -> checks.Report:
+        status = await checks.daemon_status(registry, min(timeout, 2.0))
+        gossip = _gossip_target(cluster_key_file, insecure_gossip, seeds, state_dir, status)
+        plan = checks.DoctorPlan(
+            api=checks.ApiTarget(creds, lease.namespace, lease.name, endpoints),
+            node=checks.NodeTarget(
+                containerd_config(containerd_sock, containerd_namespace, containerd_content_path),
+                containerd_config_file,
+                hosts_dir,
+                registry,
+            ),
+            gossip=gossip,
+            timeout=timeout,
+        )
+        report = await checks.run_doctor(plan)
+        if creds_problem is not None:
+            bad = checks.CheckResult("api.credentials", "Kubernetes credentials",
+                                     checks.Status.FAIL, creds_problem)  # fmt: skip
+            report = checks.Report((bad, *report.results))
+        return report
+
+    report = trio.run(main)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _render(report)
+    raise click.exceptions.Exit(report.exit_code)
+
+
+def _credentials(lease: config.LeaseSettings) -> tuple[Any, str | None]:
+    """The kubeconfig's (or the pod's) credentials; a problem with them is a finding."""
+    from spegeld.errors import ConfigError
+    from spegeld.kube import discover
+
+    try:
+        return discover(lease.kubeconfig, lease.context), None
+    except ConfigError as exc:
+        return None, str(exc)
+
+
+def _gossip_target(
+    key_file: Path | None,
+    insecure: bool,
+    seeds: tuple[tuple[str, int], ...],
+    state_dir: Path,
+    status: dict[str, Any] | None,
+) -> Any:
+    from spegeld import doctor as checks
+    from spegeld.errors import ConfigError
+    from spegeld.gossip import Keyring, load_credential, load_key_file
+
+    keyring, source, problem = None, "", None
+    try:
+        if key_file is not None:
+            keyring, source = load_key_file(key_file)[0], f"file {key_file}"
+        elif (credential := load_credential()) is not None:
+            keyring, source = credential[0], "systemd credential gossip-key"
+        elif insecure:
+            keyring, source = Keyring.insecure(), "--insecure-gossip"
+        else:
+            problem = "no cluster key: pass --cluster-key-file (or --insecure-gossip for labs)"
+    except ConfigError as exc:
+        problem = str(exc)
+    gossip = (status or {}).get("gossip") or {}
+    running: list[tuple[str, int]] = []
+    for peer in gossip.get("peers", []):
+        host, _, port = str(peer.get("addr", "")).rpartition(":")
+        if host and port.isdigit() and peer.get("state") in ("alive", "suspect"):
+            running.append((host.strip("[]"), int(port)))
+    return checks.GossipTarget(
+        keyring=keyring,
+        key_source=source,
+        key_problem=problem,
+        peers=checks.merge_peers(seeds, running, checks.saved_members(state_dir)),
+        daemon_fingerprint=gossip.get("key_fingerprint"),
+    )
+
+
+_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _render(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    out = Console(markup=False, highlight=False)  # evidence may hold peer-supplied text
+    table = Table(show_lines=True)
+    for column in ("check", "status", "verdict and evidence", "remedy"):
+        table.add_column(column, overflow="fold")
+    for result in report.results:
+        detail = Text(result.verdict)
+        for line in result.evidence:
+            detail.append("\n" + line, style="dim")
+        status = result.status.value
+        table.add_row(result.title, Text(status, style=_STYLE[status]), detail, result.remedy)
+    out.print(table)
+    counts = report.to_json()["summary"]
+    out.print(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no checks ran")

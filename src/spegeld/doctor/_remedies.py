@@ -1,0 +1,110 @@
+"""The remedies the doctor prints: commands and manifests a person can apply as they are."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+LEASE_VERBS = ("get", "create", "update")
+
+
+def dns(host: str, servers: Sequence[str]) -> str:
+    used = ", ".join(servers) or "none found in /etc/resolv.conf"
+    return (
+        f"Make {host!r} resolvable (resolvers: {used}), or put the API server's IP in the "
+        "kubeconfig's cluster.server. In a pod, check CoreDNS: "
+        "kubectl -n kube-system get pods -l k8s-app=kube-dns"
+    )
+
+
+def refused(host: str, port: int) -> str:
+    return (
+        f"Nothing accepts connections on {host}:{port}: check that the API server runs and "
+        "that the port is right (6443; on Talos, KubePrism https://127.0.0.1:7445), or "
+        "remove the REJECT rule in front of it (nft list ruleset; iptables -S)."
+    )
+
+
+def dropped(ip: str, port: int, namespace: str) -> str:
+    return f"""\
+Allow egress from this node (or the spegeld pods) to the API server at {ip}:{port}.
+Host firewall: look for a DROP on that port (nft list ruleset; iptables -S OUTPUT).
+Kubernetes NetworkPolicy (pods):
+  apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {{name: spegeld-to-apiserver, namespace: {namespace}}}
+  spec:
+    podSelector: {{}}
+    policyTypes: [Egress]
+    egress:
+    - to: [{{ipBlock: {{cidr: {ip}/{128 if ":" in ip else 32}}}}}]
+      ports: [{{protocol: TCP, port: {port}}}]
+Cilium (the API server is an entity; a service VIP is translated before policy):
+  apiVersion: cilium.io/v2
+  kind: CiliumNetworkPolicy
+  metadata: {{name: spegeld-to-apiserver, namespace: {namespace}}}
+  spec:
+    endpointSelector: {{}}
+    egress:
+    - toEntities: [kube-apiserver]
+"""
+
+
+def unreachable(route: str) -> str:
+    return (
+        f"The kernel has no usable route (route: {route or 'unknown'}): check the node's "
+        "routes and interfaces, or an ICMP REJECT rule (nft list ruleset; iptables -S)."
+    )
+
+
+def unauthorized(source: str) -> str:
+    return (
+        f"The API server rejects the credentials from {source}. Mint a new token for the "
+        "ServiceAccount and put it in the kubeconfig: "
+        "kubectl -n spegeld create token spegeld --duration=8760h "
+        "(see deploy/README.md)."
+    )
+
+
+def forbidden(namespace: str, subject: tuple[str, str, str | None]) -> str:
+    kind, name, subject_ns = subject
+    ns_line = f"\n  namespace: {subject_ns}" if subject_ns else ""
+    return f"""\
+Grant the Lease verbs (kubectl apply -f - <<'EOF', or deploy/rbac.yaml):
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: spegeld-leases
+  namespace: {namespace}
+rules:
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: spegeld-leases
+  namespace: {namespace}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: spegeld-leases
+subjects:
+- kind: {kind}
+  name: {name}{ns_line}
+"""
+
+
+def missing_namespace(namespace: str) -> str:
+    return f"kubectl create namespace {namespace}   (or kubectl apply -f deploy/rbac.yaml)"
+
+
+def clock() -> str:
+    return (
+        "Synchronise this node's clock (timedatectl; chronyc tracking; on Talos, "
+        "machine.time.servers). Tokens and certificates are judged by wall time."
+    )
+
+
+def unhealthy() -> str:
+    return "The API server answers but is not ready: check its /readyz?verbose and its logs."

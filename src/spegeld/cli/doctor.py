@@ -43,6 +43,8 @@ DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
         help="A real API server endpoint behind the service VIP, tried when the VIP drops "
         "packets (repeatable).")  # fmt: skip
 @state_dir_option
+@option("--only", default="api,node,gossip", show_default=True, metavar="GROUPS",
+        help="Comma-separated check groups to run: api, node, gossip.")  # fmt: skip
 @option("--timeout", type=click.FloatRange(min=0.1, max=120), default=3.0, show_default=True,
         help="Seconds each check may take; the whole run ends within about 6x this.")  # fmt: skip
 @json_option
@@ -63,6 +65,7 @@ def doctor(
     lease_name: str,
     api_endpoints: tuple[str, ...],
     state_dir: Path,
+    only: str,
     timeout: float,
     as_json: bool,
 ) -> None:
@@ -71,6 +74,11 @@ def doctor(
 
     from spegeld import doctor as checks
 
+    groups = frozenset(g.strip() for g in only.split(",") if g.strip())
+    if not groups or not groups <= checks.GROUPS:
+        raise click.BadParameter(
+            f"choose from {', '.join(sorted(checks.GROUPS))}", param_hint="--only"
+        )
     seeds = tuple(config.parse_host_port(peer, "--peer") for peer in peers)
     endpoints = tuple(config.parse_host_port(e, "--api-endpoint") for e in api_endpoints)
     config.parse_host_port(gossip_addr, "--gossip-addr")
@@ -91,9 +99,10 @@ def doctor(
             ),
             gossip=gossip,
             timeout=timeout,
+            groups=groups,
         )
         report = await checks.run_doctor(plan)
-        if creds_problem is not None:
+        if creds_problem is not None and "api" in groups:
             bad = checks.CheckResult("api.credentials", "Kubernetes credentials",
                                      checks.Status.FAIL, creds_problem)  # fmt: skip
             report = checks.Report((bad, *report.results))

@@ -9,9 +9,10 @@ from spegeld.doctor._api import ApiTarget, check_api, diagnose_api
 from spegeld.doctor._gossip import GossipTarget, merge_peers, ping_peer
 from spegeld.doctor._model import CheckResult, Report, Status
 from spegeld.doctor._node import NodeTarget, check_node
-from spegeld.doctor._run import DoctorPlan, daemon_status, run_doctor, saved_members
+from spegeld.doctor._run import GROUPS, DoctorPlan, daemon_status, run_doctor, saved_members
 
 __all__ = [
+    "GROUPS",
     "ApiTarget",
     "CheckResult",
     "DoctorPlan",

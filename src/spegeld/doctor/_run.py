@@ -21,6 +21,7 @@ from ._node import NodeTarget, check_node
 # The API sequence is at most DNS, TCP, two TLS handshakes and a few requests, each
 # bounded by the timeout; a group still running after this many timeouts is cut.
 GROUP_BUDGET = 6
+GROUPS = frozenset({"api", "node", "gossip"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class DoctorPlan:
     node: NodeTarget
     gossip: GossipTarget
     timeout: float
+    groups: frozenset[str] = GROUPS
 
 
 async def run_doctor(plan: DoctorPlan) -> Report:
@@ -44,8 +46,9 @@ async def run_doctor(plan: DoctorPlan) -> Report:
     }
     async with trio.open_nursery() as nursery:
         for name, runner in runners.items():
-            nursery.start_soon(_bounded, name, runner, plan.timeout * GROUP_BUDGET, groups)
-    return Report(tuple(r for name in runners for r in groups[name]))
+            if name in plan.groups:
+                nursery.start_soon(_bounded, name, runner, plan.timeout * GROUP_BUDGET, groups)
+    return Report(tuple(r for name in runners if name in groups for r in groups[name]))
 
 
 async def _bounded(

@@ -170,19 +170,27 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 def _render(report: Any) -> None:
     from rich.console import Console
+    from rich.rule import Rule
     from rich.table import Table
     from rich.text import Text
 
     out = Console(markup=False, highlight=False)  # evidence may hold peer-supplied text
     table = Table(show_lines=True)
-    for column in ("check", "status", "verdict and evidence", "remedy"):
+    for column in ("check", "status", "verdict and evidence"):
         table.add_column(column, overflow="fold")
     for result in report.results:
         detail = Text(result.verdict)
         for line in result.evidence:
             detail.append("\n" + line, style="dim")
         status = result.status.value
-        table.add_row(result.title, Text(status, style=_STYLE[status]), detail, result.remedy)
+        table.add_row(result.title, Text(status, style=_STYLE[status]), detail)
     out.print(table)
+    # Remedies go below the table at full width: they hold YAML and commands to copy.
+    for result in report.results:
+        if result.remedy and result.status.value in ("fail", "warn"):
+            out.print(
+                Rule(f"{result.title}: how to fix", align="left", style=_STYLE[result.status.value])
+            )
+            out.print(Text(result.remedy.rstrip()))
     counts = report.to_json()["summary"]
     out.print(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no checks ran")

@@ -97,7 +97,10 @@ async def check_api(
 
     ip = addresses[0]
     connected = await tcp_connect(ip, port, timeout)
-    evidence = (f"{ip}:{port}: {connected.detail} after {connected.seconds * 1000:.0f} ms",)
+    if connected.outcome is Connect.DROPPED:
+        evidence: tuple[str, ...] = (f"{ip}:{port}: SYN sent, {connected.detail}",)
+    else:
+        evidence = (f"{ip}:{port}: {connected.detail} after {connected.seconds * 1000:.0f} ms",)
     if connected.outcome is not Connect.OK:
         results.append(
             await _connect_failure(target, ip, port, connected.outcome, evidence, timeout)

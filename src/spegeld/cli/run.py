@@ -92,7 +92,7 @@ def run(
     """Run the node daemon: serve this node's images to containerd and to peers."""
     import trio
 
-    from spegeld.app import load_keyring, run_node
+    from spegeld.app import load_credentials, load_keyring, run_node
     from spegeld.cli._logging import configure_logging
 
     host, port = config.parse_host_port(registry_addr, "--registry-addr")
@@ -126,8 +126,9 @@ def run(
     )
     configure_logging(log_level, log_format)
     keyring = load_keyring(cfg)
+    creds = load_credentials(cfg)
     try:
-        trio.run(run_node, cfg, keyring)
+        trio.run(run_node, cfg, keyring, creds)
     except BaseExceptionGroup as group:
         # Nurseries wrap what a component raised; a known failure still gets one line.
         known = group.subgroup(lambda exc: isinstance(exc, SpegeldError))

@@ -14,11 +14,9 @@ default route: nothing can leave for a foreign address). Each fault is real:
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,12 @@ import trustme
 import yaml
 
 from spegeld.harness import HarnessUnavailable, Network
+from tests.kubeapi._process import (
+    KubeApiProcess,
+    lease_account,
+    service_account_jwt,
+    write_kubeconfig,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -42,16 +46,6 @@ FAULT_TABLE = "spegeld_test_fault"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def service_account_jwt(name: str, expires: float) -> str:
-    """A token shaped like a ServiceAccount's (the server only compares strings)."""
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-
-    claims = {"sub": f"system:serviceaccount:spegeld:{name}", "exp": int(expires)}
-    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
-
-
 TOKENS = {
     "spegeld": service_account_jwt("spegeld", time.time() + 3600),
     "limited": service_account_jwt("limited", time.time() + 3600),
@@ -59,68 +53,11 @@ TOKENS = {
 }
 
 
-def accounts_config() -> dict[str, Any]:
-    lease_grant = {"resource": "leases", "namespace": "spegeld"}
-    return {
-        "namespaces": ["default", "kube-system", "spegeld"],
-        "accounts": [
-            {"user": "system:serviceaccount:spegeld:spegeld", "token": TOKENS["spegeld"],
-             "grants": [{**lease_grant, "verbs": ["get", "create", "update"]}]},
-            {"user": "system:serviceaccount:spegeld:limited", "token": TOKENS["limited"],
-             "grants": [{**lease_grant, "verbs": ["get", "create"]}]},
-        ],
-    }  # fmt: skip
-
-
-class ApiServer:
-    """``python -m tests.kubeapi`` inside a namespace, stopped by its PID."""
-
-    def __init__(self, netns: str, host: str, port: int, state_dir: Path, *extra: str) -> None:
-        self.state_dir = state_dir
-        state_dir.mkdir(parents=True)
-        config = state_dir / "config.json"
-        config.write_text(json.dumps(accounts_config()))
-        self.log = (state_dir / "server.log").open("wb")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.kubeapi",
-             "--listen", f"{host}:{port}", "--state-dir", str(state_dir),
-             "--config", str(config), *extra],
-            cwd=REPO, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not (state_dir / "ready").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError((state_dir / "server.log").read_text())
-            time.sleep(0.05)
-        self.url = (state_dir / "ready").read_text().strip()
-        self.ca_pem = (state_dir / "ca.pem").read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def kubeconfig(path: Path, server: str, ca_pem: str, token: str) -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": server,
-            "certificate-authority-data": base64.b64encode(ca_pem.encode()).decode()}}],
-        "users": [{"name": "spegeld", "user": {"token": token}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "spegeld"}}],
-        "current-context": "test",
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
+def accounts() -> list[dict[str, Any]]:
+    return [
+        lease_account("spegeld", TOKENS["spegeld"]),
+        lease_account("limited", TOKENS["limited"], ("get", "create")),
+    ]
 
 
 class Lab:
@@ -129,14 +66,23 @@ class Lab:
         self.api_ns, self.node_ns = network.nodes
         self.api_ip = network.address(0)
         self.tmp = tmp_path
-        self.server = ApiServer(self.api_ns, self.api_ip, API_PORT, tmp_path / "api")
-        self.skewed = ApiServer(self.api_ns, self.api_ip, SKEWED_PORT, tmp_path / "skewed",
-                                "--clock-offset", "600")  # fmt: skip
+        self.server = KubeApiProcess(
+            tmp_path / "api", self.api_ip, API_PORT, accounts(), netns=self.api_ns
+        )
+        self.skewed = KubeApiProcess(
+            tmp_path / "skewed",
+            self.api_ip,
+            SKEWED_PORT,
+            accounts(),
+            "--clock-offset",
+            "600",
+            netns=self.api_ns,
+        )
 
     def config(self, name: str, *, token: str = TOKENS["spegeld"], server: str | None = None,
                ca_pem: str | None = None) -> Path:  # fmt: skip
-        return kubeconfig(self.tmp / f"kubeconfig-{name}", server or self.server.url,
-                          ca_pem or self.server.ca_pem, token)  # fmt: skip
+        return write_kubeconfig(self.tmp / f"kubeconfig-{name}", server or self.server.url,
+                                ca_pem or self.server.ca_pem, token)  # fmt: skip
 
     def doctor(self, config: Path) -> tuple[int, dict[str, dict[str, Any]], float]:
         started = time.monotonic()

@@ -1,0 +1,212 @@
+"""Five real daemons elect one coordinator through the Kubernetes API test server.
+
+Each node is a private containerd plus ``spegeld run`` on its own loopback address,
+all with one cluster key and one ServiceAccount kubeconfig; the API test server runs
+as its own process. Shown:
+
+- exactly one node leads at every sample, and every node names it;
+- followers make no API requests while gossip shows a live coordinator;
+- ``kill -9`` of the coordinator: another leads within the lease duration (15 s);
+- SIGTERM of the coordinator: it releases the Lease and another leads within 2 s.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spegeld.harness import PrivateContainerd, SpegeldProcess, free_port, write_cluster_key
+from tests.kubeapi._process import KubeApiProcess, lease_account, service_account_jwt
+
+pytestmark = [pytest.mark.containerd, pytest.mark.slow]
+
+HOSTS = [f"127.0.0.{i}" for i in range(11, 16)]
+LEASE_DURATION = 15.0
+HANDOVER = 2.0
+POLL = 0.1
+
+
+class Node:
+    def __init__(self, containerd: PrivateContainerd, spegeld: SpegeldProcess) -> None:
+        self.containerd = containerd
+        self.spegeld = spegeld
+        self.alive = True
+
+    @property
+    def name(self) -> str:
+        return self.spegeld.base_dir.name
+
+    def status(self) -> dict[str, Any] | None:
+        if not self.alive:
+            return None
+        try:
+            return self.spegeld.status()
+        except (OSError, ValueError):
+            return None  # stopping, or not answering this instant
+
+
+class Cluster:
+    def __init__(self, base: Path) -> None:
+        token = service_account_jwt("spegeld", time.time() + 3600)
+        self.api = KubeApiProcess(
+            base / "api", "127.0.0.1", free_port("127.0.0.1"), [lease_account("spegeld", token)]
+        )
+        self.kubeconfig = self.api.kubeconfig(base / "kubeconfig", token)
+        key = write_cluster_key(base / "cluster.key")
+        self.nodes: list[Node] = []
+        seed = None
+        for i, host in enumerate(HOSTS):
+            containerd = PrivateContainerd(base / f"node-{i}-containerd")
+            spegeld = SpegeldProcess(
+                base / f"node-{i}", containerd, host=host, key_file=key,
+                peers=[] if seed is None else [seed],
+                extra_args=["--kubeconfig", str(self.kubeconfig)],
+            )  # fmt: skip
+            seed = seed or spegeld.gossip_address
+            self.nodes.append(Node(containerd, spegeld))
+
+    def start(self) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
+            for done in [pool.submit(n.containerd.start) for n in self.nodes]:
+                done.result()
+            self.nodes[0].spegeld.start()
+            for done in [pool.submit(n.spegeld.start) for n in self.nodes[1:]]:
+                done.result()
+
+    def leaders(self) -> list[str]:
+        found = []
+        for node in self.nodes:
+            status = node.status()
+            if status is not None and status["election"]["role"] == "leader":
+                found.append(node.name)
+        return found
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.spegeld.stop()
+        for node in self.nodes:
+            node.containerd.close()
+        self.api.stop()
+
+
+class LeaderSampler:
+    """Counts leaders at every sample, in a thread, until stopped."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.samples: Counter[int] = Counter()
+        self.doubles: list[list[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LeaderSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL):
+            leaders = self.cluster.leaders()
+            self.samples[len(leaders)] += 1
+            if len(leaders) > 1:
+                self.doubles.append(leaders)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(POLL / 2)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    built = Cluster(tmp_path)
+    try:
+        built.start()
+        yield built
+    finally:
+        built.close()
+
+
+def one_leader_named_everywhere(cluster: Cluster) -> str | None:
+    leaders = cluster.leaders()
+    if len(leaders) != 1:
+        return None
+    for node in cluster.nodes:
+        status = node.status()
+        if node.alive and (status is None or status["coordinator"] != leaders[0]):
+            return None
+    return leaders[0]
+
+
+def settled(cluster: Cluster) -> bool:
+    """Every live node leads or follows a live coordinator (none is still contending)."""
+    roles = [s["election"]["role"] for n in cluster.nodes if (s := n.status()) is not None]
+    return all(role in ("leader", "follower") for role in roles)
+
+
+def test_one_coordinator_quiet_followers_failover_and_handover(cluster: Cluster) -> None:
+    with LeaderSampler(cluster) as sampler:
+        elected = wait_for(lambda: one_leader_named_everywhere(cluster) is not None, 30,
+                           "one coordinator that every node names")  # fmt: skip
+        first = cluster.leaders()[0]
+        print(f"\n[election] {first} elected {elected:.2f} s after the last daemon was ready")
+
+        # Steady state: only the leader talks to the API, one renewal per retry period.
+        before = len(cluster.api.requests())
+        time.sleep(10)
+        window = cluster.api.requests()[before:]
+        kinds = Counter(r["method"] for r in window)
+        print(f"[election] API requests in 10 s of steady state: {dict(kinds)}")
+        assert kinds["GET"] == 0, window  # followers do not poll
+        assert 4 <= kinds["PUT"] <= 6  # renewals every 2 s
+        assert len(window) <= 10  # <= 1 request per second cluster-wide
+
+        # kill -9 of the coordinator: another leads within the lease duration.
+        victim = cluster.node(first)
+        killed = time.monotonic()
+        victim.spegeld.kill()
+        victim.alive = False
+        wait_for(lambda: len(cluster.leaders()) == 1, LEASE_DURATION + 5, "a new coordinator")
+        failover = time.monotonic() - killed
+        second = cluster.leaders()[0]
+        print(f"[election] kill -9 of {first}: {second} leads after {failover:.2f} s")
+        assert second != first
+        assert failover <= LEASE_DURATION
+
+        # SIGTERM: the coordinator releases the Lease and leaves gossip; handover is quick.
+        wait_for(lambda: one_leader_named_everywhere(cluster) == second, 10, "agreement")
+        wait_for(lambda: settled(cluster), 10, "followers to stop contending")
+        stopping = cluster.node(second)
+        stopped = time.monotonic()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            exit_code = pool.submit(stopping.spegeld.stop)
+            wait_for(lambda: any(n != second for n in cluster.leaders()), HANDOVER + 3,
+                     "a coordinator after SIGTERM")  # fmt: skip
+            handover = time.monotonic() - stopped
+            stopping.alive = False
+            assert exit_code.result() == 0
+        third = cluster.leaders()[0]
+        print(f"[election] SIGTERM of {second}: {third} leads after {handover:.2f} s")
+        assert handover <= HANDOVER
+        wait_for(lambda: one_leader_named_everywhere(cluster) == third, 10, "agreement")
+
+    print(f"[election] leaders per sample: {dict(sampler.samples)}")
+    assert sampler.doubles == []
+    assert sampler.samples[1] > 0

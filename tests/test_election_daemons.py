@@ -12,6 +12,8 @@ as its own process. Shown:
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -167,6 +169,13 @@ def test_one_coordinator_quiet_followers_failover_and_handover(cluster: Cluster)
                            "one coordinator that every node names")  # fmt: skip
         first = cluster.leaders()[0]
         print(f"\n[election] {first} elected {elected:.2f} s after the last daemon was ready")
+        shown = subprocess.run(
+            [sys.executable, "-m", "spegeld", "status", "--registry-addr",
+             cluster.nodes[-1].spegeld.address],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert f"coordinator: {first}" in shown
+        assert "election: follower (Lease spegeld/spegeld-coordinator)" in shown
 
         # Steady state: only the leader talks to the API, one renewal per retry period.
         before = len(cluster.api.requests())

@@ -47,6 +47,14 @@ def _render(data: dict[str, Any]) -> None:
         f"registry {', '.join(data.get('registry', []))}  advertise {data.get('advertise_addr')}"
     )
     out.print(f"coordinator: {data.get('coordinator') or 'none known'}")
+    election = data.get("election") or {}
+    if election.get("role") == "disabled":
+        out.print(f"election: off ({election.get('reason')})")
+    elif election:
+        line = f"election: {election.get('role')} (Lease {election.get('lease')})"
+        if election.get("last_error"):
+            line += f"; last error: {election['last_error']}"
+        out.print(line)
     out.print(f"own keys: {store.get('digests', 0)} digests, {store.get('tags', 0)} tags"
               f"  (store synced: {store.get('synced')})")  # fmt: skip
     gossip = data.get("gossip")

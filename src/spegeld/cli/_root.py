@@ -112,6 +112,28 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: Path | 
     except SpegeldError as exc:
         fail(str(exc), exc.exit_code)
     ctx.default_map = _default_map(group, values)
+    ctx.meta[CONFIG_PATH] = value
+
+
+CONFIG_PATH = "spegeld.config_path"
+
+
+def read_config_file(ctx: click.Context) -> dict[str, Any]:
+    """The ``--config`` file's values as they are now, by parameter name ({} without one).
+
+    For SIGHUP: raises ConfigError for a file that no longer parses or checks.
+    """
+    from spegeld.config import load_toml
+
+    path = ctx.find_root().meta.get(CONFIG_PATH)
+    if path is None:
+        return {}
+    root = ctx.find_root().command
+    options = _options(root)
+    values = load_toml(path, frozenset(options))
+    for key, item in values.items():
+        _check_value(path, key, options[key], item)
+    return {options[key].name: item for key, item in values.items() if options[key].name}
 
 
 def python_version() -> str:

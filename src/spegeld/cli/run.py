@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,7 +66,40 @@ def registry_host(entry: str) -> str:
         show_default=True)  # fmt: skip
 @option("--log-format", type=click.Choice(["text", "json"]), default=None,
         help="Log format.  [default: json unless stderr is a terminal]")  # fmt: skip
-def run(
+def run(**params: Any) -> None:
+    """Run the node daemon: serve this node's images to containerd and to peers."""
+    import trio
+
+    from spegeld.app import Supervision, load_credentials, load_keyring, run_node
+    from spegeld.cli._logging import configure_logging
+    from spegeld.systemd import Notifier, listen_fds, watchdog_interval
+
+    ctx = click.get_current_context()
+    cfg = node_config(**params)
+    configure_logging(params["log_level"], params["log_format"])
+    keyring = load_keyring(cfg)
+    creds = load_credentials(cfg)
+    inherited = listen_fds()
+    if inherited:  # socket activation: the registry port is the socket's
+        cfg = dataclasses.replace(cfg, registry_port=inherited[0].socket.getsockname()[1])
+    supervision = Supervision(
+        notifier=Notifier.from_environ(),
+        watchdog=watchdog_interval(unset=True),
+        listeners=tuple(s.listener() for s in inherited),
+        reload_config=lambda: _reload_config(ctx),
+    )
+    try:
+        trio.run(run_node, cfg, keyring, creds, supervision)
+    except BaseExceptionGroup as group:
+        # Nurseries wrap what a component raised; a known failure still gets one line.
+        known = group.subgroup(lambda exc: isinstance(exc, SpegeldError))
+        if known is None:
+            raise
+        raise _first_leaf(known) from None
+
+
+def node_config(
+    *,
     node_name: str,
     containerd_sock: Path,
     containerd_namespace: str,
@@ -86,14 +121,10 @@ def run(
     no_election: bool,
     state_dir: Path,
     grace_period: float,
-    log_level: str,
-    log_format: str | None,
-) -> None:
-    """Run the node daemon: serve this node's images to containerd and to peers."""
-    import trio
-
-    from spegeld.app import load_credentials, load_keyring, run_node
-    from spegeld.cli._logging import configure_logging
+    **_logging: Any,
+) -> config.NodeConfig:
+    """The validated configuration from the command's parameters."""
+    from spegeld.systemd import KUBECONFIG_CREDENTIAL, credential_path
 
     host, port = config.parse_host_port(registry_addr, "--registry-addr")
     gossip_host, gossip_port = config.parse_host_port(gossip_addr, "--gossip-addr")
@@ -101,7 +132,9 @@ def run(
     for peer in static_peers:
         config.parse_host_port(peer, "--static-peer")
     registries = frozenset(registry_host(e) for e in mirrored_registries.split(",") if e.strip())
-    cfg = config.NodeConfig(
+    # Under systemd, LoadCredential=kubeconfig:... delivers it when no flag names one.
+    kubeconfig = kubeconfig or credential_path(KUBECONFIG_CREDENTIAL)
+    return config.NodeConfig(
         node_name=node_name,
         containerd=containerd_config(
             containerd_sock, containerd_namespace, containerd_content_path
@@ -124,17 +157,26 @@ def run(
             kubeconfig, kube_context, lease_namespace, lease_name, enabled=not no_election
         ),
     )
-    configure_logging(log_level, log_format)
-    keyring = load_keyring(cfg)
-    creds = load_credentials(cfg)
-    try:
-        trio.run(run_node, cfg, keyring, creds)
-    except BaseExceptionGroup as group:
-        # Nurseries wrap what a component raised; a known failure still gets one line.
-        known = group.subgroup(lambda exc: isinstance(exc, SpegeldError))
-        if known is None:
-            raise
-        raise _first_leaf(known) from None
+
+
+def _reload_config(ctx: click.Context) -> config.NodeConfig:
+    """SIGHUP: the same flags and environment, over the config file as it is now."""
+    from click.core import ParameterSource
+
+    from spegeld.cli._root import read_config_file
+
+    values = read_config_file(ctx)
+    fresh = dict(ctx.params)
+    for param in ctx.command.params:
+        name = param.name
+        if name is None or ctx.get_parameter_source(name) not in (
+            ParameterSource.DEFAULT,
+            ParameterSource.DEFAULT_MAP,
+        ):
+            continue  # a flag or SPEGELD_* variable: it has not changed
+        value = values[name] if name in values else param.get_default(ctx)
+        fresh[name] = param.process_value(ctx, value)
+    return node_config(**fresh)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -218,6 +218,10 @@ class GossipCore:
     def key_fingerprint(self) -> str:
         return self._keyring.fingerprint()
 
+    def set_keyring(self, keyring: Keyring) -> None:
+        """Seal and open with ``keyring`` from now on (a key rotation step, on SIGHUP)."""
+        self._keyring = keyring
+
     # ---- local commands -------------------------------------------------------------
 
     def advertise(self, keys: set[str] | frozenset[str] | list[str]) -> None:

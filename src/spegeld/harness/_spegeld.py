@@ -10,6 +10,7 @@ import atexit
 import base64
 import http.client
 import json
+import os
 import secrets
 import signal
 import socket
@@ -59,8 +60,10 @@ class SpegeldProcess:
         gossip_port: int | None = None,
         key_file: Path | None = None,
         peers: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.base_dir = base_dir
+        self.env = env  # extra environment (NOTIFY_SOCKET, SPEGELD_CONFIG, ...)
         self.containerd = containerd
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -117,14 +120,33 @@ class SpegeldProcess:
             args += ["--peer", peer]
         return args
 
-    def start(self) -> Self:
+    def launch(self, *, pass_fds: Sequence[int] = ()) -> Self:
+        """Start the process without waiting for it to be ready."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env} if self.env else None
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
+                start_new_session=True, env=env, pass_fds=tuple(pass_fds),
             )  # fmt: skip
         _LIVE.add(self)
+        return self
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit on its own; its exit code."""
+        assert self._proc is not None
+        code = self._proc.wait(timeout)
+        self._proc = None
+        _LIVE.discard(self)
+        return code
+
+    def send_signal(self, signum: int) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signum)
+
+    def start(self) -> Self:
+        self.launch()
+        assert self._proc is not None
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if self._proc.poll() is not None:
@@ -155,6 +177,13 @@ class SpegeldProcess:
             )
         finally:
             conn.close()
+
+    def get_or_none(self, path: str) -> int | None:
+        """The status code of ``GET path``, or None when nothing answers yet."""
+        try:
+            return self.get(path)[0]
+        except OSError:
+            return None
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.get("/status")[2])

@@ -41,6 +41,8 @@ class RegistrySettings:
     resolve_tags: bool = True
     limits: Limits = field(default_factory=Limits)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    # Sockets systemd passed (socket activation): served instead of host:port.
+    inherited: tuple[trio.SocketListener, ...] = ()
 
 
 class Registry:
@@ -83,8 +85,10 @@ class Registry:
     ) -> None:
         """Listen, report the bound addresses, and serve until :meth:`shutdown` has drained."""
         host, port = self._settings.host, self._settings.port
+        listeners = list(self._settings.inherited)
         try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
+            if not listeners:
+                listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ListenError(f"registry cannot listen on {host}:{port}: {reason}") from exc

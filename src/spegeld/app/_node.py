@@ -1,0 +1,179 @@
+"""Wiring: the only place that constructs adapters from configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import signal
+from typing import Any
+
+import trio
+
+from spegeld.app._coordination import Coordination
+from spegeld.app._setup import gossip_seeds, next_incarnation, save_incarnation, version
+from spegeld.app._supervision import Supervision, apply_reload, notify_ready, status_line_of
+from spegeld.config import NodeConfig
+from spegeld.containerd import open_containerd
+from spegeld.gossip import (
+    GossipConfig,
+    GossipCore,
+    Keyring,
+)
+from spegeld.gossip._shell import GossipRouter
+from spegeld.kube import Credentials
+from spegeld.metrics import MetricsRegistry
+from spegeld.registry import Limits, Registry, RegistrySettings
+from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
+from spegeld.store import ContainerdStore
+from spegeld.systemd import serve_watchdog
+
+logger = logging.getLogger(__name__)
+
+
+def _status(
+    cfg: NodeConfig,
+    store: ContainerdStore,
+    registry: Registry,
+    gossip: GossipRouter | None,
+    coordination: Coordination,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "node": cfg.node_name,
+        "version": version(),
+        "advertise_addr": cfg.advertise_addr,
+        "registry": [f"{host}:{port}" for host, port in registry.addresses],
+        "store": dataclasses.asdict(store.statistics()),
+        "http": registry.statistics(),
+        "coordinator": None,
+    }
+    if gossip is None:
+        status["router"] = {"kind": "static", "peers": list(cfg.static_peers)}
+    else:
+        status["router"] = {"kind": "gossip"}
+        status["gossip"] = gossip.status()
+        status["coordinator"] = status["gossip"]["coordinator"]
+    status["election"] = coordination.status()
+    return status
+
+
+async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, GossipRouter | None]:
+    """The static router (``--static-peer``), or gossip: the router and its shell."""
+    if cfg.static_peers:
+        return StaticRouter(
+            [Peer(NodeId(f"static-{addr}"), addr) for addr in cfg.static_peers]
+        ), None
+    assert keyring is not None
+    own = (cfg.advertise_addr, cfg.gossip_port)
+    core = GossipCore(
+        GossipConfig(
+            node=cfg.node_name,
+            addr=own,
+            registry=f"{cfg.advertise_addr}:{cfg.registry_port}",
+            incarnation=next_incarnation(cfg.state_dir),
+            seeds=await gossip_seeds(cfg, own),
+        ),
+        keyring,
+        random.Random(),
+        trio.current_time(),
+    )
+    gossip = GossipRouter(core, (cfg.gossip_host, cfg.gossip_port), cfg.state_dir)
+    return gossip, gossip
+
+
+async def run_node(
+    cfg: NodeConfig,
+    keyring: Keyring | None,
+    creds: Credentials | None = None,
+    supervision: Supervision | None = None,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one node until SIGTERM or SIGINT, then drain and return (exit 0).
+
+    SIGHUP reloads what can change under a running daemon (the cluster key file) and
+    says which changed settings need a restart.
+    """
+    metrics = MetricsRegistry()
+    sup = supervision or Supervision()
+    notifier = sup.notifier
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with open_containerd(cfg.containerd.socket, cfg.containerd.namespace) as client:
+            store = ContainerdStore(
+                client, cfg.containerd.content_path, cfg.containerd.resync_interval
+            )
+            router, gossip = await _router(cfg, keyring)
+            coordination = Coordination(cfg, creds, gossip, metrics)
+            settings = RegistrySettings(
+                host=cfg.registry_host,
+                port=cfg.registry_port,
+                mirrored_registries=cfg.mirrored_registries,
+                resolve_tags=cfg.resolve_tags,
+                limits=Limits(grace_period=cfg.grace_period),
+                inherited=sup.listeners,
+            )
+            registry = Registry(
+                store,
+                router,
+                metrics,
+                settings,
+                ready=lambda: store.statistics().synced and router.ready(),
+                status=lambda: _status(cfg, store, registry, gossip, coordination),
+            )
+            registry_done = trio.Event()
+
+            async def serve_registry(
+                *, task_status: trio.TaskStatus[list[tuple[str, int]]]
+            ) -> None:
+                try:
+                    await registry.run(task_status=task_status)
+                finally:
+                    registry_done.set()
+
+            def status_line() -> str:
+                return status_line_of(_status(cfg, store, registry, gossip, coordination))
+
+            async with trio.open_nursery() as nursery:
+                if sup.watchdog is not None:
+                    await nursery.start(serve_watchdog, notifier, sup.watchdog)
+                nursery.start_soon(store.run)
+                nursery.start_soon(_report_first_sync, store)
+                if gossip is not None:
+                    await nursery.start(gossip.run)
+                await nursery.start(advertise_store, store, router)
+                await nursery.start(coordination.run)
+                await nursery.start(serve_registry)
+                task_status.started(registry.addresses)
+                nursery.start_soon(
+                    notify_ready, notifier, lambda: store.statistics().synced and router.ready(),
+                    status_line,
+                )  # fmt: skip
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        notifier.reloading("reloading")
+                        apply_reload(cfg, sup, gossip)
+                        notifier.ready(status_line())
+                        continue
+                    logger.info(
+                        "%s: stopping, in-flight responses get %.0f s",
+                        signal.Signals(signum).name,
+                        cfg.grace_period,
+                    )
+                    break
+                notifier.stopping("stopping")
+                registry.shutdown()
+                await coordination.release()
+                if gossip is not None:
+                    await gossip.leave()
+                    save_incarnation(cfg.state_dir, gossip.core.incarnation)
+                await registry_done.wait()
+                nursery.cancel_scope.cancel()
+    logger.info("stopped")
+
+
+async def _report_first_sync(store: ContainerdStore) -> None:
+    await store.wait_synced()
+    stats = store.statistics()
+    logger.info(
+        "store synced: %d images, %d digests, %d tags", stats.images, stats.digests, stats.tags
+    )

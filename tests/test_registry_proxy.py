@@ -200,3 +200,34 @@ async def test_head_requests_are_proxied_with_real_lengths() -> None:
                     assert manifest.headers["content-length"] == str(IMAGE.size)
                     metrics = (await client.get("/metrics")).text
                     assert "spegeld_bad_peers_total 0" in metrics
+
+
+async def test_a_peer_that_does_not_answer_is_skipped_for_a_while(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A partitioned holder costs one connect timeout, not one per request of a pull."""
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(0)  # accepts nothing: the backlog fills, then SYNs go unanswered
+    filler = [trio.socket.socket() for _ in range(4)]
+    address = "127.0.0.1:%d" % silent.getsockname()[1]
+    with silent, trio.fail_after(30):
+        for sock in filler:
+            with trio.move_on_after(0.1):
+                await sock.connect(silent.getsockname())
+        router = StaticRouter([Peer(NodeId("gone"), address)])
+        async with serving_registry(MemoryStore(), router) as (_, url):
+            async with httpx.AsyncClient(base_url=url) as client:
+                started = trio.current_time()
+                first = await client.get(BLOB_PATH)
+                first_took = trio.current_time() - started
+                started = trio.current_time()
+                second = await client.get(BLOB_PATH)
+                second_took = trio.current_time() - started
+                metrics = (await client.get("/metrics")).text
+    for sock in filler:
+        sock.close()
+    assert first.status_code == second.status_code == 404
+    assert 0.4 <= first_took <= 1.0  # the connect timeout, once
+    assert second_took < 0.05  # skipped: straight to 404
+    assert 'spegeld_proxy_errors_total{reason="unreachable"} 1\n' in metrics

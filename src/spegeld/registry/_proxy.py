@@ -41,9 +41,14 @@ HASH_BACKLOG = 8 * 1024 * 1024  # bytes handed to the hashing thread, not yet ha
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     holders_to_try: int = 3
-    connect_timeout: float = 1.0  # seconds; peers are on the local network
+    # Seconds. Peers are on the local network, where a connect takes well under a
+    # millisecond; a partitioned peer must cost a pull little before the upstream.
+    connect_timeout: float = 0.5
     response_timeout: float = 5.0  # seconds until a peer's response head arrives
     bad_peer_ttl: float = 300.0  # seconds a peer that sent corrupt bytes is avoided
+    # Seconds a peer that did not answer is skipped: the rest of the pull's requests
+    # then go to other holders, or 404 at once, instead of each waiting out a connect.
+    unreachable_ttl: float = 5.0
 
 
 class Proxy:
@@ -53,6 +58,7 @@ class Proxy:
         self._settings = settings
         self._latency = LatencyTracker()
         self._bad: dict[Peer, float] = {}
+        self._unreachable: dict[Peer, float] = {}
 
     def mark_bad(self, peer: Peer) -> None:
         logger.warning(
@@ -66,6 +72,7 @@ class Proxy:
         found = self._router.lookup(key, self._settings.holders_to_try * 2)
         self._metrics.resolve_duration.labels(router="local").observe(trio.current_time() - start)
         now = trio.current_time()
+        found = [p for p in found if self._unreachable.get(p, 0) <= now]
         good = [p for p in found if self._bad.get(p, 0) <= now]
         bad = [p for p in found if self._bad.get(p, 0) > now]
         return (good + bad)[: self._settings.holders_to_try]
@@ -174,7 +181,9 @@ class Proxy:
             )
         except PeerFailed as exc:
             self._metrics.proxy_errors.labels(reason="unreachable").inc()
-            logger.info("peer %s: %s", peer.registry, exc)
+            self._unreachable[peer] = trio.current_time() + self._settings.unreachable_ttl
+            logger.info("peer %s: %s; skipped for %g s", peer.registry, exc,
+                        self._settings.unreachable_ttl)  # fmt: skip
             return None
         self._latency.observe(trio.current_time() - start)
         if response.status not in (200, 206):

@@ -210,7 +210,7 @@ async def test_a_peer_that_does_not_answer_is_skipped_for_a_while(
     await silent.bind(("127.0.0.1", 0))
     silent.listen(0)  # accepts nothing: the backlog fills, then SYNs go unanswered
     filler = [trio.socket.socket() for _ in range(4)]
-    address = "127.0.0.1:%d" % silent.getsockname()[1]
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
     with silent, trio.fail_after(30):
         for sock in filler:
             with trio.move_on_after(0.1):

@@ -9,6 +9,13 @@
 Plain synchronous stdlib code, usable from sync fixtures, scripts and trio tests alike.
 """
 
+from spegeld.harness._cluster import (
+    Cluster,
+    Node,
+    PullResult,
+    clean_leftovers,
+    missing_requirement,
+)
 from spegeld.harness._containerd import (
     CtrError,
     HarnessUnavailable,
@@ -46,6 +53,11 @@ from spegeld.harness._registry import (
 from spegeld.harness._spegeld import SpegeldProcess, free_port, write_cluster_key
 
 __all__ = [
+    "Cluster",
+    "Node",
+    "PullResult",
+    "clean_leftovers",
+    "missing_requirement",
     "NetnsContainerd",
     "NetnsSpegeld",
     "Network",

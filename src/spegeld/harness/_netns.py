@@ -159,8 +159,10 @@ class NetnsSpegeld(SpegeldProcess):
     def get(
         self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
+        # curl's --head, not --request HEAD: the latter waits for a body that never comes.
+        verb = ["--head"] if method == "HEAD" else ["--request", method]
         argv = ["ip", "netns", "exec", self.netns, "curl", "--silent", "--include",
-                "--noproxy", "*", "--max-time", "10", "--request", method]  # fmt: skip
+                "--noproxy", "*", "--max-time", "10", *verb]  # fmt: skip
         for name, value in (headers or {}).items():
             argv += ["--header", f"{name}: {value}"]
         result = subprocess.run(

@@ -196,3 +196,22 @@ def test_without_root_or_tools_the_cluster_says_what_is_missing(
     assert missing_requirement() == (
         "a cluster needs root (network namespaces, tc, containerd): run it as root"
     )
+
+
+def test_the_demo_rolls_an_image_out_and_prints_the_summary() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "spegeld", "demo", "--nodes", "3", "--image-size", "8M"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "COLUMNS": "120"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 4 and cells[0].startswith("node-"):
+            rows[cells[0]] = cells[1:]
+    assert set(rows) == {"node-1", "node-2", "node-3"}, done.stdout
+    assert rows["node-1"][1:] == ["0.0 MiB", "8.0 MiB"]  # from peers, from upstream
+    for node in ("node-2", "node-3"):
+        assert rows[node][1:] == ["8.0 MiB", "0.0 MiB"]
+    assert "the upstream served 8.0 MiB (1.00 copies)" in done.stdout

@@ -1,25 +1,19 @@
-"""``spegeld demo``: spegeld on a real containerd on this machine.
+"""``spegeld demo``: a real cluster on this machine, and an image rolled out across it.
 
-Today it runs one node: a private containerd, a few generated images, and the
-index spegeld builds from them. The multi-node cluster arrives with issue 7.
+Every node is a network namespace with its own containerd and its own spegeld; the
+upstream is a Distribution registry behind a rate-limited link. Node 1 pulls a generated
+image from the upstream; the others get it from their peers.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
+from typing import Any
 
 import click
 
 from spegeld.cli._options import option
 
-# (name, layer sizes as fractions of --image-size, platforms, Docker media types)
-DEMO_IMAGES = (
-    ("example.com/demo/web:v1", (0.75, 0.25), None, False),
-    ("example.com/demo/multiarch:v1", (0.5, 0.5), ["linux/amd64", "linux/arm64"], False),
-    ("registry.local:5000/legacy/app:2.0", (1.0,), None, True),
-)
+MiB = 1 << 20
 
 
 def _parse_size(text: str) -> int:
@@ -30,67 +24,130 @@ def _parse_size(text: str) -> int:
     unit = number[len(digits) :]
     if unit.endswith("I"):
         unit = unit[:-1]
-    if not digits.isdigit() or unit not in units:
-        raise click.BadParameter(f"{text!r} is not a size like 4M or 512K")
+    if not digits.isdigit() or unit not in units or int(digits) == 0:
+        raise click.BadParameter(f"{text!r} is not a size like 100M or 512K")
     return int(digits) * units[unit]
 
 
 @click.command()
-@option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Cluster size.")
-@option("--image-size", default="4M", show_default=True, help="Bytes of layers per image.")
-@option("--keep", is_flag=True, help="Leave containerd running and print how to poke at it.")
-def demo(nodes: int, image_size: str, keep: bool) -> None:
-    """Run spegeld against a real, private containerd on this machine (needs root)."""
+@option("--nodes", type=click.IntRange(min=1, max=20), default=3, show_default=True,
+        help="Cluster size.")  # fmt: skip
+@option("--image-size", default="100M", show_default=True,
+        help="Total layer bytes of the generated image (e.g. 10M, 100M, 1G).")  # fmt: skip
+@option("--layers", type=click.IntRange(min=1, max=16), default=4, show_default=True,
+        help="Layers the image is split into.")  # fmt: skip
+@option("--upstream-rate", default="100mbit", show_default=True,
+        help="The upstream link's rate limit (tc tbf syntax).")  # fmt: skip
+@option("--keep", is_flag=True, help="Leave the cluster running and print how to poke at it.")
+@option("--clean", is_flag=True, help="Only tear down what an earlier --keep left running.")
+def demo(
+    nodes: int, image_size: str, layers: int, upstream_rate: str, keep: bool, clean: bool
+) -> None:
+    """Build a cluster on this machine and roll an image out across it (needs root)."""
     from rich.console import Console
 
-    from spegeld.cli._root import fail, not_built
+    from spegeld.cli._root import fail
+    from spegeld.harness import HarnessUnavailable, clean_leftovers, missing_requirement
 
     size = _parse_size(image_size)
-    if nodes > 1:
-        not_built("a multi-node demo (--nodes > 1)", "issue 7, the cluster demo")
-    from spegeld.harness import PrivateContainerd, build_image, containerd_unavailable_reason
-
-    reason = containerd_unavailable_reason()
-    if reason is not None:
-        fail(reason)
     console = Console(markup=False, highlight=False)
-    work = Path(tempfile.mkdtemp(prefix="spg-demo-", dir="/tmp"))
-    node = PrivateContainerd(work / "node1")
+    problem = missing_requirement()
+    if problem is not None:
+        fail(problem)
+    if clean:
+        cleaned = clean_leftovers(include_kept=True)
+        console.print(f"cleaned up: {', '.join(cleaned) or 'nothing was left'}")
+        return
     try:
-        with console.status("starting a private containerd"):
-            node.start()
-        console.print(f"containerd {node.socket} is up (pid {node.pid})")
-        for name, fractions, platforms, docker in DEMO_IMAGES:
-            layers = [max(1, int(size * f)) for f in fractions]
-            with console.status(f"building and importing {name}"):
-                image = build_image(name, layers, platforms=platforms, docker_media_types=docker)
-                archive = image.write_oci_archive(work / "image.tar")
-                node.import_image(archive)
-            kind = "Docker media types" if docker else "OCI"
-            what = f"{len(platforms)}-platform index" if platforms else "single platform"
-            console.print(f"imported {name} ({what}, {kind}, layers {layers})")
-        console.print("")
-        console.print(f"$ spegeld images --containerd-sock {node.socket}")
-        _show_images(node.socket, node.content_path)
-        if keep:
-            console.print("")
-            console.print(f"left running: containerd pid {node.pid}, state in {work}")
-            console.print(f"  spegeld images --containerd-sock {node.socket}")
-            console.print(f"  ctr --address {node.socket} -n k8s.io images ls")
-            console.print(f"  stop it: kill {node.pid} && rm -rf {work}")
-            return
-    except BaseException:
-        node.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    node.stop()
-    shutil.rmtree(work, ignore_errors=True)
+        results, cluster = _run(console, nodes, size, layers, upstream_rate, keep)
+    except HarnessUnavailable as exc:
+        fail(str(exc))
+        return
+    _summary(console, results, size)
+    if keep:
+        _how_to_poke(console, cluster)
 
 
-def _show_images(socket: Path, content_path: Path) -> None:
-    from spegeld.cli.images import images
+def _run(
+    console: Any, nodes: int, size: int, layers: int, rate: str, keep: bool
+) -> tuple[list[Any], Any]:
+    from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-    images.main(
-        ["--containerd-sock", str(socket), "--containerd-content-path", str(content_path)],
-        standalone_mode=False,
+    from spegeld.harness import Cluster, build_image
+
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
     )
+    current: list[TaskID] = []
+
+    def step(text: str) -> None:
+        if current:
+            progress.update(current[-1], completed=1, total=1)
+        current.append(progress.add_task(text, total=None))
+
+    results = []
+    with progress:
+        step(f"building a {nodes}-node cluster, upstream limited to {rate}")
+        cluster = Cluster(nodes_wanted=nodes, upstream_rate=rate, keep=keep,
+                          progress=lambda m: progress.console.print(f"  {m}"))  # fmt: skip
+        with cluster:
+            step(f"generating a {size / MiB:.0f} MiB image in {layers} layers")
+            per_layer = max(1, size // layers)
+            image = build_image("demo.local/app:v1", [per_layer] * layers, seed=None)
+            step("pushing it to the upstream registry")
+            reference = cluster.push(image, "demo/app", "v1")
+            first, *others = cluster.nodes
+            step(f"{first.name} pulls {reference} (nobody has it: from the upstream)")
+            results.append(cluster.pull(first, reference))
+            if others:
+                step("waiting for gossip to tell the others who holds it")
+                cluster.wait_findable(reference, image, others)
+            for node in others:
+                step(f"{node.name} pulls it (from its peers)")
+                results.append(cluster.pull(node, reference))
+            step("done")
+            progress.update(current[-1], completed=1, total=1)
+    return results, cluster
+
+
+def _summary(console: Any, results: list[Any], size: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="pulls, one node after another")
+    for column, justify in (("node", "left"), ("pull time", "right"),
+                            ("from peers", "right"), ("from upstream", "right")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        table.add_row(r.node, f"{r.seconds:.2f} s", f"{r.from_peers / MiB:.1f} MiB",
+                      f"{r.from_upstream / MiB:.1f} MiB")  # fmt: skip
+    console.print(table)
+    upstream = sum(r.from_upstream for r in results)
+    console.print(
+        f"{len(results)} pulls of a {size / MiB:.0f} MiB image; the upstream served "
+        f"{upstream / MiB:.1f} MiB ({upstream / size:.2f} copies)."
+    )
+    if len(results) > 1:
+        first, rest = results[0].seconds, [r.seconds for r in results[1:]]
+        console.print(
+            f"from the upstream: {first:.2f} s; from peers: {sum(rest) / len(rest):.2f} s "
+            f"on average ({first / (sum(rest) / len(rest)):.1f}x faster)."
+        )
+
+
+def _how_to_poke(console: Any, cluster: Any) -> None:
+    console.print("\nthe cluster is still running. Try:")
+    for node in cluster.describe():
+        ns, registry = node["netns"], node["registry"]
+        console.print(f"  ip netns exec {ns} .venv/bin/spegeld status "
+                      f"--registry-addr {registry.removeprefix('http://')}")  # fmt: skip
+    first = cluster.describe()[0]
+    console.print(
+        f"  ip netns exec {first['netns']} .venv/bin/spegeld doctor --only node,gossip "
+        f"--containerd-sock {first['containerd']} --hosts-dir {first['hosts_dir']} "
+        f"--registry-addr {first['registry'].removeprefix('http://')} "
+        f"--cluster-key-file {cluster.base}/cluster.key --peer {first['address']}:7946"
+    )
+    console.print(
+        f"  ip netns exec {first['netns']} curl -s {first['registry']}/metrics | grep spegel"
+    )
+    console.print("tear it down: .venv/bin/spegeld demo --clean")

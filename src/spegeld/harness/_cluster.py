@@ -204,6 +204,13 @@ class Cluster:
     def close(self, *, force: bool = False) -> None:
         """Stop everything; with ``keep`` (and no failure), leave the cluster running."""
         if self.keep and not force:
+            self._record()  # marked kept: only `spegeld demo --clean` tears it down
+            for node in self.nodes:
+                if node.spegeld is not None:
+                    node.spegeld.detach()
+                node.containerd.detach()
+            if self.upstream is not None:
+                self.upstream.detach()
             return
         for node in self.nodes:
             if node.spegeld is not None:
@@ -235,6 +242,7 @@ class Cluster:
             "namespaces": [self.network.bridge, *self.network.nodes],
             "processes": [[pid, _start_time(pid)] for pid in self._pids],
             "dir": str(self.base) if self._owns_dir else None,
+            "kept": self.keep,
         }
         tmp = self._state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -316,8 +324,9 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def clean_leftovers(state_dir: Path = STATE_DIR) -> list[str]:
-    """Tear down what crashed clusters recorded; what was cleaned, for the log."""
+def clean_leftovers(state_dir: Path = STATE_DIR, *, include_kept: bool = False) -> list[str]:
+    """Tear down what crashed clusters recorded (and, with ``include_kept``, the ones
+    ``spegeld demo --keep`` left running); what was cleaned, for the log."""
     cleaned: list[str] = []
     if not state_dir.is_dir():
         return cleaned
@@ -329,6 +338,8 @@ def clean_leftovers(state_dir: Path = STATE_DIR) -> list[str]:
         owner = state.get("owner")
         if isinstance(owner, int) and _start_time(owner) == state.get("owner_start"):
             continue  # its cluster is still running
+        if state.get("kept") and not include_kept:
+            continue
         for pid, started in state.get("processes", []):
             if _start_time(pid) == started and started is not None:
                 with contextlib.suppress(ProcessLookupError):

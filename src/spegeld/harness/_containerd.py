@@ -332,6 +332,12 @@ disabled_plugins = [{disabled}]
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
+    def detach(self) -> None:
+        """Leave the process running after this interpreter exits (``spegeld demo --keep``)."""
+        self._closed = True
+        self._owned_dirs.clear()
+        self._forget()
+
     def restart(self) -> Self:
         """Stop (if running) and start again on the same root and socket: content persists."""
         self.stop()

@@ -536,6 +536,12 @@ health:
         with _LIVE_LOCK:
             _LIVE.discard(self)
 
+    def detach(self) -> None:
+        """Leave the process running after this interpreter exits (``spegeld demo --keep``)."""
+        self._closed = True
+        self._owned_dirs.clear()
+        self._forget()
+
     def restart(self) -> Self:
         """Stop (if running) and start again: same storage, same port."""
         self.stop()

@@ -140,6 +140,11 @@ class SpegeldProcess:
         _LIVE.discard(self)
         return code
 
+    def detach(self) -> None:
+        """Leave the process running after this interpreter exits (``spegeld demo --keep``)."""
+        self._proc = None
+        _LIVE.discard(self)
+
     def send_signal(self, signum: int) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signum)

@@ -176,6 +176,12 @@ def test_one_coordinator_quiet_followers_failover_and_handover(cluster: Cluster)
         ).stdout  # fmt: skip
         assert f"coordinator: {first}" in shown
         assert "election: follower (Lease spegeld/spegeld-coordinator)" in shown
+        leader = cluster.node(first).spegeld
+        assert leader.metric("spegeld_coordinator") == 1
+        writes = leader.metric('spegeld_kube_requests_total{verb="create",code="201"}')
+        writes += leader.metric('spegeld_kube_requests_total{verb="update",code="200"}')
+        assert writes >= 1  # it took the Lease with a create or an update
+        assert cluster.nodes[-1].spegeld.metric("spegeld_coordinator") == 0
 
         # Steady state: only the leader talks to the API, one renewal per retry period.
         before = len(cluster.api.requests())

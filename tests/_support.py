@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -78,3 +79,18 @@ def image_in_memory(image: BuiltImage) -> MemoryStore:
     assert tag_key is not None
     store.add_image(image.name, memory_blobs(image), {tag_key: Digest(image.digest)})
     return store
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, *, poll: float = 0.05
+) -> float:
+    """Poll ``condition`` (from sync code) until it holds; how long it took.
+
+    Fails after ``timeout`` seconds, naming ``what`` it waited for.
+    """
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+    return time.monotonic() - start

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from spegeld.harness import PrivateContainerd, SpegeldProcess, free_port, write_cluster_key
+from tests._support import wait_for
 from tests.kubeapi._process import KubeApiProcess, lease_account, service_account_jwt
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
@@ -125,15 +126,6 @@ class LeaderSampler:
             self.samples[len(leaders)] += 1
             if len(leaders) > 1:
                 self.doubles.append(leaders)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL / 2)
-    return time.monotonic() - start
 
 
 @pytest.fixture

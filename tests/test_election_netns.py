@@ -19,7 +19,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from spegeld.harness import (
     host_platform,
     write_cluster_key,
 )
+from tests._support import wait_for
 from tests.kubeapi._process import KubeApiProcess, lease_account, service_account_jwt
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
@@ -45,15 +46,6 @@ REGISTRY_PORT = 5000
 GOSSIP_PORT = 7946
 DROP_TABLE = "spegeld_test_drop"
 POLL = 0.1
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL)
-    return time.monotonic() - start
 
 
 class Lab:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from spegeld.harness import (
     host_platform,
     write_cluster_key,
 )
+from tests._support import wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -80,15 +81,6 @@ class Node:
 
     def view(self) -> dict[str, dict[str, Any]]:
         return {p["node"]: p for p in self.gossip()["peers"]}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL)
-    return time.monotonic() - start
 
 
 @pytest.fixture

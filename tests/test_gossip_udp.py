@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from spegeld.harness import (
     build_image,
     write_cluster_key,
 )
+from tests._support import wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -200,17 +201,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 # -- observations ---------------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``condition`` until it holds; how long it took. Fails after ``timeout``."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL)
-    return time.monotonic() - start
 
 
 def all_alive(nodes: Sequence[Node]) -> bool:

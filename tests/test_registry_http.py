@@ -56,6 +56,7 @@ async def test_blob_get_head_and_ranges() -> None:
                 for bad in ("bytes=999999999-", "bytes=5-2", "lines=1-2", "bytes=1-2,4-5"):
                     refused = await client.get(path, headers={"range": bad})
                     assert refused.status_code == 416, bad
+                    assert refused.headers["content-range"] == f"bytes */{len(LAYER_BYTES)}"
                 head = await client.head(path)
                 assert head.headers["content-length"] == str(len(LAYER_BYTES))
 

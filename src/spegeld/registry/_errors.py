@@ -13,6 +13,7 @@ class RegistryError(Exception):
     status: int
     code: str
     message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # e.g. a 416's Content-Range
 
     def body(self) -> bytes:
         doc = {"errors": [{"code": self.code, "message": self.message, "detail": None}]}

@@ -27,7 +27,13 @@ class ByteRange:
 
 
 def unsatisfiable(size: int) -> RegistryError:
-    return RegistryError(416, "RANGE_NOT_SATISFIABLE", f"range not satisfiable: bytes */{size}")
+    """416, with ``Content-Range: bytes */SIZE`` as RFC 9110 §15.5.17 asks."""
+    return RegistryError(
+        416,
+        "RANGE_NOT_SATISFIABLE",
+        f"range not satisfiable: bytes */{size}",
+        ((b"content-range", f"bytes */{size}".encode()),),
+    )
 
 
 def parse_range(header: bytes | None, size: int) -> ByteRange | None:

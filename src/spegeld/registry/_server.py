@@ -220,7 +220,8 @@ class Registry:
 
 
 def _error(exc: RegistryError) -> Response:
-    return Response(exc.status, [(b"content-type", JSON), API_VERSION], BytesBody(exc.body()))
+    headers = [(b"content-type", JSON), API_VERSION, *exc.headers]
+    return Response(exc.status, headers, BytesBody(exc.body()))
 
 
 def _text(status: int, body: bytes) -> Response:

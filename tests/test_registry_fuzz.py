@@ -1024,13 +1024,8 @@ async def test_a_proxied_head_answers_like_a_local_head() -> None:
     assert re.search(r"^spegeld_bad_peers_total 0(\.0)?$", metrics, re.MULTILINE), metrics
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_proxy.py closes the peer connection in the finally of the body generator, which "
-    "never runs when the response is dropped before its body starts (the client went away "
-    "before the head was sent): the socket is left to the garbage collector",
-)
 async def test_the_peer_connection_is_closed_when_the_client_goes_away() -> None:
+    """StreamBody.on_close closes the peer's response even if its body never started."""
     layer = LAYERS[0]
     request = f"GET /v2/team/app/blobs/{layer} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     with warnings.catch_warnings(record=True) as caught:

@@ -61,6 +61,9 @@ class FileBody:
 class StreamBody:
     chunks: AsyncIterator[bytes]
     length: int
+    # Runs however the response ends, even if it is dropped before its first chunk (an
+    # async generator that never started never runs its own ``finally``).
+    on_close: Callable[[], Awaitable[None]] | None = None
 
 
 Body = BytesBody | FileBody | StreamBody
@@ -231,15 +234,14 @@ class HttpServer:
             headers.append((b"connection", b"close"))
         head = conn.send(h11.Response(status_code=response.status, headers=headers))
         assert head is not None
-        if request.method == b"HEAD":
-            await _close_body(body)
-            await stream.send_all(head + _end(conn))
-            return
-        if isinstance(body, BytesBody):
-            await stream.send_all(head + _data(conn, body.data) + _end(conn))
-            return
-        await stream.send_all(head)
         try:
+            if request.method == b"HEAD":
+                await stream.send_all(head + _end(conn))
+                return
+            if isinstance(body, BytesBody):
+                await stream.send_all(head + _data(conn, body.data) + _end(conn))
+                return
+            await stream.send_all(head)
             if isinstance(body, FileBody):
                 await _sendfile(stream, body)
                 conn.send_with_data_passthrough(h11.Data(data=_Length(body.length)))  # type: ignore[arg-type]
@@ -265,10 +267,12 @@ def _end(conn: h11.Connection) -> bytes:
 
 async def _close_body(body: Body) -> None:
     if isinstance(body, StreamBody):
-        aclose = getattr(body.chunks, "aclose", None)
-        if aclose is not None:
-            with trio.move_on_after(1, shield=True):
+        with trio.move_on_after(1, shield=True):
+            aclose = getattr(body.chunks, "aclose", None)
+            if aclose is not None:
                 await aclose()
+            if body.on_close is not None:
+                await body.on_close()
 
 
 async def _sendfile(stream: trio.SocketStream, body: FileBody) -> None:

@@ -155,7 +155,7 @@ class Proxy:
             return Response(status, headers, StreamBody(_no_chunks(), first.length))
         others = [p for p in holders if p != first.peer]
         chunks = self._stream(first, others, request, target, offset, first.length, verify)
-        return Response(status, headers, StreamBody(chunks, first.length))
+        return Response(status, headers, StreamBody(chunks, first.length, first.aclose))
 
     async def _open(
         self,

@@ -215,3 +215,14 @@ def test_the_demo_rolls_an_image_out_and_prints_the_summary() -> None:
     for node in ("node-2", "node-3"):
         assert rows[node][1:] == ["8.0 MiB", "0.0 MiB"]
     assert "the upstream served 8.0 MiB (1.00 copies)" in done.stdout
+
+
+def test_a_baseline_cluster_pulls_straight_from_the_upstream(tmp_path: Path) -> None:
+    image = build_image("faults.local/base:v1", [1 * MiB] * 2, seed=705)
+    with Cluster(nodes_wanted=1, with_spegeld=False, base_dir=tmp_path) as cluster:
+        (node,) = cluster.nodes
+        assert node.spegeld is None
+        pulled = cluster.pull(node, cluster.push(image, "faults/base", "v1"))
+        assert pulled.from_peers == 0
+        assert pulled.from_upstream >= sum(image.blobs[d].size for d in image.platforms[0].layers)
+        verify(cluster, node, image)

@@ -72,7 +72,9 @@ class PullResult:
     reference: str
     seconds: float
     from_peers: int  # bytes this node's mirror served from peers during the pull
-    from_upstream: int  # blob bytes the upstream registry served during the pull
+    # Blob bytes the upstream served while the pull ran: pulls that overlap in time
+    # share the count (measure a phase as a whole for concurrent pulls).
+    from_upstream: int
 
 
 @dataclass
@@ -191,9 +193,15 @@ class Cluster:
                 capture_output=True, text=True, timeout=60, check=True,
             )  # fmt: skip
         else:
+            # No mirror: the upstream itself, over plain HTTP. containerd 1.6 ignores a
+            # hosts.toml without a [host] table ("invalid `host` tree") and tries HTTPS.
+            upstream = f"http://{self.upstream_address}"
             registry_dir = hosts_dir / self.upstream_address
             registry_dir.mkdir(parents=True)
-            (registry_dir / "hosts.toml").write_text(f'server = "http://{self.upstream_address}"\n')
+            (registry_dir / "hosts.toml").write_text(
+                f'server = "{upstream}"\n\n'
+                f'[host."{upstream}"]\n  capabilities = ["pull", "resolve"]\n'
+            )
         return Node(i, name, netns, address, containerd, spegeld, hosts_dir)
 
     def _start_spegeld(self, node: Node) -> None:

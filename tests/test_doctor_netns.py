@@ -15,8 +15,8 @@ default route: nothing can leave for a foreign address). Each fault is real:
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -6,8 +6,11 @@ in tests/test_doctor_netns.py, inside network namespaces.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import random
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -228,3 +231,40 @@ def test_doctor_cli_reports_a_healthy_node_as_json_and_exits_0(
     (peer,) = [c for c in data["checks"] if c["check"] == "gossip.peers"]
     assert peer["status"] == "ok"
     assert f"answered as {daemon.base_dir.name}" in peer["verdict"]
+
+
+async def test_a_vanished_token_file_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    """Past TLS, the doctor needs the token; a token file that is gone is reported."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+
+    async def answer(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        # The doctor never gets as far as sending a request: it handshakes, then stops.
+        with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some(4096)
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(
+            functools.partial(trio.serve_ssl_over_tcp, host="127.0.0.1"), answer, 0, context
+        )
+        port = listener.transport_listener.socket.getsockname()[1]
+        creds = Credentials(
+            server=f"https://127.0.0.1:{port}", source="test", ca_pem=ca.cert_pem.bytes(),
+            insecure_skip_tls_verify=False, tls_server_name=None, token=None,
+            token_file=tmp_path / "gone", client_cert_pem=None, client_key_pem=None,
+            namespace=None, warnings=(),
+        )  # fmt: skip
+        with trio.fail_after(20):
+            results = await check_api(ApiTarget(creds), 2.0)
+        nursery.cancel_scope.cancel()
+    by_check = {r.check: r for r in results}
+    assert by_check["api.tls"].status is Status.OK
+    assert by_check["api.auth"].status is Status.FAIL
+    assert "cannot be used" in by_check["api.auth"].verdict
+    assert str(tmp_path / "gone") in by_check["api.auth"].verdict
+    assert by_check["api.rbac"].status is Status.SKIP

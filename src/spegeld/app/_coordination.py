@@ -108,7 +108,11 @@ class Coordination:
             await self.elector.release()
 
     async def _preflight(self) -> None:
-        result = await diagnose_api(self._target, PREFLIGHT_TIMEOUT)
+        try:
+            result = await diagnose_api(self._target, PREFLIGHT_TIMEOUT)
+        except Exception as exc:  # a check that breaks must not take the daemon down
+            logger.warning("preflight: the API checks failed: %s", exc, exc_info=True)
+            return
         self.preflight = result.line()
         if result.status is Status.OK:
             logger.info("preflight: Kubernetes API reachable; Lease permissions ok")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
-from spegeld.errors import KubeStatusError, KubeUnreachable, LeaseConflict
+from spegeld.errors import KubeStatusError, KubeUnreachable, LeaseConflict, SpegeldError
 from spegeld.kube import Credentials, KubeClient, jwt_claims, jwt_expiry, ssl_context
 
 from . import _remedies as remedy
@@ -115,7 +115,12 @@ async def check_api(
             return results + _skip_from(3, "no TLS session")
     else:
         results.append(_result(2, Status.WARN, "plain HTTP: traffic and token are unprotected"))
-    results += await _http_checks(target, creds, timeout, wall)
+    try:
+        results += await _http_checks(target, creds, timeout, wall)
+    except SpegeldError as exc:  # e.g. the token file vanished: a finding, not a crash
+        unusable = _result(5, Status.FAIL, f"the credentials cannot be used: {exc}")
+        skips = _skip_from(3, "no usable credentials")
+        results += [unusable if r.check == unusable.check else r for r in skips]
     return results
 
 

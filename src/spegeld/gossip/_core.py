@@ -27,30 +27,25 @@ record, which we refute in turn. A node whose seeds all look dead joins one
 again, and a seed answers a joiner it holds as dead with that record too.
 
 docs/protocol.md describes the wire format and these rules in full.
+
+This module holds the member table, the public interface, message dispatch,
+membership merging (and refutation) and the sending of datagrams; failure
+detection is in ``_failure`` and anti-entropy in ``_sync``, each a helper the
+core owns. The configuration and report types are in ``_records``.
 """
 
 from __future__ import annotations
 
-import enum
 import heapq
-import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from spegeld.errors import RemoteProtocolError
 from spegeld.routing import NodeId, Peer
 
-from ._codec import (
-    MAX_INCARNATION,
-    SUMMARY_OVERHEAD,
-    decode_payload,
-    encode_message,
-    encode_record,
-    encode_sender,
-    encode_summary,
-    valid_key,
-)
+from ._codec import MAX_INCARNATION, decode_payload, encode_message, encode_sender, valid_key
+from ._failure import FailureDetector, Probe
 from ._messages import (
     Ack,
     Addr,
@@ -67,11 +62,32 @@ from ._messages import (
 )
 from ._ownership import KeyLedger, PeerKeys
 from ._queue import BroadcastQueue
+from ._records import (
+    CoordinatorState,
+    GossipConfig,
+    GossipStatistics,
+    MemberView,
+    PeerRecord,
+    Timings,
+)
 from ._security import MAX_PAYLOAD, DroppedPacket, Keyring, ReplayWindow, open_datagram, seal
+from ._sync import CHUNK_OVERHEAD, AntiEntropy
 from ._table import HolderTable
 
+__all__ = [
+    "CHUNK_OVERHEAD",
+    "MEMBER_RESERVE",
+    "RECONNECT_INTERVAL",
+    "REPLAY_WINDOW",
+    "CoordinatorState",
+    "GossipConfig",
+    "GossipCore",
+    "GossipStatistics",
+    "MemberView",
+    "Timings",
+]
+
 RECONNECT_INTERVAL = 10.0  # seconds between tries at a dead member or lost seeds (Serf: 30 s)
-CHUNK_OVERHEAD = 32  # a StateChunk's bytes besides its keys and node id: type, ints, headers
 # Sequence numbers accepted behind the newest one seen from a sender. A state pull is
 # answered with a burst of chunks (about 70 for 2000 digests), and a burst that arrives
 # reordered must not fall out of the window: the 64 that IPsec uses would drop the first
@@ -89,93 +105,6 @@ def _never(message: Message) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class Timings:
-    """memberlist's LAN defaults, plus the ownership repair timings."""
-
-    probe_interval: float = 1.0
-    probe_timeout: float = 0.5
-    indirect_checks: int = 3
-    gossip_interval: float = 0.2
-    gossip_nodes: int = 3
-    retransmit_mult: int = 4
-    suspicion_mult: float = 4.0
-    sync_interval: float = 1.0
-    gap_timeout: float = 1.0  # a version gap this old pulls the owner's whole state
-    join_retry: float = 1.0
-    dead_forget: float = 60.0  # a dead member's record (and incarnation) is kept this long
-
-
-class CoordinatorState(enum.Enum):
-    SELF = "self"
-    ALIVE = "alive"
-    GONE = "gone"
-    NONE = "none"
-
-
-@dataclass(frozen=True, slots=True)
-class GossipConfig:
-    node: str
-    addr: Addr
-    registry: str
-    incarnation: int  # start above any earlier run's: the shell uses the wall clock
-    seeds: tuple[Addr, ...] = ()
-    timings: Timings = field(default_factory=Timings)
-
-
-@dataclass(slots=True)
-class _Peer:
-    node: str
-    slot: int
-    incarnation: int
-    state: State
-    addr: Addr
-    registry: str
-    coordinator: bool
-    since: float  # when the state last changed
-    keys: PeerKeys
-    rtt: float | None = None
-
-
-@dataclass(slots=True)
-class _Probe:
-    seq: int
-    target: str
-    sent: float
-    indirect_at: float
-    suspect_at: float
-    indirect_sent: bool = False
-    helpers: tuple[str, ...] = ()  # asked to ping-req: their relayed acks count too
-
-
-@dataclass(frozen=True, slots=True)
-class MemberView:
-    node: str
-    state: str
-    incarnation: int
-    addr: str
-    registry: str
-    rtt_ms: float | None
-    keys: int
-    version: int
-    coordinator: bool
-
-
-@dataclass(frozen=True, slots=True)
-class GossipStatistics:
-    node: str
-    incarnation: int
-    own_keys: int
-    own_version: int
-    known_keys: int
-    members: dict[str, int]
-    packets_in: int
-    packets_out: int
-    bytes_in: int
-    bytes_out: int
-    dropped: dict[str, int]
-
-
 class GossipCore:
     def __init__(self, config: GossipConfig, keyring: Keyring, rng: random.Random, now: float):
         self.config = config
@@ -187,8 +116,8 @@ class GossipCore:
         self.coordinator = False
         self.ledger = KeyLedger(version_base=config.incarnation << 20)
         self.table = HolderTable()
-        self._peers: dict[str, _Peer] = {}
-        self._slots: list[_Peer | None] = []  # table slot → member (None: free)
+        self._peers: dict[str, PeerRecord] = {}
+        self._slots: list[PeerRecord | None] = []  # table slot → member (None: free)
         self._free_slots: list[int] = []  # slots of forgotten members, for reuse
         self._dead: dict[str, float] = {}  # dead or left members → since when
         self._by_addr: dict[Addr, str] = {}  # gossip address → member, to recognise seeds
@@ -198,14 +127,10 @@ class GossipCore:
         self._deltas = BroadcastQueue(self._t.retransmit_mult)  # ownership news
         self._outbox: list[tuple[bytes, Addr]] = []
         self._sequence = 0
-        self._probe: _Probe | None = None
         self._order: list[str] = []  # every known peer, in probe order (shuffled per round)
-        self._cursor = 0
         self._suspects: dict[str, float] = {}  # node → when its suspicion ends
-        self._lagging: set[str] = set()  # peers whose keys we know we lack
-        # our ping's seq → (who asked, their seq, whom we ping, until when)
-        self._relays: dict[int, tuple[Addr, int, str, float]] = {}
-        self._sync_cursor = 0
+        self._detector = FailureDetector(self)
+        self._sync = AntiEntropy(self)
         self._next_probe = now + rng.random() * self._t.probe_interval
         self._next_gossip = now + rng.random() * self._t.gossip_interval
         self._next_sync = now + rng.random() * self._t.sync_interval
@@ -213,6 +138,16 @@ class GossipCore:
         self._next_reconnect = now + (1 + rng.random()) * RECONNECT_INTERVAL
         self.counters: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+
+    @property
+    def _probe(self) -> Probe | None:
+        """The probe in flight (tests look at it)."""
+        return self._detector.probe
+
+    @property
+    def _sync_cursor(self) -> int:
+        """Where the next Summary's window starts (tests look at it)."""
+        return self._sync.cursor
 
     @property
     def key_fingerprint(self) -> str:
@@ -355,9 +290,9 @@ class GossipCore:
 
     def next_deadline(self) -> float:
         deadline = min(self._next_probe, self._next_gossip, self._next_sync, self._next_reconnect)
-        probe = self._probe
+        probe = self._detector.deadline()
         if probe is not None:
-            deadline = min(deadline, probe.suspect_at if probe.indirect_sent else probe.indirect_at)
+            deadline = min(deadline, probe)
         if self.config.seeds and not self._peers:
             deadline = min(deadline, self._next_join)
         if self._suspects:
@@ -390,24 +325,23 @@ class GossipCore:
             for seed in self.config.seeds:
                 self._send(seed, [Join(self._self_member())], piggyback=False)
             self._next_join = now + self._t.join_retry
-        self._check_probe(now)
+        self._detector.check_probe(now)
         if now >= self._next_probe:
-            self._start_probe(now)
+            self._detector.start_probe(now)
             self._next_probe = now + self._t.probe_interval
-        self._expire_suspects(now)
+        self._detector.expire_suspects(now)
         if now >= self._next_gossip:
             self._gossip()
             self._next_gossip = now + self._t.gossip_interval
         if now >= self._next_sync:
-            self._pull_lagging(now)
-            self._anti_entropy(now)
+            self._sync.pull_lagging(now)
+            self._sync.send_summary(now)
             self._forget_dead(now)
             self._next_sync = now + self._t.sync_interval
         if now >= self._next_reconnect:
-            self._reconnect()
+            self._sync.reconnect()
             self._next_reconnect = now + RECONNECT_INTERVAL
-        if self._relays:
-            self._relays = {s: r for s, r in self._relays.items() if r[3] > now}
+        self._detector.expire_relays(now)
 
     # ---- message handling -----------------------------------------------------------
 
@@ -416,28 +350,25 @@ class GossipCore:
             case Ping(seq):
                 self._send(addr, [Ack(seq)])
             case Ack(seq):
-                self._on_ack(sender, seq, now)
+                self._detector.on_ack(sender, seq, now)
             case PingReq(seq, target, target_addr):
-                ours = self._new_seq()
-                self._relays[ours] = (addr, seq, target, now + self._t.probe_interval)
-                self._send(target_addr, [Ping(ours)])
+                self._detector.on_ping_req(addr, seq, target, target_addr, now)
             case Member():
                 self._merge(message, now, source=addr)
             case Delta():
-                self._on_delta(message, now)
+                self._sync.on_delta(message, now)
             case Summary(members, reply):
                 for member in members:
                     self._merge(member, now, source=addr)
                 if not reply:
-                    mine = [m for m in (self._view_of(member.node) for member in members) if m]
-                    self._send_parts(addr, [self._fit_summary(mine, True)], piggyback=False)
+                    self._sync.answer_summary(members, addr)
             case StatePull(node, have):
-                self._on_state_pull(node, have, addr)
+                self._sync.on_state_pull(node, have, addr)
             case StateChunk():
-                self._on_chunk(message, now)
+                self._sync.on_chunk(message, now)
             case Join(member):
                 self._merge(member, now, source=addr)
-                self._send_member_list(addr, member.node)
+                self._sync.send_member_list(addr, member.node)
 
     def _merge(self, member: Member, now: float, source: Addr) -> None:
         if member.node == self.node:
@@ -449,9 +380,9 @@ class GossipCore:
                 return
             peer = self._add_peer(member, now)
             self._broadcast(("member", member.node), member)
-        elif not self._supersedes(member, peer):
+        elif not peer.superseded_by(member):
             if peer.state is State.ALIVE or peer.state is State.SUSPECT:
-                self._want_version(peer, member.version, source, now)
+                self._sync.want_version(peer, member.version, source, now)
             return
         else:
             if peer.addr != member.addr:
@@ -463,7 +394,7 @@ class GossipCore:
             self._set_state(peer, member.state, now)
             self._broadcast(("member", member.node), member)
         if member.state is State.ALIVE or member.state is State.SUSPECT:
-            self._want_version(peer, member.version, source, now)
+            self._sync.want_version(peer, member.version, source, now)
 
     def _merge_self(self, member: Member) -> None:
         """News about this node: refute anything but our own current word."""
@@ -485,28 +416,13 @@ class GossipCore:
         self.incarnation = max(self.incarnation, above + 1)
         self._broadcast(("member", self.node), self._self_member())
 
-    @staticmethod
-    def _supersedes(member: Member, peer: _Peer) -> bool:
-        if member.state is State.ALIVE:
-            return member.incarnation > peer.incarnation or (
-                member.incarnation == peer.incarnation
-                and peer.state is State.ALIVE
-                and (member.addr, member.registry, member.coordinator)
-                != (peer.addr, peer.registry, peer.coordinator)
-            )
-        if member.state is State.SUSPECT:
-            return member.incarnation > peer.incarnation or (
-                member.incarnation == peer.incarnation and peer.state is State.ALIVE
-            )
-        return member.incarnation >= peer.incarnation and peer.state not in (State.DEAD, State.LEFT)
-
-    def _add_peer(self, member: Member, now: float) -> _Peer:
+    def _add_peer(self, member: Member, now: float) -> PeerRecord:
         if self._free_slots:
             slot = self._free_slots.pop()
         else:
             slot = len(self._slots)
             self._slots.append(None)
-        peer = _Peer(
+        peer = PeerRecord(
             member.node,
             slot,
             member.incarnation,
@@ -526,17 +442,17 @@ class GossipCore:
         self._order[spot], self._order[-1] = self._order[-1], self._order[spot]
         self._by_addr[member.addr] = member.node
         if member.state is State.SUSPECT:  # heard of first as suspect: it may never refute
-            self._suspects[member.node] = now + self._suspicion_timeout()
+            self._suspects[member.node] = now + self._detector.suspicion_timeout()
         return peer
 
-    def _set_state(self, peer: _Peer, state: State, now: float) -> None:
+    def _set_state(self, peer: PeerRecord, state: State, now: float) -> None:
         if state is peer.state:
             return
         peer.state, peer.since = state, now
         self._suspects.pop(peer.node, None)
         self._dead.pop(peer.node, None)
         if state is State.SUSPECT:
-            self._suspects[peer.node] = now + self._suspicion_timeout()
+            self._suspects[peer.node] = now + self._detector.suspicion_timeout()
         elif state in (State.DEAD, State.LEFT):
             self.table.drop(peer.slot)
             peer.keys.reset()
@@ -551,163 +467,9 @@ class GossipCore:
                 self._slots[peer.slot] = None
                 self._free_slots.append(peer.slot)
                 self._order.remove(node)
-                self._lagging.discard(node)
+                self._sync.lagging.discard(node)
                 if self._by_addr.get(peer.addr) == node:
                     del self._by_addr[peer.addr]
-
-    def _want_version(self, peer: _Peer, version: int, source: Addr, now: float) -> None:
-        """Someone says ``peer``'s keys reached ``version``; pull them if we lag."""
-        if peer.keys.note_claim(version, now):
-            self._lagging.add(peer.node)
-            if peer.keys.should_pull(now, self._t.gap_timeout):
-                self._send(source, [StatePull(peer.node, peer.keys.version)], piggyback=False)
-
-    def _pull_lagging(self, now: float) -> None:
-        """Gaps that gossip has not closed: ask each owner for its whole key set."""
-        for node in list(self._lagging):
-            peer = self._peers.get(node)
-            if peer is None or peer.keys.gap_since is None or peer.state is not State.ALIVE:
-                self._lagging.discard(node)
-            elif peer.keys.should_pull(now, self._t.gap_timeout):
-                self._send(peer.addr, [StatePull(node, peer.keys.version)], piggyback=False)
-
-    def _on_delta(self, delta: Delta, now: float) -> None:
-        if delta.node == self.node:
-            return
-        peer = self._peers.get(delta.node)
-        if peer is None or peer.state in (State.DEAD, State.LEFT):
-            return
-        applied = peer.keys.offer(delta, now)
-        if applied is None:
-            return
-        if not applied:
-            self._lagging.add(peer.node)
-            if peer.keys.should_pull(now, self._t.gap_timeout):
-                self._send(peer.addr, [StatePull(peer.node, peer.keys.version)], piggyback=False)
-        for change in applied:
-            self.table.remove(peer.slot, change.removed)
-            self.table.add(peer.slot, change.added)
-        self._broadcast(("delta", delta.node, delta.version), delta)
-
-    def _on_state_pull(self, node: str, have: int, addr: Addr) -> None:
-        if node == self.node:
-            keys, version = sorted(self.ledger.own_keys), self.ledger.version
-        else:
-            peer = self._peers.get(node)
-            if peer is None or not peer.keys.complete or peer.keys.version <= have:
-                return
-            keys, version = sorted(self.table.keys_of(peer.slot)), peer.keys.version
-        if version <= have:
-            return
-        # Room for keys once our id, the owner's id and the chunk's fields are in.
-        budget = MAX_PAYLOAD - len(self._sender) - len(encode_sender(node)) - CHUNK_OVERHEAD
-        chunks = self.ledger.chunk_state(node, version, keys, budget)
-        # In a fresh order each time: whatever a lossy or reordering path dropped from
-        # the last answer is unlikely to be dropped again, and the puller keeps the rest.
-        self._rng.shuffle(chunks)
-        for chunk in chunks:
-            self._send(addr, [chunk], piggyback=False)
-
-    def _on_chunk(self, chunk: StateChunk, now: float) -> None:
-        peer = self._peers.get(chunk.node)
-        if peer is None or peer.state in (State.DEAD, State.LEFT):
-            return
-        whole = peer.keys.assemble(chunk, now)
-        if whole is not None:
-            self.table.replace(peer.slot, whole)
-            for change in peer.keys.drain():
-                self.table.remove(peer.slot, change.removed)
-                self.table.add(peer.slot, change.added)
-
-    # ---- SWIM failure detection -------------------------------------------------------
-
-    def _start_probe(self, now: float) -> None:
-        target = None
-        for _ in range(len(self._order)):
-            if self._cursor >= len(self._order):
-                self._cursor = 0
-                self._rng.shuffle(self._order)  # SWIM: a fresh random order each round
-            peer = self._peers.get(self._order[self._cursor])
-            self._cursor += 1
-            if peer is not None and peer.state in (State.ALIVE, State.SUSPECT):
-                target = peer
-                break
-        if target is None:
-            return
-        seq = self._new_seq()
-        self._probe = _Probe(
-            seq,
-            target.node,
-            now,
-            now + self._t.probe_timeout,
-            now + self._t.probe_interval,
-        )
-        self._send(target.addr, [Ping(seq)])
-
-    def _new_seq(self) -> int:
-        # Random, not counted: an outsider who replays a member's ack to another node
-        # (the header names no destination) would have to hit that node's probe seq.
-        return self._rng.getrandbits(62)
-
-    def _on_ack(self, sender: str, seq: int, now: float) -> None:
-        relay = self._relays.get(seq)
-        if relay is not None:
-            if sender == relay[2]:
-                del self._relays[seq]
-                self._send(relay[0], [Ack(relay[1])])
-            return
-        probe = self._probe
-        if probe is None or probe.seq != seq:
-            return
-        if sender != probe.target and sender not in probe.helpers:
-            self.dropped["stray_ack"] += 1
-            return
-        self._probe = None
-        peer = self._peers.get(probe.target)
-        if peer is None:
-            return
-        if not probe.indirect_sent:
-            sample = now - probe.sent
-            peer.rtt = sample if peer.rtt is None else 0.8 * peer.rtt + 0.2 * sample
-        if peer.state is State.SUSPECT:
-            pass  # only the member itself can refute, with a higher incarnation
-
-    def _check_probe(self, now: float) -> None:
-        probe = self._probe
-        if probe is None:
-            return
-        target = self._peers.get(probe.target)
-        if target is None:
-            self._probe = None
-            return
-        if not probe.indirect_sent and now >= probe.indirect_at:
-            probe.indirect_sent = True
-            helpers = [
-                p for p in self._pick_alive(self._t.indirect_checks + 1) if p.node != target.node
-            ][: self._t.indirect_checks]
-            probe.helpers = tuple(helper.node for helper in helpers)
-            for helper in helpers:
-                self._send(helper.addr, [PingReq(probe.seq, target.node, target.addr)])
-            # And once more directly (memberlist falls back to TCP here): a lost ping or
-            # ack is the usual cause, and each false suspicion costs the whole cluster a
-            # suspect and a refutation, each passed on 4·log10(N) times by every member.
-            self._send(target.addr, [Ping(probe.seq)])
-        if now >= probe.suspect_at:
-            self._probe = None
-            if target.state is State.ALIVE:
-                self._set_state(target, State.SUSPECT, now)
-                self._broadcast(("member", target.node), self._member_of(target))
-
-    def _suspicion_timeout(self) -> float:
-        n = max(1, len(self._peers) + 1)
-        return self._t.suspicion_mult * max(1.0, math.log10(n)) * self._t.probe_interval
-
-    def _expire_suspects(self, now: float) -> None:
-        for node, until in list(self._suspects.items()):
-            if now >= until:
-                peer = self._peers[node]
-                self._set_state(peer, State.DEAD, now)
-                self._broadcast(("member", peer.node), self._member_of(peer))
 
     # ---- dissemination ------------------------------------------------------------------
 
@@ -718,99 +480,6 @@ class GossipCore:
         # (and refutes), and how it keeps up with keys meanwhile.
         for peer in self._pick_alive(self._t.gossip_nodes, suspect=True):
             self._send(peer.addr, [])
-
-    def _anti_entropy(self, now: float) -> None:
-        targets = self._pick_alive(1)
-        if not targets:
-            return
-        records = [encode_record(self._self_member())]
-        room = self._summary_room() - len(records[0])
-        slots = self._slots  # stable order, so the window walks every member in turn
-        count = len(slots)
-        step = 0
-        while step < count:
-            peer = slots[(self._sync_cursor + step) % count]
-            if peer is not None:
-                record = encode_record(self._member_of(peer))
-                if len(record) > room:
-                    if len(records) == 1:
-                        step += 1  # too big even alone with ours: skip it, don't stall here
-                    break
-                room -= len(record)
-                records.append(record)
-            step += 1
-        self._sync_cursor = (self._sync_cursor + step) % max(1, count)
-        self._send_parts(targets[0].addr, [encode_summary(records, False)], piggyback=False)
-
-    def _summary_room(self) -> int:
-        """Bytes of member records that fit in one Summary after our id."""
-        return MAX_PAYLOAD - len(self._sender) - SUMMARY_OVERHEAD
-
-    def _fit_summary(self, views: list[Member], reply: bool) -> bytes:
-        room = self._summary_room()
-        fitted = []
-        for view in views:
-            record = encode_record(view)
-            if len(record) > room:
-                break
-            fitted.append(record)
-            room -= len(record)
-        return encode_summary(fitted, reply)
-
-    def _send_member_list(self, addr: Addr, joiner: str) -> None:
-        views = [self._self_member()]
-        known = self._peers.get(joiner)
-        if known is not None and known.state in (State.DEAD, State.LEFT):
-            views.append(self._member_of(known))  # it must refute this to be heard again
-        views += [
-            self._member_of(p)
-            for p in self._peers.values()
-            if p.state in (State.ALIVE, State.SUSPECT)
-        ]
-        batch: list[bytes] = []
-        room = self._summary_room()
-        for view in views:
-            record = encode_record(view)
-            if len(record) > room and batch:
-                self._send_parts(addr, [encode_summary(batch, True)], piggyback=False)
-                batch, room = [], self._summary_room()
-            batch.append(record)
-            room -= len(record)
-        if batch:
-            self._send_parts(addr, [encode_summary(batch, True)], piggyback=False)
-
-    def _reconnect(self) -> None:
-        """Try one dead member and, if every seed looks dead, a seed: a partition may be over.
-
-        The summary carries the member's own record as we hold it, which it will refute
-        if it is alive; its answer carries its record of us, which we refute in turn.
-        """
-        dead = [node for node in self._dead if self._peers[node].state is State.DEAD]
-        if dead:
-            peer = self._peers[self._rng.choice(dead)]
-            summary = encode_summary(
-                [encode_record(self._self_member()), encode_record(self._member_of(peer))], False
-            )
-            self._send_parts(peer.addr, [summary], piggyback=False)
-        if self.config.seeds and self._peers and not self._seed_alive():
-            seed = self.config.seeds[self._rng.randrange(len(self.config.seeds))]
-            self._send(seed, [Join(self._self_member())], piggyback=False)
-
-    def _seed_alive(self) -> bool:
-        """Whether some seed is a member, alive or suspect.
-
-        Suspect counts: under heavy loss a seed is suspect somewhere most of the time,
-        and every Join costs it a whole member list.
-        """
-        for seed in self.config.seeds:
-            peer = self._peers.get(self._by_addr.get(seed, ""))
-            if (
-                peer is not None
-                and peer.state in (State.ALIVE, State.SUSPECT)
-                and peer.addr == seed
-            ):
-                return True
-        return False
 
     def _broadcast(self, subject: tuple[str, ...] | tuple[str, str, int], message: Message) -> None:
         queue = self._deltas if isinstance(message, Delta) else self._queue
@@ -841,9 +510,9 @@ class GossipCore:
         self.counters["bytes_out"] += len(datagram)
         self._outbox.append((datagram, addr))
 
-    def _pick_alive(self, count: int, *, suspect: bool = False) -> list[_Peer]:
+    def _pick_alive(self, count: int, *, suspect: bool = False) -> list[PeerRecord]:
         """Up to ``count`` distinct random alive (or suspect) peers, without scanning them all."""
-        picked: dict[str, _Peer] = {}
+        picked: dict[str, PeerRecord] = {}
         for _ in range(count * 4):
             if len(picked) >= count or not self._order:
                 break
@@ -865,19 +534,5 @@ class GossipCore:
             self.coordinator,
         )
 
-    def _member_of(self, peer: _Peer) -> Member:
-        return Member(
-            peer.node,
-            peer.incarnation,
-            peer.state,
-            peer.addr,
-            peer.registry,
-            peer.keys.version,
-            peer.coordinator,
-        )
 
-    def _view_of(self, node: str) -> Member | None:
-        if node == self.node:
-            return self._self_member()
-        peer = self._peers.get(node)
-        return self._member_of(peer) if peer else None
+# END

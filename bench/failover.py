@@ -40,17 +40,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from spegeld.harness import PrivateContainerd, SpegeldProcess, free_port, write_cluster_key
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the API test server lives in tests.kubeapi
-from tests.kubeapi._process import (  # noqa: E402
-    KubeApiProcess,
-    lease_account,
-    service_account_jwt,
-)
+from tests.kubeapi._electing import ElectingCluster, Node  # noqa: E402
 
 HOSTS = [f"127.0.0.{i}" for i in range(21, 26)]
 LEASE_DURATION = 15.0  # DESIGN.md §11: crash failover ≤ lease duration
@@ -61,58 +54,9 @@ SETTLE_TIMEOUT = 60.0
 FAILOVER_TIMEOUT = 40.0
 
 
-class Node:
-    def __init__(self, containerd: PrivateContainerd, spegeld: SpegeldProcess) -> None:
-        self.containerd = containerd
-        self.spegeld = spegeld
-        self.alive = True
-
-    @property
-    def name(self) -> str:
-        return self.spegeld.base_dir.name
-
-    def status(self) -> dict[str, Any] | None:
-        if not self.alive:
-            return None
-        try:
-            return self.spegeld.status()
-        except (OSError, ValueError):
-            return None
-
-
-class Cluster:
+class Cluster(ElectingCluster):
     def __init__(self, base: Path) -> None:
-        token = service_account_jwt("spegeld", time.time() + 3600)
-        self.api = KubeApiProcess(
-            base / "api", "127.0.0.1", free_port("127.0.0.1"), [lease_account("spegeld", token)]
-        )
-        self.nodes: list[Node] = []
-        kubeconfig = self.api.kubeconfig(base / "kubeconfig", token)
-        key = write_cluster_key(base / "cluster.key")
-        seed = None
-        for i, host in enumerate(HOSTS):
-            containerd = PrivateContainerd(base / f"node-{i}-containerd")
-            spegeld = SpegeldProcess(
-                base / f"node-{i}", containerd, host=host, key_file=key,
-                peers=[] if seed is None else [seed],
-                extra_args=["--kubeconfig", str(kubeconfig)],
-            )  # fmt: skip
-            seed = seed or spegeld.gossip_address
-            self.nodes.append(Node(containerd, spegeld))
-
-    def start(self) -> None:
-        with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
-            for done in [pool.submit(n.containerd.start) for n in self.nodes]:
-                done.result()
-            self.nodes[0].spegeld.start()
-            for done in [pool.submit(n.spegeld.start) for n in self.nodes[1:]]:
-                done.result()
-
-    def node(self, name: str) -> Node:
-        return next(n for n in self.nodes if n.name == name)
-
-    def statuses(self) -> dict[str, dict[str, Any]]:
-        return {n.name: s for n in self.nodes if (s := n.status()) is not None}
+        super().__init__(base, HOSTS)
 
     def settled_leader(self) -> str | None:
         """The one leader, when every live node names it and nobody is contending."""
@@ -154,13 +98,6 @@ class Cluster:
             and r["at"] <= at_wall
         ]
         return at_wall - max(writes) if writes else None
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.spegeld.stop()
-        for node in self.nodes:
-            node.containerd.close()
-        self.api.stop()
 
 
 @dataclass

@@ -20,13 +20,11 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, free_port, write_cluster_key
 from tests._support import wait_for
-from tests.kubeapi._process import KubeApiProcess, lease_account, service_account_jwt
+from tests.kubeapi._electing import ElectingCluster
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -36,70 +34,9 @@ HANDOVER = 2.0
 POLL = 0.1
 
 
-class Node:
-    def __init__(self, containerd: PrivateContainerd, spegeld: SpegeldProcess) -> None:
-        self.containerd = containerd
-        self.spegeld = spegeld
-        self.alive = True
-
-    @property
-    def name(self) -> str:
-        return self.spegeld.base_dir.name
-
-    def status(self) -> dict[str, Any] | None:
-        if not self.alive:
-            return None
-        try:
-            return self.spegeld.status()
-        except (OSError, ValueError):
-            return None  # stopping, or not answering this instant
-
-
-class Cluster:
+class Cluster(ElectingCluster):
     def __init__(self, base: Path) -> None:
-        token = service_account_jwt("spegeld", time.time() + 3600)
-        self.api = KubeApiProcess(
-            base / "api", "127.0.0.1", free_port("127.0.0.1"), [lease_account("spegeld", token)]
-        )
-        self.kubeconfig = self.api.kubeconfig(base / "kubeconfig", token)
-        key = write_cluster_key(base / "cluster.key")
-        self.nodes: list[Node] = []
-        seed = None
-        for i, host in enumerate(HOSTS):
-            containerd = PrivateContainerd(base / f"node-{i}-containerd")
-            spegeld = SpegeldProcess(
-                base / f"node-{i}", containerd, host=host, key_file=key,
-                peers=[] if seed is None else [seed],
-                extra_args=["--kubeconfig", str(self.kubeconfig)],
-            )  # fmt: skip
-            seed = seed or spegeld.gossip_address
-            self.nodes.append(Node(containerd, spegeld))
-
-    def start(self) -> None:
-        with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
-            for done in [pool.submit(n.containerd.start) for n in self.nodes]:
-                done.result()
-            self.nodes[0].spegeld.start()
-            for done in [pool.submit(n.spegeld.start) for n in self.nodes[1:]]:
-                done.result()
-
-    def leaders(self) -> list[str]:
-        found = []
-        for node in self.nodes:
-            status = node.status()
-            if status is not None and status["election"]["role"] == "leader":
-                found.append(node.name)
-        return found
-
-    def node(self, name: str) -> Node:
-        return next(n for n in self.nodes if n.name == name)
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.spegeld.stop()
-        for node in self.nodes:
-            node.containerd.close()
-        self.api.stop()
+        super().__init__(base, HOSTS)
 
 
 class LeaderSampler:

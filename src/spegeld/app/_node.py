@@ -100,7 +100,10 @@ async def run_node(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with open_containerd(cfg.containerd.socket, cfg.containerd.namespace) as client:
             store = ContainerdStore(
-                client, cfg.containerd.content_path, cfg.containerd.resync_interval
+                client,
+                cfg.containerd.content_path,
+                cfg.containerd.resync_interval,
+                metrics=metrics,
             )
             router, gossip = await _router(cfg, keyring)
             coordination = Coordination(cfg, creds, gossip, metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from spegeld.containerd import (
     ImageRecord,
 )
 from spegeld.errors import ContainerdError, NotFound, RemoteProtocolError
+from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Descriptor, Digest, digest_hex, parse_reference
 
 from ._index import ImageEntry, Index
@@ -54,7 +56,10 @@ class StoreStatistics:
     full_syncs: int
     events_applied: int
     synced: bool
-    direct_reads: bool
+    direct_reads: bool  # containerd's blobs directory is readable right now
+    read_mode: str  # how the last blob was served: "file", "grpc", or "none" yet
+    file_reads: int  # blobs served from their file in the content store (sendfile)
+    grpc_reads: int  # blobs streamed over containerd's Content.Read (the fallback)
     warnings: tuple[str, ...]
 
 
@@ -70,7 +75,12 @@ def tag_keys_for(image: ImageRecord) -> dict[str, Digest]:
 
 class ContainerdStore:
     def __init__(
-        self, client: ContainerdClient, content_path: Path, resync_interval: float = 300.0
+        self,
+        client: ContainerdClient,
+        content_path: Path,
+        resync_interval: float = 300.0,
+        *,
+        metrics: MetricsRegistry | None = None,
     ) -> None:
         self._client = client
         self._blobs_dir = content_path / "blobs" / "sha256"
@@ -82,7 +92,9 @@ class ContainerdStore:
         self._full_syncs = 0
         self._events_applied = 0
         self._warnings: tuple[str, ...] = ()
-        self._direct_reads = os.access(self._blobs_dir, os.R_OK | os.X_OK)
+        # Decided per blob when it is served, never once at start: on a fresh node the
+        # blobs directory appears only with the first pull.
+        self._reads = _ReadPaths(self._blobs_dir, metrics)
 
     # The Store seam.
 
@@ -105,7 +117,8 @@ class ContainerdStore:
         desc = self.descriptor(digest)
         if length == 0:
             return OpenBlob(desc, None, _no_chunks())  # gRPC would read size 0 as "to the end"
-        path = self.blob_path(digest)
+        path = self._file_of(desc)
+        self._reads.record(digest, path)
         if path is not None:
             return OpenBlob(desc, path, _file_chunks(path, offset, length))
         chunks = self._client.read(digest, offset, 0 if length is None else length)
@@ -120,10 +133,11 @@ class ContainerdStore:
 
     def blob_path(self, digest: Digest) -> Path | None:
         """The blob's file in the content store, when we may read it directly."""
-        if not self._direct_reads or not digest.startswith("sha256:"):
-            return None
-        path = self._blobs_dir / digest_hex(digest)
-        return path if os.access(path, os.R_OK) else None
+        desc = self._index.descriptor(digest)
+        return self._file_of(desc) if desc is not None else _readable_file(self._blobs_dir, digest)
+
+    def _file_of(self, desc: Descriptor) -> Path | None:
+        return _readable_file(self._blobs_dir, desc.digest, desc.size)
 
     async def wait_synced(self) -> None:
         await self._synced.wait()
@@ -137,7 +151,10 @@ class ContainerdStore:
             full_syncs=self._full_syncs,
             events_applied=self._events_applied,
             synced=self._synced.is_set(),
-            direct_reads=self._direct_reads,
+            direct_reads=os.access(self._blobs_dir, os.R_OK | os.X_OK),
+            read_mode=self._reads.mode,
+            file_reads=self._reads.counts["file"],
+            grpc_reads=self._reads.counts["grpc"],
             warnings=self._warnings,
         )
 
@@ -248,7 +265,7 @@ class ContainerdStore:
         return ImageEntry(digests=digests, tags=tags)
 
     async def _read_document(self, desc: Descriptor) -> bytes:
-        path = self.blob_path(desc.digest)
+        path = self._file_of(desc)
         if path is not None:
             try:
                 return await trio.Path(path).read_bytes()
@@ -261,6 +278,67 @@ class ContainerdStore:
             for warning in warnings:
                 logger.warning("%s", warning)
         self._warnings = warnings
+
+
+def _readable_file(blobs_dir: Path, digest: Digest, size: int | None = None) -> Path | None:
+    """``blobs/sha256/<hex>`` when it is a readable regular file of the expected size.
+
+    One stat and one access per blob served: cheap next to the body, and it is what
+    lets a store started before the directory existed use files once they appear.
+    A file of another size is not the blob the index describes (a content path that
+    belongs to another containerd, or a truncated file): stream it over gRPC instead.
+    """
+    if not digest.startswith("sha256:"):
+        return None
+    path = blobs_dir / digest_hex(digest)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+        return None
+    return path if os.access(path, os.R_OK) else None
+
+
+class _ReadPaths:
+    """Counts which path served each blob, and logs once each time the mode changes."""
+
+    def __init__(self, blobs_dir: Path, metrics: MetricsRegistry | None) -> None:
+        self._blobs_dir = blobs_dir
+        self.mode = "none"
+        self.counts = {"file": 0, "grpc": 0}
+        counter = (
+            metrics.counter(
+                "spegeld_blob_reads_total",
+                "Local blobs served, by path: file (sendfile from containerd's content "
+                "directory) or grpc (containerd's Content.Read stream, the slower fallback).",
+                ("path",),
+            )
+            if metrics is not None
+            else None
+        )
+        self._children = (
+            {path: counter.labels(path=path) for path in self.counts} if counter else {}
+        )
+
+    def record(self, digest: Digest, path: Path | None) -> None:
+        mode = "grpc" if path is None else "file"
+        self.counts[mode] += 1
+        if self._children:
+            self._children[mode].inc()
+        if mode == self.mode:
+            return
+        previous, self.mode = self.mode, mode
+        if mode == "file":
+            logger.info("serving blobs from their files in %s (sendfile)", self._blobs_dir)
+        else:
+            logger.warning(
+                "%s is not readable in %s: streaming blobs over containerd's Content.Read, "
+                "which is slower (was: %s)",
+                digest,
+                self._blobs_dir,
+                previous,
+            )
 
 
 async def _no_chunks() -> AsyncIterator[bytes]:

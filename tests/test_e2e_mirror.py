@@ -108,7 +108,8 @@ def test_pull_through_the_mirror_then_from_the_peer_with_the_upstream_down(
         assert upstream.blob_bytes_served(log_start) == sum(
             IMAGE.blobs[d].size for d in (IMAGE.platforms[0].config, *IMAGE.platforms[0].layers)
         )
-        miss = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="miss",source="external"}}'
+        # Not configured, not well known, no tag of it held yet: a bounded label (issue 11).
+        miss = 'spegel_mirror_requests_total{registry="other",cache="miss",source="external"}'
         assert spegeld_a.metric(miss) >= 1
         wait_for(lambda: spegeld_a.status()["store"]["tags"] == 1, 10, "A to index the pull")
 
@@ -189,7 +190,8 @@ def test_pull_through_the_mirror_then_from_the_peer_with_gossip(
         assert upstream.blob_bytes_served(log_start) == sum(
             IMAGE.blobs[d].size for d in (IMAGE.platforms[0].config, *IMAGE.platforms[0].layers)
         )
-        miss = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="miss",source="external"}}'
+        # Not configured, not well known, no tag of it held yet: a bounded label (issue 11).
+        miss = 'spegel_mirror_requests_total{registry="other",cache="miss",source="external"}'
         assert spegeld_a.metric(miss) >= 1
         wait_for(lambda: spegeld_a.status()["store"]["tags"] == 1, 10, "A to index the pull")
 

@@ -292,6 +292,8 @@ def check_route(route: Route, method: bytes) -> None:
     if route.registry is not None:
         assert HOSTNAME.fullmatch(route.registry), route
         assert "/" not in route.registry
+        host = route.registry.rpartition("]")[0] or route.registry.partition(":")[0]
+        assert len(host) <= 253 and max(len(label) for label in host.split(".")) <= 63
 
 
 def check_refusal(exc: RegistryError) -> None:

@@ -43,10 +43,14 @@ async def first_success(
     release: Callable[[R], Awaitable[None]],
     hedge_delay: float,
     on_hedge: Callable[[], None] = lambda: None,
+    *,
+    within: float = math.inf,
+    on_timeout: Callable[[], None] = lambda: None,
 ) -> R | None:
     """Run ``attempt`` on candidates in order, starting the next one when the
     running ones fail or take longer than ``hedge_delay``. The first non-None
-    result wins; the others are cancelled or released. None if all fail.
+    result wins; the others are cancelled or released. None if all fail, or if
+    none has won within ``within`` seconds (then ``on_timeout`` is called).
     """
     send, receive = trio.open_memory_channel[R | None](len(candidates) or 1)
     pending = list(candidates)
@@ -56,23 +60,26 @@ async def first_success(
     async def run(candidate: C) -> None:
         send.send_nowait(await attempt(candidate))
 
-    async with trio.open_nursery() as nursery:
-        while pending or running:
-            if pending and running == 0:
-                nursery.start_soon(run, pending.pop(0))
-                running += 1
-            with trio.move_on_after(hedge_delay if pending else math.inf) as waiting:
-                result = await receive.receive()
-                running -= 1
-                if result is not None:
-                    winner = result
-                    nursery.cancel_scope.cancel()
-                    break
-            if waiting.cancelled_caught and pending:
-                on_hedge()
-                nursery.start_soon(run, pending.pop(0))
-                running += 1
-    while True:  # attempts that finished after the winner was chosen
+    with trio.move_on_after(within) as bounded:
+        async with trio.open_nursery() as nursery:
+            while pending or running:
+                if pending and running == 0:
+                    nursery.start_soon(run, pending.pop(0))
+                    running += 1
+                with trio.move_on_after(hedge_delay if pending else math.inf) as waiting:
+                    result = await receive.receive()
+                    running -= 1
+                    if result is not None:
+                        winner = result
+                        nursery.cancel_scope.cancel()
+                        break
+                if waiting.cancelled_caught and pending:
+                    on_hedge()
+                    nursery.start_soon(run, pending.pop(0))
+                    running += 1
+    if bounded.cancelled_caught and winner is None:
+        on_timeout()
+    while True:  # attempts that finished after the winner was chosen, or the deadline
         try:
             extra = receive.receive_nowait()
         except trio.WouldBlock:

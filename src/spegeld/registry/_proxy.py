@@ -27,13 +27,19 @@ from ._errors import RegistryError
 from ._hedge import LatencyTracker, first_success
 from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
 from ._metrics import RegistryMetrics
-from ._peer import PeerFailed, PeerResponse, fetch
-from ._ranges import ByteRange
+from ._peer import BadPeerAddress, PeerFailed, PeerResponse, fetch
+from ._ranges import ByteRange, parse_range
 
 logger = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 FORWARDED_HEADERS = (b"accept", b"user-agent")
+# A client's header longer than this is not forwarded: containerd's Accept for manifests is
+# about 500 bytes, and a peer's head limit (16 KiB) must not turn a long one into a 431.
+MAX_FORWARDED_HEADER = 2048
+# Peers remembered as bad or unreachable; past this, expired entries are dropped. Peers
+# come from the router, so this only matters in a cluster whose members churn for weeks.
+MAX_REMEMBERED_PEERS = 1024
 HASH_IN_THREAD_MIN = 1024 * 1024  # bytes; smaller blobs are hashed inline, no thread hop
 HASH_BACKLOG = 8 * 1024 * 1024  # bytes handed to the hashing thread, not yet hashed
 
@@ -44,7 +50,23 @@ class ProxySettings:
     # Seconds. Peers are on the local network, where a connect takes well under a
     # millisecond; a partitioned peer must cost a pull little before the upstream.
     connect_timeout: float = 0.5
-    response_timeout: float = 5.0  # seconds until a peer's response head arrives
+    # Seconds from connecting to a peer until its response head is in. A healthy peer
+    # answers from its own index and store in milliseconds; one that accepted the connection
+    # and hangs (SIGSTOP, a wedged process) must not hold the pull: containerd does not bound
+    # a mirror that accepts and hangs (containerd #10624). Hedging already asks the next
+    # holder after at most 1 s, so this only ends attempts that nobody is waiting on.
+    response_timeout: float = 2.0
+    # Seconds, in all, before the first byte goes to the client: across every holder tried,
+    # hedges included. Past it the client gets the 404 that sends containerd upstream. The
+    # same bound applies to finding a holder that resumes a broken body. 3 s: the hedge
+    # (<= 1 s) plus one holder's response_timeout, with room for a busy node.
+    first_byte_timeout: float = 3.0
+    # Seconds of waiting on a peer's body for 64 KiB (MIN_PROGRESS) to arrive. A sendfile
+    # peer on a local network sends that in well under a millisecond; a TCP segment lost
+    # three times over is retransmitted within 1.4 s (RTO 0.2 s doubling). Past it the body
+    # is resumed from another holder, or cut: a stall costs the client at most
+    # body_idle_timeout + first_byte_timeout = 5 s.
+    body_idle_timeout: float = 2.0
     bad_peer_ttl: float = 300.0  # seconds a peer that sent corrupt bytes is avoided
     # Seconds a peer that did not answer is skipped: the rest of the pull's requests
     # then go to other holders, or 404 at once, instead of each waiting out a connect.
@@ -65,7 +87,7 @@ class Proxy:
             "peer %s (%s) sent bytes that do not match their digest", peer.node, peer.registry
         )
         self._metrics.bad_peers.inc()
-        self._bad[peer] = trio.current_time() + self._settings.bad_peer_ttl
+        _remember(self._bad, peer, trio.current_time() + self._settings.bad_peer_ttl)
 
     def holders(self, key: str) -> list[Peer]:
         start = trio.current_time()
@@ -103,7 +125,14 @@ class Proxy:
                 return None
             return response, body
 
-        won = await first_success(holders, attempt, _release_pair, self._latency.hedge_delay())
+        won = await first_success(
+            holders,
+            attempt,
+            _release_pair,
+            self._latency.hedge_delay(),
+            within=self._settings.first_byte_timeout,
+            on_timeout=self._first_byte_timed_out,
+        )
         if won is None:
             return None
         response, body = won
@@ -122,12 +151,26 @@ class Proxy:
         wanted: ByteRange | None,
         range_header: bytes | None,
     ) -> Response | None:
+        async def attempt(peer: Peer) -> PeerResponse | None:
+            response = await self._open(peer, request, target, range_header)
+            if response is None or response.status != 206 or range_header is None:
+                return response
+            if _answers_range(response, range_header, check_length=request.method != b"HEAD"):
+                return response
+            self._metrics.proxy_errors.labels(reason="bad_range").inc()
+            logger.info("peer %s answered %r with Content-Range %r", peer.registry,
+                        range_header[:100], response.header(b"content-range"))  # fmt: skip
+            await response.aclose()
+            return None
+
         first = await first_success(
             holders,
-            lambda peer: self._open(peer, request, target, range_header),
+            attempt,
             _release,
             self._latency.hedge_delay(),
             self._metrics.hedges.inc,
+            within=self._settings.first_byte_timeout,
+            on_timeout=self._first_byte_timed_out,
         )
         if first is None:
             return None
@@ -166,7 +209,11 @@ class Proxy:
         *,
         method: bytes | None = None,
     ) -> PeerResponse | None:
-        headers = [(name, value) for name in FORWARDED_HEADERS if (value := request.header(name))]
+        headers = [
+            (name, value)
+            for name in FORWARDED_HEADERS
+            if (value := request.header(name)) and len(value) <= MAX_FORWARDED_HEADER
+        ]
         if range_header is not None:
             headers.append((b"range", range_header))
         start = trio.current_time()
@@ -178,20 +225,24 @@ class Proxy:
                 headers,
                 connect_timeout=self._settings.connect_timeout,
                 response_timeout=self._settings.response_timeout,
+                idle_timeout=self._settings.body_idle_timeout,
             )
         except PeerFailed as exc:
-            self._metrics.proxy_errors.labels(reason="unreachable").inc()
-            self._unreachable[peer] = trio.current_time() + self._settings.unreachable_ttl
+            reason = "bad_address" if isinstance(exc, BadPeerAddress) else "unreachable"
+            self._metrics.proxy_errors.labels(reason=reason).inc()
+            until = trio.current_time() + self._settings.unreachable_ttl
+            _remember(self._unreachable, peer, until)
             logger.info("peer %s: %s; skipped for %g s", peer.registry, exc,
                         self._settings.unreachable_ttl)  # fmt: skip
             return None
         self._latency.observe(trio.current_time() - start)
-        if response.status not in (200, 206):
-            if response.status != 404:
-                self._metrics.proxy_errors.labels(reason=f"status_{response.status}").inc()
-            await response.aclose()
-            return None
-        return response
+        # A 206 is only an answer to a Range this side sent.
+        if response.status == 200 or (response.status == 206 and range_header is not None):
+            return response
+        if response.status != 404:
+            self._metrics.proxy_errors.labels(reason=_status_reason(response.status)).inc()
+        await response.aclose()
+        return None
 
     async def _stream(
         self,
@@ -223,9 +274,11 @@ class Proxy:
                     self._metrics.proxy_errors.labels(reason="broken").inc()
                     logger.info("resuming after %d bytes: %s", received, exc)
                     await current.aclose()
-                    resumed = await self._resume(
-                        others, request, target, offset + received, length - received
-                    )
+                    resumed = None
+                    with trio.move_on_after(self._settings.first_byte_timeout):
+                        resumed = await self._resume(
+                            others, request, target, offset + received, length - received
+                        )
                     if resumed is None:
                         raise AbortResponse("no holder could resume the blob") from exc
                     current = resumed
@@ -259,6 +312,50 @@ class Proxy:
                 return response
             await response.aclose()
         return None
+
+    def _first_byte_timed_out(self) -> None:
+        self._metrics.proxy_errors.labels(reason="first_byte_timeout").inc()
+        logger.info(
+            "no holder answered within %g s; the client is told 404",
+            self._settings.first_byte_timeout,
+        )
+
+
+def _remember(peers: dict[Peer, float], peer: Peer, until: float) -> None:
+    """Record ``peer`` until ``until``, dropping expired entries when the dict is large."""
+    if len(peers) >= MAX_REMEMBERED_PEERS:
+        now = trio.current_time()
+        for expired in [p for p, t in peers.items() if t <= now]:
+            del peers[expired]
+        if len(peers) >= MAX_REMEMBERED_PEERS:  # all live: forget the soonest to expire
+            del peers[min(peers, key=peers.__getitem__)]
+    peers[peer] = until
+
+
+def _status_reason(status: int) -> str:
+    """A bounded label for a peer's unexpected status: ``status_4xx``, ``status_5xx``, ..."""
+    return f"status_{status // 100}xx" if 100 <= status < 600 else "status_other"
+
+
+def _answers_range(response: PeerResponse, range_header: bytes, *, check_length: bool) -> bool:
+    """Whether a 206's ``Content-Range`` is exactly the range asked for (and its length)."""
+    text = (response.header(b"content-range") or b"").decode("latin-1")
+    unit, _, spec = text.partition(" ")
+    first, _, total = spec.partition("/")
+    start, _, end = first.partition("-")
+    if unit != "bytes" or not (start.isdigit() and end.isdigit() and total.isdigit()):
+        return False
+    if max(len(start), len(end), len(total)) > 20:  # past any real blob size
+        return False
+    try:
+        wanted = parse_range(range_header, int(total))
+    except RegistryError:  # the peer should have said 416
+        return False
+    return (
+        wanted is not None
+        and (int(start), int(end)) == (wanted.start, wanted.end)
+        and (response.length == wanted.length or not check_length)
+    )
 
 
 async def _no_chunks() -> AsyncIterator[bytes]:

@@ -20,6 +20,13 @@ from ._errors import RegistryError, digest_invalid, name_invalid, not_found, uns
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 MAX_TARGET_LENGTH = 4096
 MAX_QUERY_FIELDS = 16
+# ``ns`` names a registry host: a DNS name is at most 253 characters in text form, and
+# each label at most 63 (RFC 1035 §2.3.4); an IPv6 literal at most 45 (INET6_ADDRSTRLEN
+# - 1) plus its brackets. Longer is not a registry, so it is refused before it is used.
+MAX_HOST_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+MAX_IPV6_LITERAL = 45 + 2
+MAX_PORT = 65535
 
 
 class Kind(enum.Enum):
@@ -112,6 +119,24 @@ def _ns(query: str) -> str | None:
     values = [value for key, value in fields if key == "ns"]
     if not values:
         return None
-    if len(values) > 1 or not REGISTRY_RE.fullmatch(values[0]):
+    if len(values) > 1 or not is_registry_host(values[0]):
         raise name_invalid(f"invalid ns {values[0][:100]!r}")
     return values[0]
+
+
+def is_registry_host(value: str) -> bool:
+    """Whether ``value`` is ``host[:port]`` that a registry can really be named by."""
+    if len(value) > MAX_HOST_LENGTH + len(":65535") or not REGISTRY_RE.fullmatch(value):
+        return False
+    if value.startswith("["):
+        host, _, rest = value.partition("]")
+        host += "]"
+        limit = MAX_IPV6_LITERAL
+    else:
+        host, _, rest = value.partition(":")
+        rest = ":" + rest if rest else ""
+        limit = MAX_HOST_LENGTH
+        if any(len(label) > MAX_LABEL_LENGTH for label in host.split(".")):
+            return False
+    port = rest.removeprefix(":")
+    return len(host) <= limit and (not port or int(port) <= MAX_PORT)

@@ -19,6 +19,7 @@ from spegeld.store import Store
 
 from ._errors import RegistryError, blob_unknown, manifest_unknown
 from ._http import BytesBody, FileBody, HttpServer, Limits, Request, Response, StreamBody
+from ._labels import RegistryLabels
 from ._metrics import RegistryMetrics
 from ._peer import MIRRORED_HEADER
 from ._proxy import Proxy, ProxySettings
@@ -64,6 +65,7 @@ class Registry:
         self._ready = ready
         self._status = status
         self._proxy = Proxy(router, self._metrics, settings.proxy)
+        self._labels = RegistryLabels(settings.mirrored_registries)
         self._server = HttpServer(self.handle, settings.limits)
         self.addresses: list[tuple[str, int]] = []
 
@@ -143,7 +145,10 @@ class Registry:
         if response is None and not mirrored:
             response = await self._proxied(route, request, key)
         cache = "hit" if response is not None else "miss"
-        self._metrics.mirror_requests.labels(registry=registry, cache=cache, source=source).inc()
+        if response is not None and route.tag is not None and route.registry is not None:
+            self._labels.tag_hit(route.registry)
+        label = self._labels.label(route.registry)  # bounded: ``ns`` is the client's choice
+        self._metrics.mirror_requests.labels(registry=label, cache=cache, source=source).inc()
         if response is None:
             raise unknown(f"{route.name}:{route.reference} is not held by this cluster")
         return response

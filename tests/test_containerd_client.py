@@ -145,3 +145,57 @@ def test_permission_problem_is_reported_for_unreadable_sockets(tmp_path: Path) -
             assert problem is None or isinstance(problem, ContainerdPermission)
         finally:
             guarded.chmod(0o755)
+
+
+async def test_a_connection_lost_while_it_is_made_is_containerd_unavailable(
+    tmp_path: Path,
+) -> None:
+    """grpclib's ``AttributeError: ... '_transport'`` race, made certain.
+
+    A stand-in for containerd, because the real race window (containerd dies between
+    accepting a connection and grpclib opening a stream on it) is microseconds wide; see
+    tests/test_containerd_restart_load.py for the real thing. A socket that accepts and
+    closes at once leaves grpclib exactly there, on nearly every call.
+    """
+    import socket
+    import threading
+
+    path = tmp_path / "closing.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(64)
+    stop = threading.Event()
+
+    def accept_and_close() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=accept_and_close, daemon=True)
+    thread.start()
+    causes: set[str] = set()
+    try:
+        with trio.fail_after(20):
+            async with open_containerd(path, "k8s.io") as client:
+                for _ in range(50):
+                    with pytest.raises(ContainerdUnavailable) as caught:
+                        await client.version()
+                    causes.add(type(caught.value.__cause__).__name__)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert "AttributeError" in causes, causes
+
+
+def test_an_attribute_error_of_our_own_is_not_mapped(tmp_path: Path) -> None:
+    from spegeld.containerd._errors import map_containerd_errors
+
+    with pytest.raises(AttributeError), map_containerd_errors(tmp_path / "sock", "Version"):
+        object().missing  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.raises(AssertionError), map_containerd_errors(tmp_path / "sock", "Version"):
+        raise AssertionError("ours")

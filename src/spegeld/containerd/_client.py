@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 from google.protobuf import empty_pb2
+from grpclib.config import Configuration
 
 from spegeld.errors import ContainerdError, ContainerdUnavailable, RemoteProtocolError
 from spegeld.oci import Descriptor, Digest, parse_digest
@@ -42,6 +43,25 @@ NAMESPACE_HEADER = "containerd-namespace"  # containerd's namespaces/grpc.go
 BACKOFF_INITIAL = 0.05  # seconds; containerd is usually back within ~50 ms of a restart
 BACKOFF_CAP = 5.0  # seconds; a long outage is probed every 5 s, not hammered
 EVENT_BUFFER = 1024  # events queued before the subscriber applies back-pressure
+# Deadlines: a containerd that accepts and then hangs (SIGSTOP, a deadlock) must cost a
+# bounded wait, never a stuck sync or a stuck response.
+VERSION_TIMEOUT = 5.0  # seconds; Version is what the reconnect loop probes with
+CALL_TIMEOUT = 30.0  # seconds for a unary call; Images.List of 1000 images takes ~50 ms
+STREAM_IDLE_TIMEOUT = 30.0  # seconds between two replies of Content.Read or Content.List
+# Blob bodies are read in ranges of this size, one Content.Read each: containerd sends
+# 1 MiB messages and grpclib buffers a whole message before decoding it, so a range
+# bounds what one slow reader holds (measured: ~3 MiB per stalled stream with whole-blob
+# reads). Smaller ranges cost one round trip each through the bridge.
+READ_RANGE = 256 * 1024
+# Content.Read streams get their own HTTP/2 connection with small per-stream windows: a
+# stalled reader then holds at most one window of unread data (64 KiB, the HTTP/2
+# minimum), and, the connection window being the maximum, stalled readers can never
+# use up the connection's window and block the other calls (grpclib's defaults are
+# 4 MiB for both, so one stalled stream could starve the whole client).
+READ_CHANNEL = Configuration(
+    http2_stream_window_size=2**16 - 1,
+    http2_connection_window_size=2**31 - 1,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +94,14 @@ def _image(msg: images_pb2.Image) -> ImageRecord:
 class ContainerdClient:
     """One containerd, one namespace. Build it with :func:`open_containerd`."""
 
-    def __init__(self, bridge: AioBridge, channel: Any, socket: Path, namespace: str) -> None:
+    def __init__(
+        self,
+        bridge: AioBridge,
+        channel: Any,
+        socket: Path,
+        namespace: str,
+        read_channel: Any = None,
+    ) -> None:
         self._bridge = bridge
         self._socket = socket
         self.namespace = namespace
@@ -82,6 +109,7 @@ class ContainerdClient:
         self._version = version_grpc.VersionStub(channel)
         self._images = images_grpc.ImagesStub(channel)
         self._content = content_grpc.ContentStub(channel)
+        self._reads = content_grpc.ContentStub(read_channel or channel)
         self._events = events_grpc.EventsStub(channel)
         self._namespaces = namespaces_grpc.NamespacesStub(channel)
 
@@ -91,27 +119,37 @@ class ContainerdClient:
 
     async def version(self) -> ContainerdVersion:
         with map_containerd_errors(self._socket, "Version"):
-            reply = await self._bridge.call(self._version.Version, empty_pb2.Empty())
+            reply = await self._bridge.call(
+                self._version.Version, empty_pb2.Empty(), answer_within=VERSION_TIMEOUT
+            )
         return ContainerdVersion(version=reply.version, revision=reply.revision)
 
     async def namespace_exists(self) -> bool:
         with map_containerd_errors(self._socket, "Namespaces.List"):
             reply = await self._bridge.call(
-                self._namespaces.List, namespaces_pb2.ListNamespacesRequest()
+                self._namespaces.List,
+                namespaces_pb2.ListNamespacesRequest(),
+                answer_within=CALL_TIMEOUT,
             )
         return any(ns.name == self.namespace for ns in reply.namespaces)
 
     async def list_images(self) -> list[ImageRecord]:
         with map_containerd_errors(self._socket, "Images.List"):
             reply = await self._bridge.call(
-                self._images.List, images_pb2.ListImagesRequest(), metadata=self._md
+                self._images.List,
+                images_pb2.ListImagesRequest(),
+                metadata=self._md,
+                answer_within=CALL_TIMEOUT,
             )
         return [image for image in (_lenient(_image, m) for m in reply.images) if image]
 
     async def get_image(self, name: str) -> ImageRecord:
         with map_containerd_errors(self._socket, f"Images.Get {name}"):
             reply = await self._bridge.call(
-                self._images.Get, images_pb2.GetImageRequest(name=name), metadata=self._md
+                self._images.Get,
+                images_pb2.GetImageRequest(name=name),
+                metadata=self._md,
+                answer_within=CALL_TIMEOUT,
             )
         try:
             return _image(reply.image)
@@ -121,33 +159,83 @@ class ContainerdClient:
     async def info(self, digest: Digest) -> ContentInfo:
         with map_containerd_errors(self._socket, f"Content.Info {digest}"):
             reply = await self._bridge.call(
-                self._content.Info, content_pb2.InfoRequest(digest=digest), metadata=self._md
+                self._content.Info,
+                content_pb2.InfoRequest(digest=digest),
+                metadata=self._md,
+                answer_within=CALL_TIMEOUT,
             )
         return ContentInfo(digest=parse_digest(reply.info.digest), size=reply.info.size)
 
     async def list_content(self) -> list[ContentInfo]:
         found: list[ContentInfo] = []
         request = content_pb2.ListContentRequest()
+        replies = self._bridge.iterate_unary_stream(
+            self._content.List,
+            request,
+            metadata=self._md,
+            open_timeout=CALL_TIMEOUT,
+            idle_timeout=STREAM_IDLE_TIMEOUT,
+        )
         with map_containerd_errors(self._socket, "Content.List"):
-            async for reply in self._bridge.iterate_unary_stream(
-                self._content.List, request, metadata=self._md
-            ):
-                for info in reply.info:
-                    try:
-                        found.append(ContentInfo(parse_digest(info.digest), info.size))
-                    except RemoteProtocolError:
-                        logger.debug("skipping content with digest %r", info.digest)
+            async with aclosing(replies):
+                async for reply in replies:
+                    for info in reply.info:
+                        try:
+                            found.append(ContentInfo(parse_digest(info.digest), info.size))
+                        except RemoteProtocolError:
+                            logger.debug("skipping content with digest %r", info.digest)
         return found
 
     async def read(self, digest: Digest, offset: int = 0, size: int = 0) -> AsyncIterator[bytes]:
-        """Stream a blob from ``offset``; ``size`` 0 reads to the end."""
+        """Stream a blob from ``offset``; ``size`` 0 reads to the end.
+
+        One Content.Read per ``READ_RANGE`` bytes, so what a slow reader holds is bounded;
+        a range that comes back short is the end of the blob. containerd never sends more
+        than it was asked for; if it did, the excess is cut, never passed on.
+        """
+        if offset < 0 or size < 0:
+            raise ValueError(f"offset {offset} and size {size} must not be negative")
+        remaining = size or None
+        while remaining is None or remaining > 0:
+            want = READ_RANGE if remaining is None else min(READ_RANGE, remaining)
+            got = 0
+            async with aclosing(self._read_range(digest, offset, want)) as chunks:
+                async for reply in chunks:
+                    data = reply[: want - got]
+                    got += len(data)
+                    if data:
+                        yield data
+                    if got >= want:
+                        break
+            if got < want:
+                if remaining is not None:
+                    raise ContainerdError(
+                        f"containerd ended {digest} at {offset + got}, {remaining - got} bytes "
+                        "short of the range asked for"
+                    )
+                return
+            offset += got
+            if remaining is not None:
+                remaining -= got
+
+    async def _read_range(
+        self, digest: Digest, offset: int, size: int
+    ) -> AsyncGenerator[bytes, None]:
         request = content_pb2.ReadContentRequest(digest=digest, offset=offset, size=size)
+        replies = self._bridge.iterate_unary_stream(
+            self._reads.Read,
+            request,
+            metadata=self._md,
+            open_timeout=CALL_TIMEOUT,
+            idle_timeout=STREAM_IDLE_TIMEOUT,
+        )
         with map_containerd_errors(self._socket, f"Content.Read {digest}"):
-            async for reply in self._bridge.iterate_unary_stream(
-                self._content.Read, request, metadata=self._md
-            ):
-                if reply.data:
-                    yield reply.data
+            async with aclosing(replies):
+                async for reply in replies:
+                    data = reply.data
+                    del reply  # one copy per stream held across the yield, not two
+                    if data:
+                        yield data
 
     async def read_all(self, digest: Digest, limit: int) -> bytes:
         """Read a small blob whole; refuse one larger than ``limit`` bytes."""
@@ -176,13 +264,17 @@ class ContainerdClient:
         async def pump() -> None:
             async with send:
                 try:
+                    # No deadlines: a quiet node sends no events for hours. A containerd
+                    # that hangs is found by the store's periodic resync instead.
+                    envelopes = self._bridge.iterate_unary_stream(
+                        self._events.Subscribe, request, metadata={}
+                    )
                     with map_containerd_errors(self._socket, "Events.Subscribe"):
-                        async for envelope in self._bridge.iterate_unary_stream(
-                            self._events.Subscribe, request, metadata={}
-                        ):
-                            event = decode_envelope(envelope)
-                            if event is not None and envelope.namespace == self.namespace:
-                                await send.send(event)
+                        async with aclosing(envelopes):
+                            async for envelope in envelopes:
+                                event = decode_envelope(envelope)
+                                if event is not None and envelope.namespace == self.namespace:
+                                    await send.send(event)
                     ended = f"containerd at {self._socket} ended the event stream"
                     raise ContainerdUnavailable(ended)
                 except ContainerdError as exc:
@@ -231,6 +323,10 @@ async def open_containerd(socket: Path, namespace: str) -> AsyncIterator[Contain
     async with open_bridge() as bridge:
         channel = await bridge.open_channel(str(socket))
         try:
-            yield ContainerdClient(bridge, channel, socket, namespace)
+            read_channel = await bridge.open_channel(str(socket), READ_CHANNEL)
+            try:
+                yield ContainerdClient(bridge, channel, socket, namespace, read_channel)
+            finally:
+                await bridge.close_channel(read_channel)
         finally:
             await bridge.close_channel(channel)

@@ -34,9 +34,9 @@ def count_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = _http._sendfile
 
-    async def counting(stream: trio.SocketStream, body: _http.FileBody) -> None:
+    async def counting(stream: trio.SocketStream, body: _http.FileBody, timeout: float) -> None:
         calls.append(body.length)
-        await original(stream, body)
+        await original(stream, body, timeout)
 
     monkeypatch.setattr(_http, "_sendfile", counting)
     return calls

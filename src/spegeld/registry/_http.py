@@ -4,11 +4,19 @@ It knows nothing of registries: a handler turns a Request into a Response
 whose body is bytes, a file region (sent with zero-copy ``os.sendfile``) or a
 stream of chunks. A stream that raises mid-body aborts the connection, so the
 client sees a short read instead of a complete-looking wrong response.
+
+Nothing a client or a body does ends the server: an unexpected exception in a
+handler or a body ends that one connection, is counted (``on_error``) and logged
+once; a client that goes away ends its connection quietly. Every wait on a client
+has a deadline (:class:`Limits`), and connection slots are held per source
+(``_slots``), so no client can hold the server or lock containerd out.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,17 +25,54 @@ from pathlib import Path
 import h11
 import trio
 
+from spegeld.errors import SpegeldError
+
+from ._slots import Slots, Source, source_of
+
 logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024  # large enough to amortise the syscall, small enough to be fair
+# accept() failing for want of file descriptors or memory: wait this long and try again
+# (trio's serve_listeners does the same); the listen backlog holds clients meanwhile.
+ACCEPT_RETRY = 0.1
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+REFUSED_LOG_INTERVAL = 60.0  # seconds between warnings of a flood (refused or failed accepts)
+# sendfile errors that mean the client went away, not that the file failed us.
+CLIENT_GONE_ERRNOS = frozenset(
+    {errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)
+# Kinds of ``on_error``: a bounded set, so a metric label may take them.
+ERROR_KINDS = ("handler", "body", "head_timeout", "write_timeout", "refused", "accept")
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    # Connections from all non-loopback sources together (peers and pods). Each costs a
+    # file descriptor, and a proxied one a second: 1024 + 256 below stay well inside
+    # LimitNOFILE=65536 with room for containerd, gossip and peer sockets.
     max_connections: int = 1024
+    # Per non-loopback address. A peer proxies for its containerd: a few layers at once
+    # (containerd's max_concurrent_downloads is 3), times parallel pulls, plus hedges;
+    # 64 is far above that and still leaves 15 other sources room in max_connections.
+    per_source_connections: int = 64
+    # Reserved for loopback: containerd on this node (and kubelet's probes, `spegeld
+    # status`). Never shared with other sources, so a flood from a pod cannot lock
+    # containerd out; 256 is far above what containerd opens (3 per pull, a few pulls).
+    loopback_connections: int = 256
     max_header_bytes: int = 16 * 1024
-    idle_timeout: float = 30.0  # seconds a connection may sit between (or inside) request heads
+    # Keep-alive: seconds a connection may wait for the first byte of a request. Go's
+    # http.Transport (containerd) reuses idle connections for up to 90 s and redials
+    # transparently when we close first; 30 s keeps idle slots short-lived.
+    idle_timeout: float = 30.0
+    # Seconds a whole request head may take from its first byte (slowloris): a head is
+    # under 16 KiB, so even a lossy link with three TCP retransmissions (1 + 2 + 4 s)
+    # delivers it well inside 10 s; a client dripping bytes is cut then.
+    head_timeout: float = 10.0
+    # Seconds a response may wait with the client accepting no byte at all. A slow WAN
+    # link still drains a socket buffer in well under a second; a receiver that accepts
+    # nothing for 30 s is dead or hostile, and holds a slot and a body stream.
+    write_timeout: float = 30.0
     grace_period: float = 10.0  # seconds in-flight responses get at shutdown
 
 
@@ -93,6 +138,18 @@ class AbortResponse(Exception):
     """Raised by a body stream to cut the response: the connection closes unfinished."""
 
 
+class _WriteTimeout(Exception):
+    """The client accepted no byte for ``Limits.write_timeout`` seconds."""
+
+
+class _BodyFailed(Exception):
+    """The body's source (a stream, a file) raised: the response cannot be finished."""
+
+
+class _HandlerFailed(Exception):
+    """The handler raised instead of answering."""
+
+
 @dataclass(slots=True)
 class ServerStatistics:
     connections: int = 0
@@ -100,18 +157,46 @@ class ServerStatistics:
     requests: int = 0
     aborted: int = 0
     bad_requests: int = 0
+    errors: int = 0  # handlers and bodies that raised (each connection aborted, logged)
+    timeouts: int = 0  # connections cut by the head or write deadline
+    refused: int = 0  # connections closed at accept: their source was over its cap
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, limits: Limits) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits,
+        *,
+        on_error: Callable[[str], object] | None = None,
+    ) -> None:
         self._handler = handler
         self._limits = limits
-        self._slots = trio.Semaphore(limits.max_connections)
+        self._on_error = on_error
+        self._slots = Slots(
+            shared=limits.max_connections,
+            per_source=limits.per_source_connections,
+            loopback=limits.loopback_connections,
+        )
         self._accepting: list[trio.CancelScope] = []
         self._idle_scopes: set[trio.CancelScope] = set()
         self._draining = False
         self._drained = trio.Event()
+        self._refused_logged_at: float | None = None
+        self._refused_since_log = 0
+        self._accept_log_due = -math.inf
         self.stats = ServerStatistics()
+
+    def record_error(self, kind: str) -> None:
+        """Count one error of ``kind`` (one of ERROR_KINDS)."""
+        if kind in ("handler", "body"):
+            self.stats.errors += 1
+        elif kind in ("head_timeout", "write_timeout"):
+            self.stats.timeouts += 1
+        elif kind == "refused":
+            self.stats.refused += 1
+        if self._on_error is not None:
+            self._on_error(kind)
 
     def shutdown(self) -> None:
         """Stop accepting, close idle connections, let in-flight responses finish."""
@@ -147,18 +232,56 @@ class HttpServer:
         scope: trio.CancelScope,
         spawn: Callable[..., object],
     ) -> None:
-        with scope:
-            while True:
-                await self._slots.acquire()
-                try:
-                    stream = await listener.accept()
-                except BaseException:
-                    self._slots.release()
-                    raise
-                spawn(self._connection, stream)
-        await listener.aclose()
+        """Accept without ever waiting on a slot: a connection over its source's cap is
+        closed at once, so one source's flood never delays another's (loopback's)."""
+        try:
+            with scope:
+                while True:
+                    stream = await self._accept_one(listener)
+                    source = source_of(stream.socket)
+                    if source is None or not self._slots.take(source):
+                        stream.socket.close()  # no await: the accept loop never waits on it
+                        self._refused(source)
+                        continue
+                    spawn(self._connection, stream, source)
+        finally:
+            listener.socket.close()  # however we leave: shutdown, or a crash
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _accept_one(self, listener: trio.SocketListener) -> trio.SocketStream:
+        """The next connection; running out of file descriptors or memory is waited out."""
+        while True:
+            try:
+                return await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise  # the listening socket itself is broken: our bug, crash-only
+                self.record_error("accept")
+                now = trio.current_time()
+                if now >= self._accept_log_due:
+                    self._accept_log_due = now + REFUSED_LOG_INTERVAL
+                    logger.error(  # noqa: TRY400 - the errno says it all
+                        "accept failed: %s; retrying every %g s (raise LimitNOFILE?)",
+                        os.strerror(exc.errno or 0),
+                        ACCEPT_RETRY,
+                    )
+                await trio.sleep(ACCEPT_RETRY)
+
+    def _refused(self, source: Source | None) -> None:
+        self.record_error("refused")
+        self._refused_since_log += 1
+        now = trio.current_time()
+        last = self._refused_logged_at
+        if last is None or now - last >= REFUSED_LOG_INTERVAL:
+            logger.warning(
+                "closed %d connection(s) over their source's limit (last from %s, holding %d)",
+                self._refused_since_log,
+                source.key if source else "a client already gone",
+                self._slots.held(source) if source else 0,
+            )
+            self._refused_logged_at = now
+            self._refused_since_log = 0
+
+    async def _connection(self, stream: trio.SocketStream, source: Source) -> None:
         self.stats.connections += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
         try:
@@ -172,22 +295,49 @@ class HttpServer:
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
             self.stats.bad_requests += 1
-            await _send_protocol_error(conn, stream, exc)
+            await self._send_error(conn, stream, exc.error_status_hint, f"bad request: {exc}")
+        except _WriteTimeout:
+            self.record_error("write_timeout")
+            logger.debug("%s accepted nothing for %g s: cut", source.key, self._write_timeout)
+        except _HandlerFailed as exc:
+            self._log_failure("the handler", exc.__cause__)
+            self.record_error("handler")
+            await self._send_error(conn, stream, 500, "internal error")
+        except _BodyFailed as exc:
+            self._log_failure("a response body", exc.__cause__)
+            self.record_error("body")
         except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse, OSError):
-            pass
+            pass  # the client went away, or the body cut itself on purpose: nothing to tell
         finally:
             self.stats.connections -= 1
-            self._slots.release()
+            self._slots.give(source)
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
+
+    @property
+    def _write_timeout(self) -> float:
+        return self._limits.write_timeout
+
+    def _log_failure(self, what: str, cause: BaseException | None) -> None:
+        if isinstance(cause, SpegeldError | OSError):
+            # A known failure (containerd gone, a blob deleted meanwhile): one line.
+            logger.warning("%s failed, connection aborted: %s", what, cause)
+        else:
+            logger.error("%s raised, connection aborted", what, exc_info=cause)
 
     async def _next_request(
         self, conn: h11.Connection, stream: trio.SocketStream
     ) -> h11.Request | None:
-        with trio.move_on_after(self._limits.idle_timeout) as scope:
+        """The next request head: None on a clean end, an idle keep-alive timeout, or a
+        head that did not arrive within ``head_timeout`` of its first byte."""
+        with trio.CancelScope(deadline=trio.current_time() + self._limits.idle_timeout) as scope:
             self._idle_scopes.add(scope)
+            started = False
             try:
                 while True:
+                    if not started and conn.trailing_data[0]:
+                        started = True
+                        scope.deadline = trio.current_time() + self._limits.head_timeout
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
                         # Reads no bigger than the header limit, so h11 sees an
@@ -200,6 +350,8 @@ class HttpServer:
                         return None
             finally:
                 self._idle_scopes.discard(scope)
+        if started and not self._draining:
+            self.record_error("head_timeout")
         return None
 
     async def _exchange(
@@ -213,7 +365,10 @@ class HttpServer:
                 target=bytes(req.target),
                 headers={bytes(k): bytes(v) for k, v in req.headers},
             )
-            response = await self._handler(request)
+            try:
+                response = await self._handler(request)
+            except Exception as exc:
+                raise _HandlerFailed from exc
             await self._send(conn, stream, request, response)
             # Consume the request's end (and any body already buffered); a body
             # still on the wire is never read, and the connection then closes.
@@ -236,25 +391,91 @@ class HttpServer:
         assert head is not None
         try:
             if request.method == b"HEAD":
-                await stream.send_all(head + _end(conn))
+                await self._write(stream, head + _end(conn))
                 return
             if isinstance(body, BytesBody):
-                await stream.send_all(head + _data(conn, body.data) + _end(conn))
+                await self._write(stream, head + _data(conn, body.data) + _end(conn))
                 return
-            await stream.send_all(head)
+            await self._write(stream, head)
             if isinstance(body, FileBody):
-                await _sendfile(stream, body)
+                await _sendfile(stream, body, self._write_timeout)
                 conn.send_with_data_passthrough(h11.Data(data=_Length(body.length)))  # type: ignore[arg-type]
             else:
-                async for chunk in body.chunks:
+                chunks = body.chunks
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except AbortResponse:
+                        raise
+                    except Exception as exc:
+                        raise _BodyFailed from exc
                     for piece in conn.send_with_data_passthrough(h11.Data(data=chunk)) or ():
-                        await stream.send_all(piece)
-            await stream.send_all(_end(conn))
+                        await self._write(stream, piece)
+            await self._write(stream, _end(conn))
         except (AbortResponse, h11.LocalProtocolError):
             self.stats.aborted += 1
             raise AbortResponse from None
+        except (_BodyFailed, _WriteTimeout):
+            self.stats.aborted += 1
+            raise
         finally:
-            await _close_body(body)
+            await self._close_body(body)
+
+    async def _write(self, stream: trio.SocketStream, data: bytes) -> None:
+        """``send_all`` with an inactivity deadline: each wait for the client to accept
+        more bytes may last at most ``write_timeout`` seconds."""
+        sock = stream.socket
+        view = memoryview(data)
+        sent = 0
+        while sent < len(view):
+            with trio.move_on_after(self._write_timeout):
+                sent += await sock.send(view[sent:])
+                continue
+            raise _WriteTimeout
+
+    async def _close_body(self, body: Body) -> None:
+        if not isinstance(body, StreamBody):
+            return
+        with trio.move_on_after(1, shield=True):
+            try:
+                aclose = getattr(body.chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                if body.on_close is not None:
+                    await body.on_close()
+            except Exception:  # the response is over either way; the server goes on
+                logger.exception("closing a response body failed")
+                self.record_error("body")
+
+    async def _send_error(
+        self, conn: h11.Connection, stream: trio.SocketStream, status: int, text: str
+    ) -> None:
+        """A last plain answer before closing, when nothing of a response went out yet."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"{text}\n".encode()
+        try:
+            head = conn.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        (b"content-type", b"text/plain"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                )
+            )
+            await self._write(stream, (head or b"") + _data(conn, body) + _end(conn))
+        except (
+            h11.LocalProtocolError,
+            _WriteTimeout,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+        ):
+            pass
 
 
 def _data(conn: h11.Connection, data: bytes) -> bytes:
@@ -265,19 +486,14 @@ def _end(conn: h11.Connection) -> bytes:
     return conn.send(h11.EndOfMessage()) or b""
 
 
-async def _close_body(body: Body) -> None:
-    if isinstance(body, StreamBody):
-        with trio.move_on_after(1, shield=True):
-            aclose = getattr(body.chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            if body.on_close is not None:
-                await body.on_close()
-
-
-async def _sendfile(stream: trio.SocketStream, body: FileBody) -> None:
+async def _sendfile(stream: trio.SocketStream, body: FileBody, write_timeout: float) -> None:
+    """Zero-copy send of a file region. A file that cannot be opened or read is a
+    _BodyFailed; a client that accepts nothing for ``write_timeout`` s a _WriteTimeout."""
     sock = stream.socket
-    fd = os.open(body.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(body.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _BodyFailed from exc
     try:
         offset, remaining = body.offset, body.length
         while remaining > 0:
@@ -285,34 +501,17 @@ async def _sendfile(stream: trio.SocketStream, body: FileBody) -> None:
             try:
                 sent = os.sendfile(sock.fileno(), fd, offset, min(remaining, SENDFILE_CHUNK))
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                continue
+                with trio.move_on_after(write_timeout):
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                raise _WriteTimeout from None
+            except OSError as exc:
+                if exc.errno in CLIENT_GONE_ERRNOS:
+                    raise
+                raise _BodyFailed from exc
             if sent == 0:
                 raise AbortResponse(f"{body.path} ended {remaining} bytes early")
             offset += sent
             remaining -= sent
     finally:
         os.close(fd)
-
-
-async def _send_protocol_error(
-    conn: h11.Connection, stream: trio.SocketStream, exc: h11.RemoteProtocolError
-) -> None:
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    status = exc.error_status_hint
-    body = f"bad request: {exc}\n".encode()
-    try:
-        head = conn.send(
-            h11.Response(
-                status_code=status,
-                headers=[
-                    (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            )
-        )
-        await stream.send_all((head or b"") + _data(conn, body) + _end(conn))
-    except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass

@@ -45,6 +45,13 @@ class RegistryMetrics:
             "spegeld_proxy_hedged_requests_total",
             "Second fetches started because the first peer was slow to answer.",
         )
+        self.http_errors = registry.counter(
+            "spegeld_http_errors_total",
+            "Client connections ended by the server, by kind: handler or body (an error, "
+            "logged), head_timeout or write_timeout (a deadline), refused (the source was "
+            "over its connection cap), accept (accept failed: out of file descriptors).",
+            ("kind",),
+        )
         self._advertised = {
             name: registry.gauge(f"spegel_advertised_{name}", help_text, ("registry",))
             for name, help_text in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -18,7 +19,16 @@ from spegeld.routing import Router
 from spegeld.store import Store
 
 from ._errors import RegistryError, blob_unknown, manifest_unknown
-from ._http import BytesBody, FileBody, HttpServer, Limits, Request, Response, StreamBody
+from ._http import (
+    ERROR_KINDS,
+    BytesBody,
+    FileBody,
+    HttpServer,
+    Limits,
+    Request,
+    Response,
+    StreamBody,
+)
 from ._labels import RegistryLabels
 from ._metrics import RegistryMetrics
 from ._peer import MIRRORED_HEADER
@@ -66,18 +76,14 @@ class Registry:
         self._status = status
         self._proxy = Proxy(router, self._metrics, settings.proxy)
         self._labels = RegistryLabels(settings.mirrored_registries)
-        self._server = HttpServer(self.handle, settings.limits)
+        errors = {kind: self._metrics.http_errors.labels(kind=kind) for kind in ERROR_KINDS}
+        self._server = HttpServer(
+            self.handle, settings.limits, on_error=lambda kind: errors[kind].inc()
+        )
         self.addresses: list[tuple[str, int]] = []
 
     def statistics(self) -> dict[str, int]:
-        stats = self._server.stats
-        return {
-            "connections": stats.connections,
-            "in_flight": stats.in_flight,
-            "requests": stats.requests,
-            "aborted": stats.aborted,
-            "bad_requests": stats.bad_requests,
-        }
+        return dataclasses.asdict(self._server.stats)
 
     def shutdown(self) -> None:
         self._server.shutdown()
@@ -113,6 +119,7 @@ class Registry:
         except Exception:
             # A bug, not bad input: bad input is a RegistryError above.
             logger.exception("internal error answering %r", request.target[:200])
+            self._server.record_error("handler")
             return _error(RegistryError(500, "UNKNOWN", "internal error"))
 
     async def _route(self, route: Route, request: Request) -> Response:

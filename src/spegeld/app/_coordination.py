@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from typing import Any
 
@@ -131,11 +132,19 @@ class Coordination:
         logger.info("election: %s", "now the coordinator" if leading else "no longer coordinator")
 
     def _on_holder(self, gossip_addr: str) -> None:
+        """Join through the coordinator the Lease names. The annotation is data from the
+        API: anything but an IP and a port (what every node writes: --advertise-addr
+        takes an IP) is refused here, since a host name would cost a DNS lookup per
+        datagram, and one that is not even encodable (``a..b``) used to end gossip."""
         assert self._gossip is not None
         try:
             seed = parse_host_port(gossip_addr, "the Lease's gossip address")
-        except SpegeldError as exc:
-            logger.warning("election: %s", exc)
+            ipaddress.ip_address(seed[0])
+        except (SpegeldError, ValueError):
+            logger.warning(
+                "election: the Lease's gossip address %r is not IP:PORT; not used as a seed",
+                gossip_addr[:100],
+            )
             return
         self._gossip.core.add_seed(seed)
 

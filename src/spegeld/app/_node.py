@@ -69,7 +69,11 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
         GossipConfig(
             node=cfg.node_name,
             addr=own,
-            registry=f"{cfg.advertise_addr}:{cfg.registry_port}",
+            registry=(  # [v6]:port, as peers parse it
+                f"[{cfg.advertise_addr}]:{cfg.registry_port}"
+                if ":" in cfg.advertise_addr
+                else f"{cfg.advertise_addr}:{cfg.registry_port}"
+            ),
             incarnation=next_incarnation(cfg.state_dir),
             seeds=await gossip_seeds(cfg, own),
         ),
@@ -106,6 +110,8 @@ async def run_node(
                 metrics=metrics,
             )
             router, gossip = await _router(cfg, keyring)
+            if gossip is not None:
+                gossip.export_metrics(metrics)
             coordination = Coordination(cfg, creds, gossip, metrics)
             settings = RegistrySettings(
                 host=cfg.registry_host,

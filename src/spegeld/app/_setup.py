@@ -12,6 +12,8 @@ from spegeld.config import ContainerdConfig, NodeConfig
 from spegeld.containerd import open_containerd, socket_problem
 from spegeld.errors import ConfigError
 from spegeld.gossip import (
+    MAX_INCARNATION,
+    OWN_SLACK,
     Keyring,
     load_credential,
     load_key_file,
@@ -63,19 +65,62 @@ def load_keyring(cfg: NodeConfig) -> Keyring | None:
 
 
 INCARNATION_FILE = "incarnation"
+# Enough for any number an honest run saves (at most ten digits); a longer file is not ours.
+_INCARNATION_READ = 64
+# The highest incarnation a run starts with: the rest of the u32 is left for refutations
+# and sequence wraps (``OWN_SLACK`` of them). Only a wall clock past early 2106 reaches it.
+START_LIMIT = MAX_INCARNATION - OWN_SLACK
 
 
 def next_incarnation(state_dir: Path) -> int:
     """Above any earlier run's, so peers take our news over our past's (and the replay
-    window accepts us): the wall clock's second, or one more than the last run saved."""
+    window accepts us): the wall clock's second, or one more than the last run saved.
+
+    Never more than ``OWN_SLACK`` past the wall clock: a saved value beyond that was
+    pushed by a member (or the clock went back a long way), and starting there would
+    put us outside every peer's horizon, or past what a datagram can carry.
+    """
     path = state_dir / INCARNATION_FILE
-    try:
-        saved = int(path.read_text().strip())
-    except (OSError, ValueError):
-        saved = 0
-    incarnation = max(int(time.time()), saved + 1)
+    wall = max(0, int(time.time()))
+    saved = _saved_incarnation(path)
+    incarnation = wall if saved is None else max(wall, saved + 1)
+    limit = min(wall + OWN_SLACK, START_LIMIT)
+    if incarnation > limit:
+        logger.warning(
+            "gossip incarnation: %s wants %d, past the limit %d (wall clock + %d s, at most "
+            "%d); starting at the limit. Peers that saw a higher one hear this node again "
+            "once they forget it (about a minute)",
+            path,
+            incarnation,
+            limit,
+            OWN_SLACK,
+            START_LIMIT,
+        )
+        incarnation = limit
     save_incarnation(state_dir, incarnation)
     return incarnation
+
+
+def _saved_incarnation(path: Path) -> int | None:
+    """The last run's incarnation; None (with a warning) for a file that is not one."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(_INCARNATION_READ + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("cannot read the gossip incarnation %s: %s; using the clock", path, exc)
+        return None
+    text = raw.decode("ascii", "replace").strip()
+    if len(raw) > _INCARNATION_READ or not text.isdigit() or int(text) > MAX_INCARNATION:
+        logger.warning(
+            "ignoring %s: %r is not an incarnation (0..%d); using the clock",
+            path,
+            text[:20],
+            MAX_INCARNATION,
+        )
+        return None
+    return int(text)
 
 
 def save_incarnation(state_dir: Path, incarnation: int) -> None:

@@ -73,9 +73,11 @@ from ._records import (
 from ._security import MAX_PAYLOAD, DroppedPacket, Keyring, ReplayWindow, open_datagram, seal
 from ._sync import CHUNK_OVERHEAD, AntiEntropy
 from ._table import HolderTable
+from ._validate import Validator, check_own_identity, valid_gossip_addr
 
 __all__ = [
     "CHUNK_OVERHEAD",
+    "MAX_MEMBERS",
     "MEMBER_RESERVE",
     "RECONNECT_INTERVAL",
     "REPLAY_WINDOW",
@@ -99,6 +101,10 @@ _MAX_SEQUENCE = 0xFFFF_FFFF  # the datagram header's u32
 # and refutations outruns what datagrams can carry, and a delta queued behind it took
 # 20 s or more to spread; membership still gets about five records per datagram.
 MEMBER_RESERVE = 256
+# Members held at most: ten times DESIGN's 1000 nodes. Past it a new name is ignored
+# (``members_full``), so a key holder inventing names cannot grow the table without end;
+# dead members are forgotten after ``dead_forget`` and free their places.
+MAX_MEMBERS = 10_000
 
 
 def _never(message: Message) -> bool:
@@ -107,6 +113,7 @@ def _never(message: Message) -> bool:
 
 class GossipCore:
     def __init__(self, config: GossipConfig, keyring: Keyring, rng: random.Random, now: float):
+        check_own_identity(config.node, config.addr, config.registry, config.incarnation)
         self.config = config
         self.node = config.node
         self._t = config.timings
@@ -137,7 +144,9 @@ class GossipCore:
         self._next_join = now
         self._next_reconnect = now + (1 + rng.random()) * RECONNECT_INTERVAL
         self.counters: Counter[str] = Counter()
-        self.dropped: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()  # whole datagrams, by reason
+        self.rejected: Counter[str] = Counter()  # records and messages ignored, by reason
+        self.validator = Validator(config.node, config.incarnation, now)
 
     @property
     def _probe(self) -> Probe | None:
@@ -280,6 +289,7 @@ class GossipCore:
             bytes_in=self.counters["bytes_in"],
             bytes_out=self.counters["bytes_out"],
             dropped=dict(self.dropped),
+            rejected=dict(self.rejected),
         )
 
     # ---- sans-I/O interface ------------------------------------------------------------
@@ -352,7 +362,10 @@ class GossipCore:
             case Ack(seq):
                 self._detector.on_ack(sender, seq, now)
             case PingReq(seq, target, target_addr):
-                self._detector.on_ping_req(addr, seq, target, target_addr, now)
+                if valid_gossip_addr(target_addr):
+                    self._detector.on_ping_req(addr, seq, target, target_addr, now)
+                else:
+                    self.rejected["address"] += 1
             case Member():
                 self._merge(message, now, source=addr)
             case Delta():
@@ -367,23 +380,31 @@ class GossipCore:
             case StateChunk():
                 self._sync.on_chunk(message, now)
             case Join(member):
-                self._merge(member, now, source=addr)
-                self._sync.send_member_list(addr, member.node)
+                if self._merge(member, now, source=addr):
+                    self._sync.send_member_list(addr, member.node)
 
-    def _merge(self, member: Member, now: float, source: Addr) -> None:
+    def _merge(self, member: Member, now: float, source: Addr) -> bool:
+        """Take in news about a member; False if the record was rejected (``_validate``)."""
+        reason = self.validator.problem(member, now)
+        full = len(self._peers) >= MAX_MEMBERS
+        if reason is None and full and member.node not in self._peers and member.node != self.node:
+            reason = "members_full"
+        if reason is not None:
+            self.rejected[reason] += 1
+            return False
         if member.node == self.node:
             self._merge_self(member)
-            return
+            return True
         peer = self._peers.get(member.node)
         if peer is None:
             if member.state in (State.DEAD, State.LEFT):
-                return
+                return True
             peer = self._add_peer(member, now)
             self._broadcast(("member", member.node), member)
         elif not peer.superseded_by(member):
             if peer.state is State.ALIVE or peer.state is State.SUSPECT:
                 self._sync.want_version(peer, member.version, source, now)
-            return
+            return True
         else:
             if peer.addr != member.addr:
                 if self._by_addr.get(peer.addr) == peer.node:
@@ -395,6 +416,7 @@ class GossipCore:
             self._broadcast(("member", member.node), member)
         if member.state is State.ALIVE or member.state is State.SUSPECT:
             self._sync.want_version(peer, member.version, source, now)
+        return True
 
     def _merge_self(self, member: Member) -> None:
         """News about this node: refute anything but our own current word."""
@@ -468,6 +490,7 @@ class GossipCore:
                 self._free_slots.append(peer.slot)
                 self._order.remove(node)
                 self._sync.lagging.discard(node)
+                self._replay.forget(node)  # a later life at an incarnation not above is heard
                 if self._by_addr.get(peer.addr) == node:
                     del self._by_addr[peer.addr]
 

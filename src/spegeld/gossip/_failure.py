@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING
 
 from ._messages import Ack, Addr, Ping, PingReq, State
 
+# Ping-reqs relayed at once, each held for a probe interval. A member is asked by about
+# ``indirect_checks`` others per second; past this a flood from a key holder is ignored
+# (``relays_full``) instead of growing the table by its rate.
+MAX_RELAYS = 1024
+
 if TYPE_CHECKING:
     from ._core import GossipCore
 
@@ -46,6 +51,11 @@ class FailureDetector:
 
     def on_ping_req(self, addr: Addr, seq: int, target: str, target_addr: Addr, now: float) -> None:
         """Ping ``target`` for the member at ``addr``, and pass its ack back."""
+        if len(self.relays) >= MAX_RELAYS:
+            self.expire_relays(now)
+            if len(self.relays) >= MAX_RELAYS:
+                self._core.rejected["relays_full"] += 1
+                return
         ours = self.new_seq()
         self.relays[ours] = (addr, seq, target, now + self._core._t.probe_interval)
         self._core._send(target_addr, [Ping(ours)])

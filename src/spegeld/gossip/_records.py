@@ -115,4 +115,5 @@ class GossipStatistics:
     packets_out: int
     bytes_in: int
     bytes_out: int
-    dropped: dict[str, int]
+    dropped: dict[str, int]  # whole datagrams, by reason
+    rejected: dict[str, int]  # records and messages ignored, by reason (``_validate``)

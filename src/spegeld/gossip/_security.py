@@ -376,7 +376,10 @@ class ReplayWindow:
         if incarnation < held_incarnation:
             return False
         if sequence > highest:
-            mask = ((mask << (sequence - highest)) | 1) & self._window_mask
+            # A jump past the window leaves only the new sequence: shifting by the whole
+            # jump (up to 2**32) would build a 512 MiB integer first.
+            jump = sequence - highest
+            mask = ((mask << jump) | 1) & self._window_mask if jump < self._window else 1
             self._store(sender, (incarnation, sequence, mask))
             return True
         age = highest - sequence

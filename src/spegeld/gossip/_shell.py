@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import trio
 
 from spegeld.errors import ListenError
+from spegeld.metrics import Counter, MetricsRegistry
 from spegeld.routing import Peer
 
 from ._core import GossipCore
@@ -38,6 +39,8 @@ class GossipRouter:
         self._socket: trio.socket.SocketType | None = None
         self.send_errors = 0
         self._ready = False
+        self._metrics: tuple[Counter, Counter] | None = None
+        self._exported: dict[tuple[int, str], int] = {}  # what the metrics count so far
 
     # ---- the Router seam --------------------------------------------------------------
 
@@ -59,6 +62,41 @@ class GossipRouter:
 
     def withdraw(self, keys: Iterable[str]) -> None:
         self.core.withdraw(list(keys))
+
+    # ---- metrics ------------------------------------------------------------------------
+
+    def export_metrics(self, registry: MetricsRegistry) -> None:
+        """Count dropped datagrams and rejected records on ``registry`` too.
+
+        The label values are the core's reasons, a fixed set (``_security``, ``_validate``).
+        """
+        self._metrics = (
+            registry.counter(
+                "spegeld_gossip_dropped_total",
+                "Gossip datagrams dropped whole (oversize, malformed, unknown_key, bad_mac, "
+                "self, replay, ...).",
+                ("reason",),
+            ),
+            registry.counter(
+                "spegeld_gossip_rejected_total",
+                "Member records and messages ignored inside authentic datagrams "
+                "(name, address, registry, incarnation, version, ...).",
+                ("reason",),
+            ),
+        )
+        self._sync_metrics()
+
+    def _sync_metrics(self) -> None:
+        if self._metrics is None:
+            return
+        for which, (metric, counts) in enumerate(
+            zip(self._metrics, (self.core.dropped, self.core.rejected), strict=True)
+        ):
+            for reason, count in counts.items():
+                seen = self._exported.get((which, reason), 0)
+                if count > seen:
+                    metric.labels(reason=reason).inc(count - seen)
+                    self._exported[(which, reason)] = count
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -90,6 +128,7 @@ class GossipRouter:
                 if now >= next_save:
                     self.save_members()
                     next_save = now + PERSIST_INTERVAL
+                self._sync_metrics()
                 await self._flush(sock, now)
 
     async def _receive(self, sock: trio.socket.SocketType) -> None:
@@ -100,7 +139,9 @@ class GossipRouter:
         for datagram, addr in self.core.datagrams_to_send(now):
             try:
                 await sock.sendto(datagram, addr)
-            except OSError as exc:  # an unreachable member must not stop the others
+            # An unreachable member must not stop the others, nor one whose host cannot
+            # even be encoded (UnicodeError, a ValueError: "a..b" fails IDNA).
+            except (OSError, ValueError) as exc:
                 self.send_errors += 1
                 logger.debug("gossip send to %s failed: %s", addr, exc)
 
@@ -149,6 +190,7 @@ class GossipRouter:
                 "bytes_out": stats.bytes_out,
                 "send_errors": self.send_errors,
                 "dropped": stats.dropped,
+                "rejected": stats.rejected,
             },
         }
 

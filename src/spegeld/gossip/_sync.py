@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from ._codec import SUMMARY_OVERHEAD, encode_record, encode_sender, encode_summary
 from ._messages import Addr, Delta, Join, Member, State, StateChunk, StatePull
+from ._ownership import CHUNK_TIMEOUT
 from ._records import PeerRecord
 from ._security import MAX_PAYLOAD
+from ._validate import MAX_CHUNKS
 
 if TYPE_CHECKING:
     from ._core import GossipCore
@@ -57,6 +59,10 @@ class AntiEntropy:
     def on_delta(self, delta: Delta, now: float) -> None:
         if delta.node == self._core.node:
             return
+        if delta.version > self._core.validator.version_limit(now):
+            # A claim no node could have counted to would keep every holder pulling.
+            self._core.rejected["version"] += 1
+            return
         peer = self._core._peers.get(delta.node)
         if peer is None or peer.state in (State.DEAD, State.LEFT):
             return
@@ -94,8 +100,15 @@ class AntiEntropy:
             self._core._send(addr, [chunk], piggyback=False)
 
     def on_chunk(self, chunk: StateChunk, now: float) -> None:
+        if chunk.count > MAX_CHUNKS or chunk.version > self._core.validator.version_limit(now):
+            self._core.rejected["chunk"] += 1
+            return
         peer = self._core._peers.get(chunk.node)
         if peer is None or peer.state in (State.DEAD, State.LEFT):
+            return
+        if now - peer.keys.last_pull > CHUNK_TIMEOUT:
+            # Chunks only answer our StatePull: unasked, they would make us hold keys.
+            self._core.rejected["unsolicited"] += 1
             return
         whole = peer.keys.assemble(chunk, now)
         if whole is not None:

@@ -24,7 +24,7 @@ from spegeld.errors import ContainerdUnavailable
 from spegeld.harness import build_image
 from spegeld.oci import Descriptor, Digest, parse_reference
 from spegeld.registry import Limits
-from spegeld.registry._http import HttpServer, Request, Response
+from spegeld.registry._http import HttpServer, Request, Response, StreamBody
 from spegeld.registry._slots import LOOPBACK, Slots, Source, source_of
 from spegeld.routing import StaticRouter
 from spegeld.store import MemoryStore, OpenBlob
@@ -261,6 +261,40 @@ async def test_keyboard_interrupt_from_a_handler_still_propagates() -> None:
 
 
 # -- deadlines -------------------------------------------------------------------------
+
+
+async def test_backstops_a_handler_that_never_answers_and_a_body_that_stalls() -> None:
+    """A component that lost its own deadline still cannot hang a client."""
+    kinds: list[str] = []
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        await trio.sleep_forever()
+        yield b""  # pragma: no cover
+
+    async def handler(request: Request) -> Response:
+        if request.target == b"/hang":
+            await trio.sleep_forever()
+        return Response(200, body=StreamBody(stalled_body(), 20))
+
+    limits = Limits(handler_timeout=0.3, body_timeout=0.3)
+    server = HttpServer(handler, limits, on_error=kinds.append)
+    with trio.fail_after(10):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        host, port = listeners[0].socket.getsockname()[:2]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listeners)
+            url = f"http://{host}:{port}"
+            start = trio.current_time()
+            status, _, _, complete = await fetch(url, "/hang")
+            assert (status, complete) == (503, True)
+            assert trio.current_time() - start >= limits.handler_timeout
+            status, length, body, complete = await fetch(url, "/stall")
+            assert (status, length, body, complete) == (200, 20, b"x" * 10, False)
+            assert (await fetch(url, "/hang"))[0] == 503, "and the server goes on"
+            server.shutdown()
+    assert kinds == ["handler_timeout", "body_timeout", "handler_timeout"]
+    assert server.stats.timeouts == 3
 
 
 async def test_a_head_that_drips_in_is_cut_at_the_head_deadline() -> None:

@@ -18,16 +18,42 @@ import errno
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 import h11
 import trio
 
 from spegeld.errors import SpegeldError
 
+from ._messages import (
+    ERROR_KINDS,
+    AbortResponse,
+    Body,
+    BytesBody,
+    FileBody,
+    Handler,
+    Limits,
+    Request,
+    Response,
+    StreamBody,
+)
 from ._slots import Slots, Source, source_of
+
+__all__ = [
+    "ERROR_KINDS",
+    "AbortResponse",
+    "Body",
+    "BytesBody",
+    "FileBody",
+    "Handler",
+    "HttpServer",
+    "Limits",
+    "Request",
+    "Response",
+    "ServerStatistics",
+    "StreamBody",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,86 +68,6 @@ REFUSED_LOG_INTERVAL = 60.0  # seconds between warnings of a flood (refused or f
 CLIENT_GONE_ERRNOS = frozenset(
     {errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
 )
-# Kinds of ``on_error``: a bounded set, so a metric label may take them.
-ERROR_KINDS = ("handler", "body", "head_timeout", "write_timeout", "refused", "accept")
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    # Connections from all non-loopback sources together (peers and pods). Each costs a
-    # file descriptor, and a proxied one a second: 1024 + 256 below stay well inside
-    # LimitNOFILE=65536 with room for containerd, gossip and peer sockets.
-    max_connections: int = 1024
-    # Per non-loopback address. A peer proxies for its containerd: a few layers at once
-    # (containerd's max_concurrent_downloads is 3), times parallel pulls, plus hedges;
-    # 64 is far above that and still leaves 15 other sources room in max_connections.
-    per_source_connections: int = 64
-    # Reserved for loopback: containerd on this node (and kubelet's probes, `spegeld
-    # status`). Never shared with other sources, so a flood from a pod cannot lock
-    # containerd out; 256 is far above what containerd opens (3 per pull, a few pulls).
-    loopback_connections: int = 256
-    max_header_bytes: int = 16 * 1024
-    # Keep-alive: seconds a connection may wait for the first byte of a request. Go's
-    # http.Transport (containerd) reuses idle connections for up to 90 s and redials
-    # transparently when we close first; 30 s keeps idle slots short-lived.
-    idle_timeout: float = 30.0
-    # Seconds a whole request head may take from its first byte (slowloris): a head is
-    # under 16 KiB, so even a lossy link with three TCP retransmissions (1 + 2 + 4 s)
-    # delivers it well inside 10 s; a client dripping bytes is cut then.
-    head_timeout: float = 10.0
-    # Seconds a response may wait with the client accepting no byte at all. A slow WAN
-    # link still drains a socket buffer in well under a second; a receiver that accepts
-    # nothing for 30 s is dead or hostile, and holds a slot and a body stream.
-    write_timeout: float = 30.0
-    grace_period: float = 10.0  # seconds in-flight responses get at shutdown
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: bytes
-    target: bytes
-    headers: dict[bytes, bytes]
-
-    def header(self, name: bytes) -> bytes | None:
-        return self.headers.get(name)
-
-
-@dataclass(frozen=True, slots=True)
-class BytesBody:
-    data: bytes
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-
-@dataclass(frozen=True, slots=True)
-class FileBody:
-    path: Path
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamBody:
-    chunks: AsyncIterator[bytes]
-    length: int
-    # Runs however the response ends, even if it is dropped before its first chunk (an
-    # async generator that never started never runs its own ``finally``).
-    on_close: Callable[[], Awaitable[None]] | None = None
-
-
-Body = BytesBody | FileBody | StreamBody
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    headers: Sequence[tuple[bytes, bytes]] = ()
-    body: Body = field(default_factory=lambda: BytesBody(b""))
-
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _Length:
@@ -134,10 +80,6 @@ class _Length:
         return self._n
 
 
-class AbortResponse(Exception):
-    """Raised by a body stream to cut the response: the connection closes unfinished."""
-
-
 class _WriteTimeout(Exception):
     """The client accepted no byte for ``Limits.write_timeout`` seconds."""
 
@@ -148,6 +90,14 @@ class _BodyFailed(Exception):
 
 class _HandlerFailed(Exception):
     """The handler raised instead of answering."""
+
+
+class _HandlerTimeout(Exception):
+    """The handler did not answer within ``Limits.handler_timeout``."""
+
+
+class _BodyTimeout(Exception):
+    """The body stream gave no chunk for ``Limits.body_timeout`` seconds."""
 
 
 @dataclass(slots=True)
@@ -191,7 +141,7 @@ class HttpServer:
         """Count one error of ``kind`` (one of ERROR_KINDS)."""
         if kind in ("handler", "body"):
             self.stats.errors += 1
-        elif kind in ("head_timeout", "write_timeout"):
+        elif kind.endswith("_timeout"):
             self.stats.timeouts += 1
         elif kind == "refused":
             self.stats.refused += 1
@@ -303,6 +253,13 @@ class HttpServer:
             self._log_failure("the handler", exc.__cause__)
             self.record_error("handler")
             await self._send_error(conn, stream, 500, "internal error")
+        except _HandlerTimeout:
+            logger.warning("no answer within %g s: 503", self._limits.handler_timeout)
+            self.record_error("handler_timeout")
+            await self._send_error(conn, stream, 503, "no answer in time")
+        except _BodyTimeout:
+            logger.warning("a response body stalled for %g s: cut", self._limits.body_timeout)
+            self.record_error("body_timeout")
         except _BodyFailed as exc:
             self._log_failure("a response body", exc.__cause__)
             self.record_error("body")
@@ -365,10 +322,14 @@ class HttpServer:
                 target=bytes(req.target),
                 headers={bytes(k): bytes(v) for k, v in req.headers},
             )
-            try:
-                response = await self._handler(request)
-            except Exception as exc:
-                raise _HandlerFailed from exc
+            response: Response | None = None
+            with trio.move_on_after(self._limits.handler_timeout):
+                try:
+                    response = await self._handler(request)
+                except Exception as exc:
+                    raise _HandlerFailed from exc
+            if response is None:
+                raise _HandlerTimeout
             await self._send(conn, stream, request, response)
             # Consume the request's end (and any body already buffered); a body
             # still on the wire is never read, and the connection then closes.
@@ -403,25 +364,33 @@ class HttpServer:
             else:
                 chunks = body.chunks
                 while True:
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
+                    chunk = await self._next_chunk(chunks)
+                    if chunk is None:
                         break
-                    except AbortResponse:
-                        raise
-                    except Exception as exc:
-                        raise _BodyFailed from exc
                     for piece in conn.send_with_data_passthrough(h11.Data(data=chunk)) or ():
                         await self._write(stream, piece)
             await self._write(stream, _end(conn))
         except (AbortResponse, h11.LocalProtocolError):
             self.stats.aborted += 1
             raise AbortResponse from None
-        except (_BodyFailed, _WriteTimeout):
+        except (_BodyFailed, _BodyTimeout, _WriteTimeout):
             self.stats.aborted += 1
             raise
         finally:
             await self._close_body(body)
+
+    async def _next_chunk(self, chunks: AsyncIterator[bytes]) -> bytes | None:
+        """The body's next chunk, None at its end; within ``body_timeout`` seconds."""
+        with trio.move_on_after(self._limits.body_timeout):
+            try:
+                return await anext(chunks)
+            except StopAsyncIteration:
+                return None
+            except AbortResponse:
+                raise
+            except Exception as exc:
+                raise _BodyFailed from exc
+        raise _BodyTimeout
 
     async def _write(self, stream: trio.SocketStream, data: bytes) -> None:
         """``send_all`` with an inactivity deadline: each wait for the client to accept

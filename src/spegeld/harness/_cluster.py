@@ -237,6 +237,11 @@ class Cluster:
 
     # ---- the state file: what a crashed run leaves for the next one to clean -------------
 
+    def track(self, pid: int | None) -> None:
+        """Record a process started on the cluster's behalf (a restarted daemon, a fault
+        injector's helper), so that the next run cleans it up if this one crashes."""
+        self._track(pid)
+
     def _track(self, pid: int | None) -> None:
         if pid is not None:
             self._pids.append(pid)
@@ -351,6 +356,7 @@ def clean_leftovers(state_dir: Path = STATE_DIR, *, include_kept: bool = False) 
         for pid, started in state.get("processes", []):
             if _start_time(pid) == started and started is not None:
                 with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)  # a fault run may have left it stopped
                     os.kill(pid, signal.SIGKILL)
                     cleaned.append(f"process {pid}")
         existing = set(run(["ip", "netns", "list"]).split())

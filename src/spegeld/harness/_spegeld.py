@@ -145,6 +145,10 @@ class SpegeldProcess:
         self._proc = None
         _LIVE.discard(self)
 
+    def poll(self) -> int | None:
+        """The exit code if the process has ended on its own (or by a signal), else None."""
+        return self._proc.poll() if self._proc is not None else None
+
     def send_signal(self, signum: int) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signum)
@@ -210,6 +214,7 @@ class SpegeldProcess:
         try:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGCONT)  # a stopped daemon must see the SIGTERM
                 try:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:

@@ -1,0 +1,513 @@
+"""Chaos soak: a real cluster rolls images out while a seeded fault injector attacks it.
+
+Run as root (network namespaces, nft, tc, containerd)::
+
+    .venv/bin/python bench/soak.py --duration 900               # 5 nodes, 20 images
+    .venv/bin/python bench/soak.py --quick --json-out soak.json # 4 nodes, about 90 s
+
+The cluster is ``spegeld.harness.Cluster``: every node a network namespace with its own
+containerd and ``spegeld run``, the upstream a Distribution registry behind a 100 Mbit/s
+``tc tbf`` link. Images of mixed sizes (1-64 MiB, 1-5 layers; ``--quick``: 1-4 MiB) are
+pushed to the upstream, then rolled out one after the other: a random first node pulls
+from the upstream, then the others, ``--parallel`` at a time, each a real
+``ctr images pull`` inside its namespace through the mirror. When all images are out, they
+are removed from every node and the next round starts, until ``--duration`` has passed
+(and at least one full round is done).
+
+Meanwhile the injector (``bench/_faults.py``, seeded by ``--seed``) kills -9 and restarts
+containerd, SIGKILLs (and restarts) and SIGSTOPs (then SIGCONTs) spegeld, cuts a node
+from its peers with nft, puts a byte-flipping proxy in front of one node's registry port
+for its peers, floods gossip ports with garbage UDP, holds slowloris connections and sends
+the hostile HTTP set (``bench/_soak_agent.py``). Every sender runs inside the cluster's
+namespaces. Definitions of the reported times are in ``bench/_soak_report.py``.
+
+The run fails (exit 1) unless: no spegeld exits that the injector did not cause, and every
+one it killed starts again; no containerd holds a blob whose bytes do not hash to its
+digest; every pull completes (a pull cut by a containerd or spegeld kill on its own node
+is retried, at most ``PULL_ATTEMPTS`` times, and the report says so); every daemon's
+peak RSS and open fds stay under ``RSS_LIMIT_MIB`` and ``FD_LIMIT``; every daemon answers
+/healthz at the end; every fault kind was injected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from _faults import AGENT, CUTTING_FAULTS, KINDS, Daemons, Injector, plan
+from _soak_report import (
+    ContentCheck,
+    Resources,
+    error_lines,
+    hostile_answers,
+    metric_lines,
+    mirror_waits,
+    pull_times,
+    render,
+)
+
+from spegeld.harness import (
+    BuiltImage,
+    Cluster,
+    CtrError,
+    HarnessUnavailable,
+    Node,
+    build_image,
+    missing_requirement,
+)
+
+MiB = 1 << 20
+REGISTRY_PORT = 5000
+# Seconds one ctr pull may take before it counts as hung: 64 MiB over the 100 Mbit/s
+# upstream takes 5.4 s, a SIGSTOPped mirror holds containerd at most 8 s.
+PULL_TIMEOUT = 300.0
+PULL_ATTEMPTS = 4  # a pull cut by a kill on its own node; more would hide a real failure
+FAULT_WAIT = 120.0  # seconds a cut pull waits for its node's fault to end before retrying
+# 300 slowloris connections, the proxy's hash backlog (8 MiB per stream) and the Python
+# runtime (about 60 MiB): a daemon above this is growing with the load, not bounded by it.
+RSS_LIMIT_MIB = 256
+FD_LIMIT = 1100  # the server's connection cap (1024) plus the daemon's own files and sockets
+SAMPLE_INTERVAL = 1.0  # seconds between /proc samples and exit checks
+PROBE_INTERVAL = 0.5  # seconds between a node's mirror probes
+PROBE_TIMEOUT = 30.0  # seconds a probe waits for the status line
+JOIN_TIMEOUT = 30.0  # seconds the rollout gets to stop after Ctrl-C or a failure
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+@dataclass(frozen=True)
+class SoakImage:
+    repository: str
+    image: BuiltImage
+    ref: str
+
+    @property
+    def blob_bytes(self) -> int:
+        plat = self.image.platforms[0]
+        return sum(self.image.blobs[d].size for d in (*plat.layers, plat.config))
+
+
+def make_images(rng: random.Random, count: int, low: int, high: int, work: Path) -> list[Any]:
+    """``count`` images, total size log-uniform in [low, high] MiB, 1-5 layers each."""
+    built = []
+    for i in range(count):
+        total = int(MiB * low * (high / low) ** rng.random())
+        layers = rng.randint(1, 5 if high > 8 else 3)
+        cuts = sorted(rng.sample(range(1, total), layers - 1)) if layers > 1 else []
+        sizes = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+        name = f"soak.local/img-{i:02d}:v1"
+        built.append(
+            build_image(
+                name,
+                sizes,
+                seed=rng.randrange(1 << 30),
+                compresslevel=0,
+                workdir=work / f"img-{i:02d}",
+            )
+        )
+    return built
+
+
+class Rollout:
+    def __init__(
+        self,
+        cluster: Cluster,
+        images: list[SoakImage],
+        injector: Injector,
+        content: ContentCheck,
+        rng: random.Random,
+        args: argparse.Namespace,
+        hit_file: Path,
+    ) -> None:
+        self.cluster = cluster
+        self.images = images
+        self.injector = injector
+        self.content = content
+        self.rng = rng
+        self.args = args
+        self.hit_file = hit_file
+        self.current = images[0]
+        self.stop = threading.Event()
+        self.pulls: list[dict[str, Any]] = []
+        self.rounds_done = 0
+        self.images_rolled = 0
+        self.error: str | None = None
+
+    def blob_path(self) -> str:
+        layers = self.current.image.platforms[0].layers
+        biggest = max(layers, key=lambda d: self.current.image.blobs[d].size)
+        return f"/v2/{self.current.repository}/blobs/{biggest}?ns={self.cluster.upstream_address}"
+
+    def run(self, t0: float) -> None:
+        try:
+            while not self.stop.is_set():
+                order = self.rng.sample(self.images, len(self.images))
+                for item in order:
+                    if self.stop.is_set():
+                        return
+                    self._roll(item)
+                self.rounds_done += 1
+                say(f"round {self.rounds_done} done at {time.monotonic() - t0:.0f} s")
+                if time.monotonic() - t0 >= self.args.duration:
+                    return
+                for node in self.cluster.nodes:
+                    self._remove(node)
+        except BaseException as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _roll(self, item: SoakImage) -> None:
+        self.current = item
+        self.hit_file.write_text(
+            f"/v2/{item.repository}/manifests/v1?ns={self.cluster.upstream_address}\n"
+        )
+        order = self.rng.sample(self.cluster.nodes, len(self.cluster.nodes))
+        batches = [order[:1]] + [
+            order[i : i + self.args.parallel] for i in range(1, len(order), self.args.parallel)
+        ]
+        for batch in batches:
+            threads = [threading.Thread(target=self._pull, args=(n, item)) for n in batch]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.images_rolled += 1
+
+    def _pull(self, node: Node, item: SoakImage) -> None:
+        first = time.monotonic()
+        retried: list[str] = []
+        record: dict[str, Any] = {
+            "node": node.name,
+            "image": item.repository,
+            "mib": round(item.blob_bytes / MiB, 1),
+            "start": first,
+        }
+        for attempt in range(1, PULL_ATTEMPTS + 1):
+            started = time.monotonic()
+            try:
+                node.containerd.ctr(
+                    "images",
+                    "pull",
+                    "--hosts-dir",
+                    str(node.hosts_dir),
+                    item.ref,
+                    timeout=PULL_TIMEOUT,
+                )
+            except (CtrError, subprocess.TimeoutExpired) as exc:
+                cutting = [
+                    f.kind
+                    for f in self.injector.faults_at(node.name, started, time.monotonic() + 0.5)
+                    if f.kind in CUTTING_FAULTS
+                ]
+                message = getattr(exc, "stderr", None) or str(exc)
+                if cutting and attempt < PULL_ATTEMPTS and not self.stop.is_set():
+                    retried.append(f"{'+'.join(sorted(set(cutting)))}: {message.strip()[-200:]}")
+                    self._wait_fault_end(node)
+                    continue
+                record.update(ok=False, error=str(message).strip()[-2000:], attempts=attempt)
+                record["recovered_on_retry"] = self._diagnose(node, item)
+                say(
+                    f"  !! pull {item.repository} on {node.name} failed: "
+                    f"{str(message).strip()[-300:]}"
+                )
+                break
+            record.update(ok=True, attempts=attempt)
+            break
+        record["end"] = time.monotonic()
+        record["seconds"] = round(record["end"] - first, 3)
+        record["retried_because"] = retried
+        self.pulls.append(record)
+        self.content.check(node)
+
+    def _diagnose(self, node: Node, item: SoakImage) -> bool:
+        """Pull once more, for the report only: is the failure transient (a retry, as
+        kubelet would make, completes) or does it persist? The failed pull stays failed."""
+        try:
+            node.containerd.ctr(
+                "images", "pull", "--hosts-dir", str(node.hosts_dir), item.ref, timeout=PULL_TIMEOUT
+            )
+        except (CtrError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    def _wait_fault_end(self, node: Node) -> None:
+        deadline = time.monotonic() + FAULT_WAIT
+        while time.monotonic() < deadline and not self.stop.is_set():
+            now = time.monotonic()
+            on = [
+                f for f in self.injector.faults_at(node.name, now, now) if f.kind in CUTTING_FAULTS
+            ]
+            if not on and node.containerd.running:
+                return
+            time.sleep(0.2)
+
+    def _remove(self, node: Node) -> None:
+        for item in self.images:
+            for _ in range(PULL_ATTEMPTS):
+                try:
+                    node.containerd.ctr("images", "rm", "--sync", item.ref, timeout=120)
+                    break
+                except (CtrError, subprocess.TimeoutExpired):
+                    self._wait_fault_end(node)
+
+
+def start_probes(cluster: Cluster, work: Path, hit_file: Path, seconds: float) -> dict[str, Any]:
+    probes: dict[str, Any] = {}
+    for node in cluster.nodes:
+        out = work / f"probe-{node.name}.jsonl"
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            node.netns,
+            sys.executable,
+            str(AGENT),
+            "probe",
+            "--target",
+            f"{node.address}:{REGISTRY_PORT}",
+            "--ns",
+            cluster.upstream_address,
+            "--hit-file",
+            str(hit_file),
+            "--out",
+            str(out),
+            "--interval",
+            str(PROBE_INTERVAL),
+            "--timeout",
+            str(PROBE_TIMEOUT),
+            "--duration",
+            str(seconds),
+        ]
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        cluster.track(proc.pid)
+        probes[node.name] = (proc, out)
+    return probes
+
+
+def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    low, high = (1, 4) if args.quick else (1, 64)
+    say(f"building {args.images} images ({low}-{high} MiB, seed {args.seed})")
+    built = make_images(rng, args.images, low, high, work / "images")
+    summary: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    }
+    with Cluster(nodes_wanted=args.nodes, base_dir=work / "cluster", progress=say) as cluster:
+        images = [
+            SoakImage(f"soak/img-{i:02d}", b, cluster.push(b, f"soak/img-{i:02d}", "v1"))
+            for i, b in enumerate(built)
+        ]
+        hit_file = work / "hit-path"
+        resources, content = Resources(), ContentCheck()
+        daemons = Daemons(cluster, say)
+        corrupt_node = rng.randrange(len(cluster.nodes))
+        events = plan(
+            rng,
+            nodes=len(cluster.nodes),
+            duration=args.duration,
+            quick=args.quick,
+            corrupt_node=corrupt_node,
+        )
+        say(
+            f"plan: {len(events)} faults over {args.duration:.0f} s; corrupt peer "
+            f"{cluster.nodes[corrupt_node].name}"
+        )
+        injector = Injector(cluster, daemons, work, say, blob_path=lambda: "")
+        rollout = Rollout(cluster, images, injector, content, rng, args, hit_file)
+        injector.blob_path = rollout.blob_path
+        probes = start_probes(cluster, work, hit_file, args.duration * 4 + 600)
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(SAMPLE_INTERVAL):
+                daemons.check()
+                resources.sample(cluster.nodes)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        t0 = time.monotonic()
+        workers = [
+            sampler,
+            threading.Thread(target=injector.run, args=(events, t0), daemon=True),
+            threading.Thread(target=rollout.run, args=(t0,), daemon=True),
+        ]
+        undone: list[str] = []
+        try:
+            for worker in workers:
+                worker.start()
+            while workers[2].is_alive():
+                workers[2].join(1.0)
+            say(f"rollout ended at {time.monotonic() - t0:.0f} s: {rollout.rounds_done} rounds")
+        finally:
+            rollout.stop.set()
+            undone = injector.restore()
+            workers[2].join(JOIN_TIMEOUT)
+            for proc, _ in probes.values():
+                proc.kill()
+                proc.wait(10)
+            daemons.check()
+            sampling.set()
+            sampler.join(JOIN_TIMEOUT)
+        summary["wall_seconds"] = round(time.monotonic() - t0, 1)
+        summary["restored"] = undone
+        summary.update(final_checks(cluster, daemons, resources, content))
+        summary.update(
+            images=[
+                {
+                    "repository": i.repository,
+                    "mib": round(i.blob_bytes / MiB, 1),
+                    "layers": len(i.image.platforms[0].layers),
+                }
+                for i in images
+            ],
+            rounds=rollout.rounds_done,
+            images_rolled=rollout.images_rolled,
+            rollout_error=rollout.error,
+            pulls=[
+                {**p, "start": round(p["start"] - t0, 2), "end": round(p["end"] - t0, 2)}
+                for p in rollout.pulls
+            ],
+            faults=[
+                {
+                    "kind": f.kind,
+                    "node": f.node,
+                    "start": round(f.start - t0, 2),
+                    "seconds": round(f.end - f.start, 2),
+                    "detail": f.detail,
+                }
+                for f in injector.injected
+            ],
+            skipped_faults=injector.skipped,
+            corrupt_node=cluster.nodes[corrupt_node].name,
+            unexpected_exits=daemons.unexpected,
+            restart_failures=daemons.restart_failures,
+            spegeld_pids=daemons.pids,
+            mirror_wait=mirror_waits({n: p for n, (_, p) in probes.items()}, injector.injected),
+            pull_seconds=pull_times(rollout.pulls, injector.injected),
+            hostile_answers=hostile_answers(injector.injected),
+            log_errors=error_lines(
+                {n.name: n.spegeld.log_path for n in cluster.nodes if n.spegeld is not None}
+            ),
+        )
+    return summary
+
+
+def final_checks(
+    cluster: Cluster, daemons: Daemons, resources: Resources, content: ContentCheck
+) -> dict[str, Any]:
+    health: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    for node in cluster.nodes:
+        assert node.spegeld is not None
+        deadline = time.monotonic() + 30
+        status: Any = None
+        while time.monotonic() < deadline:
+            try:
+                status = node.spegeld.get("/healthz")[0]
+            except OSError as exc:
+                status = f"{type(exc).__name__}: {exc}"
+            if status == 200:
+                break
+            time.sleep(0.5)
+        health[node.name] = status
+        if status == 200:
+            metrics[node.name] = metric_lines(node.spegeld.get("/metrics")[2].decode())
+        content.check(node)
+    return {
+        "healthz": health,
+        "counters": metrics,
+        "resources": resources.summary(),
+        "blobs_verified": content.verified,
+        "blob_bytes_verified": content.bytes,
+        "corrupt_blobs": content.corrupt,
+    }
+
+
+def verdict(summary: dict[str, Any]) -> dict[str, bool]:
+    res = summary["resources"].values()
+    injected = {f["kind"] for f in summary["faults"] if "error" not in f["detail"]}
+    return {
+        "no unexpected spegeld exits": not summary["unexpected_exits"],
+        "every killed spegeld started again": not summary["restart_failures"],
+        "no corrupt blob committed": not summary["corrupt_blobs"],
+        "every pull completed": all(p.get("ok") for p in summary["pulls"])
+        and summary["rounds"] >= 1
+        and summary["rollout_error"] is None,
+        f"peak RSS <= {RSS_LIMIT_MIB} MiB": all(r["peak_rss_mib"] <= RSS_LIMIT_MIB for r in res),
+        f"peak fds <= {FD_LIMIT}": all(r["peak_fds"] <= FD_LIMIT for r in res),
+        "every daemon answers /healthz": all(s == 200 for s in summary["healthz"].values()),
+        "every fault kind injected": injected >= set(KINDS),
+    }
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--duration", type=float, help="seconds of faults and pulls (default 900; --quick: 60)"
+    )
+    parser.add_argument("--nodes", type=int, help="cluster size (default 5; --quick: 4)")
+    parser.add_argument("--images", type=int, help="images to roll (default 20; --quick: 4)")
+    parser.add_argument("--seed", type=int, default=1, help="the fault plan and images")
+    parser.add_argument("--parallel", type=int, default=2, help="pulls at once after the first")
+    parser.add_argument("--quick", action="store_true", help="a short run: every fault once")
+    parser.add_argument("--json-out", type=Path, help="write the summary (JSON) here")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--keep-work", action="store_true", help="keep the logs and images")
+    args = parser.parse_args()
+    args.duration = args.duration or (60.0 if args.quick else 900.0)
+    args.nodes = args.nodes or (4 if args.quick else 5)
+    args.images = args.images or (4 if args.quick else 20)
+    if not 2 <= args.nodes <= 20 or args.images < 1 or args.parallel < 1 or args.duration < 10:
+        parser.error("need 2 <= nodes <= 20, images >= 1, parallel >= 1, duration >= 10")
+    problem = missing_requirement()
+    if problem is not None:
+        print(f"soak: {problem}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupted)
+    work = Path(tempfile.mkdtemp(prefix="spegeld-soak-", dir=args.work_dir))
+    say(
+        f"soak: {args.nodes} nodes, {args.images} images, {args.duration:.0f} s, seed "
+        f"{args.seed}; load {os.getloadavg()[0]:.2f}; work dir {work}"
+    )
+    try:
+        summary = soak(args, work)
+    except (HarnessUnavailable, KeyboardInterrupt) as exc:
+        print(f"soak: stopped: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    summary["verdict"] = verdict(summary)
+    summary["passed"] = all(summary["verdict"].values())
+    for line in render(summary):
+        say(line)
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(summary, indent=1, default=str))
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

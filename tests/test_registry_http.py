@@ -148,7 +148,9 @@ async def test_idle_connections_are_closed(limit: int) -> None:
 
     with trio.fail_after(10):
         async with serving_registry(
-            MemoryStore(), StaticRouter([]), limits=Limits(idle_timeout=0.2, max_connections=limit)
+            MemoryStore(),
+            StaticRouter([]),
+            limits=Limits(idle_timeout=0.2, loopback_connections=limit),
         ) as (_, url):
             host, port = url.removeprefix("http://").split(":")
             stream = await trio.open_tcp_stream(host, int(port))

@@ -244,6 +244,35 @@ async def test_a_bare_server_answers_500_when_its_handler_raises() -> None:
     assert server.stats.errors == 1
 
 
+async def test_a_handler_error_racing_its_deadline_is_a_500_not_the_servers_end() -> None:
+    """A child's error and the handler deadline at once: trio leaves an ExceptionGroup
+    outside the deadline's scope, and it is still only this request's failure."""
+    kinds: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        async def fails_late() -> None:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.3)  # past the deadline below
+            raise ValueError("a bug in a child task")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fails_late)
+            nursery.start_soon(trio.sleep_forever)
+        return Response(200)  # pragma: no cover
+
+    server = HttpServer(handler, Limits(handler_timeout=0.1), on_error=kinds.append)
+    with trio.fail_after(10):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        host, port = listeners[0].socket.getsockname()[:2]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listeners)
+            url = f"http://{host}:{port}"
+            assert (await fetch(url, "/"))[:1] == (500,)
+            assert (await fetch(url, "/"))[:1] == (500,), "the server is still there"
+            server.shutdown()
+    assert kinds == ["handler", "handler"]
+
+
 async def test_keyboard_interrupt_from_a_handler_still_propagates() -> None:
     async def handler(request: Request) -> Response:
         raise KeyboardInterrupt

@@ -139,7 +139,7 @@ class HttpServer:
 
     def record_error(self, kind: str) -> None:
         """Count one error of ``kind`` (one of ERROR_KINDS)."""
-        if kind in ("handler", "body"):
+        if kind in ("handler", "body", "internal"):
             self.stats.errors += 1
         elif kind.endswith("_timeout"):
             self.stats.timeouts += 1
@@ -265,6 +265,9 @@ class HttpServer:
             self.record_error("body")
         except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse, OSError):
             pass  # the client went away, or the body cut itself on purpose: nothing to tell
+        except Exception:  # a bug in serving this one connection: it ends, not the server
+            logger.exception("serving a connection from %s failed", source.key)
+            self.record_error("internal")
         finally:
             self.stats.connections -= 1
             self._slots.give(source)
@@ -323,11 +326,11 @@ class HttpServer:
                 headers={bytes(k): bytes(v) for k, v in req.headers},
             )
             response: Response | None = None
-            with trio.move_on_after(self._limits.handler_timeout):
-                try:
+            try:  # outside the scope too: what a cancelled nursery leaves is an ExceptionGroup
+                with trio.move_on_after(self._limits.handler_timeout):
                     response = await self._handler(request)
-                except Exception as exc:
-                    raise _HandlerFailed from exc
+            except Exception as exc:
+                raise _HandlerFailed from exc
             if response is None:
                 raise _HandlerTimeout
             await self._send(conn, stream, request, response)
@@ -381,15 +384,15 @@ class HttpServer:
 
     async def _next_chunk(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The body's next chunk, None at its end; within ``body_timeout`` seconds."""
-        with trio.move_on_after(self._limits.body_timeout):
-            try:
+        try:
+            with trio.move_on_after(self._limits.body_timeout):
                 return await anext(chunks)
-            except StopAsyncIteration:
-                return None
-            except AbortResponse:
-                raise
-            except Exception as exc:
-                raise _BodyFailed from exc
+        except StopAsyncIteration:
+            return None
+        except AbortResponse:
+            raise
+        except Exception as exc:
+            raise _BodyFailed from exc
         raise _BodyTimeout
 
     async def _write(self, stream: trio.SocketStream, data: bytes) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 ERROR_KINDS = (
     "handler",
     "body",
+    "internal",
     "head_timeout",
     "write_timeout",
     "handler_timeout",

@@ -47,8 +47,8 @@ class RegistryMetrics:
         )
         self.http_errors = registry.counter(
             "spegeld_http_errors_total",
-            "Client connections ended by the server, by kind: handler or body (an error, "
-            "logged), head_timeout, write_timeout, handler_timeout or body_timeout (a "
+            "Client connections ended by the server, by kind: handler, body or internal (an "
+            "error, logged), head_timeout, write_timeout, handler_timeout or body_timeout (a "
             "deadline), refused (the source was over its connection cap), accept (accept "
             "failed: out of file descriptors).",
             ("kind",),

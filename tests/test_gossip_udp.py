@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from spegeld.errors import RemoteProtocolError
 from spegeld.gossip import Keyring, Timings
 from spegeld.gossip._codec import decode_payload, encode_message, encode_sender
-from spegeld.gossip._messages import Ack, Delta, Join, Member, Ping, State
+from spegeld.gossip._messages import Ack, Delta, Join, Member, Ping, State, Summary
 from spegeld.gossip._security import (
     HEADER_SIZE,
     MAX_DATAGRAM,
@@ -677,3 +677,124 @@ def test_hostile_datagrams_are_dropped_and_counted_and_the_daemon_carries_on(
     seen = time_until_pullable([target], image, import_image(peer, image, tmp_path))
     print(f"[gossip] after the assault: a new import pullable through it after {seen[name]:.2f} s")
     assert "Traceback" not in target.spegeld.log_path.read_text()
+
+
+# -- member records a key holder should not be believed about ---------------------------------------
+
+
+def test_malformed_member_records_are_ignored_and_counted_and_gossip_goes_on(
+    pair: Cluster, tmp_path: Path
+) -> None:
+    """Issue 11: records that decode but no honest node could send, sealed with the right
+    key (a buggy or hostile member), from a plain UDP socket to a real daemon."""
+    target, peer = pair.nodes
+    keyring = Keyring([(1, read_secret(pair.key))])
+    gossip_addr = (target.spegeld.host, target.spegeld.gossip_port)
+    name = target.name
+    incarnation = target.gossip()["incarnation"]
+    mallory = (ATTACKER_HOST, 7946)
+
+    def record(node: str, **fields: Any) -> Member:
+        values: dict[str, Any] = {
+            "incarnation": incarnation, "state": State.ALIVE, "addr": mallory,
+            "registry": f"{ATTACKER_HOST}:5000", "version": incarnation << 20,
+        }  # fmt: skip
+        values.update(fields)
+        return Member(node, **values)
+
+    rejected = {
+        "registry": [record("m-port", registry=f"{ATTACKER_HOST}:http")],  # non-numeric port
+        "incarnation": [
+            record("m-huge", incarnation=0xFFFF_FFFF),
+            record(name, incarnation=0xFFFF_FFFF - 1, state=State.SUSPECT),  # push us
+            record(peer.name, incarnation=0xFFFF_FFFF, state=State.DEAD),  # push a peer
+        ],
+        "address": [record("m-addr", addr=("garbage", 7946))],
+        "name": [record("m bad;name")],
+        "version": [record(peer.name, version=2**63 - 1)],
+    }
+    overlong = encode_sender("mallory") + msgpack.packb(
+        [3, "m" * 300, incarnation, 0, ATTACKER_HOST, 7946, f"{ATTACKER_HOST}:5000", 0, False]
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        attacker.bind((ATTACKER_HOST, 0))
+        attacker.settimeout(2.0)
+        sequence = 0
+        for records in rejected.values():
+            for bad in records:
+                for message in (bad, Join(bad), Summary((bad,), True)):
+                    sequence += 1
+                    payload = encode_sender("mallory") + encode_message(message)
+                    attacker.sendto(seal(keyring, 1, sequence, payload), gossip_addr)
+        attacker.sendto(seal(keyring, 1, sequence + 1, overlong), gossip_addr)
+        # A ping last: its ack says every datagram before it was read (one socket, in order).
+        ping = encode_sender("mallory") + encode_message(Ping(4242))
+        attacker.sendto(seal(keyring, 1, sequence + 2, ping), gossip_addr)
+        others = []
+        for _ in range(20):  # bounded: the ack comes first unless a member list was sent
+            reply, _ = attacker.recvfrom(65536)
+            _, messages = decode_payload(open_datagram(keyring, reply).payload)
+            if Ack(4242) in messages:
+                break
+            others.append(messages)
+        else:
+            raise AssertionError("no ack for the final ping")
+        assert others == [], "a rejected Join gets no member list"
+
+    expected = {reason: 3 * len(records) for reason, records in rejected.items()}
+    packets = target.gossip()["packets"]
+    print(f"\n[gossip] hostile records rejected by {name}: {packets['rejected']}")
+    assert packets["rejected"] == expected
+    assert packets["dropped"] == {"malformed": 1}  # the 300-character name fails the codec
+    for reason, count in expected.items():
+        assert target.spegeld.metric(f'spegeld_gossip_rejected_total{{reason="{reason}"}}') == count
+    assert target.spegeld.metric('spegeld_gossip_dropped_total{reason="malformed"}') == 1
+
+    # Nothing believed: no new member, our incarnation and the peer's record unmoved.
+    assert target.gossip()["incarnation"] == incarnation
+    view = target.view()
+    assert set(view) == {peer.name}
+    assert view[peer.name]["state"] == "alive"
+    assert view[peer.name]["incarnation"] < 0xFFFF_FFFF // 2
+    assert view[peer.name]["version"] < 2**62
+    # And it still gossips with its honest peer, both ways, keys included.
+    image = build_image("example.com/team/honest:v1", [40_000], seed=506)
+    seen = time_until_pullable([target], image, import_image(peer, image, tmp_path))
+    print(
+        f"[gossip] then an import on {peer.name} pullable through {name} after {seen[name]:.2f} s"
+    )
+    assert peer.view()[name]["state"] == "alive"
+    assert peer.gossip()["packets"]["dropped"] == {} and peer.gossip()["packets"]["rejected"] == {}
+    assert target.spegeld.pid is not None
+    assert "Traceback" not in target.spegeld.log_path.read_text()
+
+
+def test_a_saved_incarnation_at_the_u32_limit_starts_and_gossips(tmp_path: Path) -> None:
+    """Issue 11: a member pushed this node to 0xFFFFFFFF and it was saved at shutdown; the
+    next start (``saved + 1 = 2**32``) could not seal a datagram. Now it starts from the
+    clock, gossips with a peer, and saves a value the start after can use too."""
+    cluster = Cluster(tmp_path)
+    seed = cluster.node("node-0", HOSTS[0], key_file=cluster.key, peers=())
+    pushed = cluster.node(
+        "node-1", HOSTS[1], key_file=cluster.key, peers=[seed.spegeld.gossip_address]
+    )
+    cluster.nodes += [seed, pushed]
+    state = pushed.spegeld.base_dir / "state"
+    state.mkdir(parents=True)
+    (state / "incarnation").write_text("4294967295\n")
+    try:
+        before = int(time.time())
+        cluster.start(cluster.nodes)
+        wait_for(lambda: all_alive(cluster.nodes), CONVERGE_WITHIN, "the pushed node to join")
+        own = pushed.gossip()["incarnation"]
+        assert before <= own <= int(time.time()) + 10
+        assert seed.view()[pushed.name]["incarnation"] == own
+        assert "ahead of the wall clock" in pushed.spegeld.log_path.read_text()
+        image = build_image("example.com/team/pushed:v1", [30_000], seed=507)
+        time_until_pullable([seed], image, import_image(pushed, image, tmp_path))
+        assert pushed.spegeld.stop() == 0
+        saved = int((state / "incarnation").read_text())
+        assert own <= saved < 0xFFFF_FFFF // 2
+    finally:
+        cluster.close()
+    assert "Traceback" not in pushed.spegeld.log_path.read_text()

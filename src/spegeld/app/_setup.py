@@ -76,27 +76,35 @@ def next_incarnation(state_dir: Path) -> int:
     """Above any earlier run's, so peers take our news over our past's (and the replay
     window accepts us): the wall clock's second, or one more than the last run saved.
 
-    Never more than ``OWN_SLACK`` past the wall clock: a saved value beyond that was
-    pushed by a member (or the clock went back a long way), and starting there would
-    put us outside every peer's horizon, or past what a datagram can carry.
+    A saved value more than ``OWN_SLACK`` past the wall clock was pushed there by a
+    member (or the clock went back that far): starting at it would put this node
+    outside its peers' horizon, or past what a datagram header can carry. It is set
+    aside for the wall clock, at the cost of being ignored for about a minute by
+    peers that saw the higher one (until they forget it).
     """
     path = state_dir / INCARNATION_FILE
     wall = max(0, int(time.time()))
     saved = _saved_incarnation(path)
     incarnation = wall if saved is None else max(wall, saved + 1)
-    limit = min(wall + OWN_SLACK, START_LIMIT)
-    if incarnation > limit:
+    if incarnation > wall + OWN_SLACK:
         logger.warning(
-            "gossip incarnation: %s wants %d, past the limit %d (wall clock + %d s, at most "
-            "%d); starting at the limit. Peers that saw a higher one hear this node again "
-            "once they forget it (about a minute)",
+            "gossip incarnation %d in %s is more than %d s ahead of the wall clock (%d): "
+            "a member pushed it, or the clock went back; starting from the clock. Peers "
+            "that saw the higher one hear this node again once they forget it",
+            incarnation - 1,
             path,
-            incarnation,
-            limit,
             OWN_SLACK,
+            wall,
+        )
+        incarnation = wall
+    if incarnation > START_LIMIT:
+        logger.warning(
+            "the wall clock (%d) is past what a 32-bit gossip incarnation can follow; "
+            "starting at %d: gossip needs a wider incarnation before 2106",
+            wall,
             START_LIMIT,
         )
-        incarnation = limit
+        incarnation = START_LIMIT
     save_incarnation(state_dir, incarnation)
     return incarnation
 

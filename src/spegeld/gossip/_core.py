@@ -69,6 +69,8 @@ from ._records import (
     MemberView,
     PeerRecord,
     Timings,
+    coordinator_view,
+    member_views,
 )
 from ._security import MAX_PAYLOAD, DroppedPacket, Keyring, ReplayWindow, open_datagram, seal
 from ._sync import CHUNK_OVERHEAD, AntiEntropy
@@ -226,46 +228,17 @@ class GossipCore:
         return [Peer(NodeId(p.node), p.registry) for p in (slots[e[3]] for e in best) if p]
 
     def members(self) -> list[MemberView]:
-        views = []
-        for peer in self._peers.values():
-            views.append(
-                MemberView(
-                    node=peer.node,
-                    state=peer.state.name.lower(),
-                    incarnation=peer.incarnation,
-                    addr=f"{peer.addr[0]}:{peer.addr[1]}",
-                    registry=peer.registry,
-                    rtt_ms=None if peer.rtt is None else round(peer.rtt * 1000, 3),
-                    keys=self.table.count_of(peer.slot),
-                    version=peer.keys.version,
-                    coordinator=peer.coordinator,
-                )
-            )
-        return sorted(views, key=lambda v: v.node)
+        return member_views(self._peers.values(), self.table.count_of)
 
     def coordinator_peer(self) -> str | None:
-        if self.coordinator:
-            return self.node
-        alive = [p for p in self._peers.values() if p.coordinator and p.state is State.ALIVE]
-        return max(alive, key=lambda p: p.incarnation).node if alive else None
+        state, node = self.coordinator_view()
+        return node if state in (CoordinatorState.SELF, CoordinatorState.ALIVE) else None
 
     def coordinator_view(self) -> tuple[CoordinatorState, str | None]:
-        """What gossip says about the coordinator, for the elector.
-
-        ALIVE: a live member other than us leads, so followers leave the API alone.
-        GONE: members exist but none alive leads (the coordinator is suspect, dead,
-        left, or stepped down). NONE: no members at all, so no view. SELF: we lead.
-        """
+        """What gossip says about the coordinator, for the elector (``_records``)."""
         if self.coordinator:
             return CoordinatorState.SELF, self.node
-        flagged = [p for p in self._peers.values() if p.coordinator]
-        alive = [p for p in flagged if p.state is State.ALIVE]
-        if alive:
-            return CoordinatorState.ALIVE, max(alive, key=lambda p: p.incarnation).node
-        if not self._peers:
-            return CoordinatorState.NONE, None
-        gone = max(flagged, key=lambda p: p.incarnation).node if flagged else None
-        return CoordinatorState.GONE, gone
+        return coordinator_view(self._peers.values())
 
     def add_seed(self, addr: Addr) -> None:
         """Join through ``addr`` too (the coordinator's address, read from the Lease)."""

@@ -7,6 +7,7 @@ these types without importing the core at run time.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ._messages import Addr, Member, State
@@ -117,3 +118,40 @@ class GossipStatistics:
     bytes_out: int
     dropped: dict[str, int]  # whole datagrams, by reason
     rejected: dict[str, int]  # records and messages ignored, by reason (``_validate``)
+
+
+def member_views(peers: Iterable[PeerRecord], key_count: Callable[[int], int]) -> list[MemberView]:
+    """The member table as ``/status`` shows it, by node name."""
+    views = [
+        MemberView(
+            node=peer.node,
+            state=peer.state.name.lower(),
+            incarnation=peer.incarnation,
+            addr=f"{peer.addr[0]}:{peer.addr[1]}",
+            registry=peer.registry,
+            rtt_ms=None if peer.rtt is None else round(peer.rtt * 1000, 3),
+            keys=key_count(peer.slot),
+            version=peer.keys.version,
+            coordinator=peer.coordinator,
+        )
+        for peer in peers
+    ]
+    return sorted(views, key=lambda v: v.node)
+
+
+def coordinator_view(peers: Iterable[PeerRecord]) -> tuple[CoordinatorState, str | None]:
+    """What the member table says about the coordinator, when it is not this node.
+
+    ALIVE: a live member leads, so followers leave the API alone. GONE: members exist
+    but none alive leads (the coordinator is suspect, dead, left, or stepped down).
+    NONE: no members at all, so no view.
+    """
+    members = list(peers)
+    flagged = [p for p in members if p.coordinator]
+    alive = [p for p in flagged if p.state is State.ALIVE]
+    if alive:
+        return CoordinatorState.ALIVE, max(alive, key=lambda p: p.incarnation).node
+    if not members:
+        return CoordinatorState.NONE, None
+    gone = max(flagged, key=lambda p: p.incarnation).node if flagged else None
+    return CoordinatorState.GONE, gone

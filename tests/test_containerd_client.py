@@ -199,3 +199,43 @@ def test_an_attribute_error_of_our_own_is_not_mapped(tmp_path: Path) -> None:
         object().missing  # type: ignore[attr-defined]  # noqa: B018
     with pytest.raises(AssertionError), map_containerd_errors(tmp_path / "sock", "Version"):
         raise AssertionError("ours")
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+STALLED = 32
+STALLED_RSS_LIMIT = 32 * 1024 * 1024  # ~8 MiB measured; whole-blob reads held ~3.6 MiB each
+
+
+async def test_stalled_reads_hold_little_memory_and_never_block_other_calls(
+    containerd: PrivateContainerd, tmp_path: Path
+) -> None:
+    image = build_image("example.com/team/stall:v1", [16 * 1024 * 1024], seed=13, compresslevel=0)
+    layer = Digest(image.platforms[0].layers[0])
+    with trio.fail_after(60):
+        await import_image(containerd, image, trio.Path(tmp_path))
+        async with open_containerd(containerd.socket, "k8s.io") as client:
+            await client.version()
+            warm = client.read(layer)
+            await warm.__anext__()
+            await warm.aclose()  # type: ignore[attr-defined]
+            before = _rss()
+            readers = []
+            for _ in range(STALLED):
+                reader = client.read(layer)
+                await reader.__anext__()  # one chunk taken, then the reader stalls
+                readers.append(reader)
+            await trio.sleep(0.5)  # time for containerd to fill whatever windows are open
+            growth = _rss() - before
+            with trio.fail_after(5):  # the stalled streams leave the other calls alone
+                assert layer in {c.digest for c in await client.list_content()}
+                await client.version()
+            for reader in readers:
+                await reader.aclose()  # type: ignore[attr-defined]
+    print(f"{STALLED} stalled reads: RSS growth {growth / 1024 / 1024:.1f} MiB")
+    assert growth < STALLED_RSS_LIMIT, growth

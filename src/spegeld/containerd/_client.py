@@ -50,16 +50,18 @@ CALL_TIMEOUT = 30.0  # seconds for a unary call; Images.List of 1000 images take
 STREAM_IDLE_TIMEOUT = 30.0  # seconds between two replies of Content.Read or Content.List
 # Blob bodies are read in ranges of this size, one Content.Read each: containerd sends
 # 1 MiB messages and grpclib buffers a whole message before decoding it, so a range
-# bounds what one slow reader holds (measured: ~3 MiB per stalled stream with whole-blob
-# reads). Smaller ranges cost one round trip each through the bridge.
+# bounds what one slow reader holds. Measured with stalled readers (one chunk taken,
+# then nothing): whole-blob reads held ~3.6 MiB each, 256 KiB ranges ~260 KiB each;
+# one stream's throughput went from ~150 to ~110 MB/s (1 MiB ranges: ~1.1 MiB each).
 READ_RANGE = 256 * 1024
-# Content.Read streams get their own HTTP/2 connection with small per-stream windows: a
-# stalled reader then holds at most one window of unread data (64 KiB, the HTTP/2
-# minimum), and, the connection window being the maximum, stalled readers can never
-# use up the connection's window and block the other calls (grpclib's defaults are
-# 4 MiB for both, so one stalled stream could starve the whole client).
+# Content.Read streams get their own HTTP/2 connection. The stream window only needs to
+# cover one range (containerd cannot send more than was asked for; a window smaller
+# than the range halves throughput, measured), and the connection window is the
+# maximum, so stalled readers can never use it up and block other calls: with
+# grpclib's defaults (4 MiB for both, on one shared connection) a single stalled
+# reader starved every other call, including Version and the event stream.
 READ_CHANNEL = Configuration(
-    http2_stream_window_size=2**16 - 1,
+    http2_stream_window_size=4 * READ_RANGE,
     http2_connection_window_size=2**31 - 1,
 )
 

@@ -19,6 +19,9 @@ containerd and pushed to a Distribution registry), it measures:
   shown too, because that option alone changes loopback sendfile throughput a lot;
 * **proxied**: a second ``spegeld run`` (node 2, ``127.0.0.3``) with an empty containerd and
   ``--static-peer`` node 1: it streams the blob from node 1 and verifies its digest;
+* **fresh**: a third ``spegeld run`` (node 3, ``127.0.0.20``) started on an *empty*
+  containerd, one whose ``blobs/sha256`` directory does not exist yet (a new node); the
+  image is imported only after it is ready. It must serve from the file as node 1 does;
 * manifest ``HEAD`` latency over one keep-alive connection: a hit (by tag, on node 1), a
   miss (an unknown digest; node 1 has no peers), both against Distribution, and (not a
   target) a hit proxied by node 2 from node 1.
@@ -86,6 +89,7 @@ MIB = 1024 * 1024
 NODE1_HOST = "127.0.0.2"
 NODE2_HOST = "127.0.0.3"
 SENDFILE_HOST = "127.0.0.4"
+FRESH_HOST = "127.0.0.20"  # node 3: started on an empty containerd, the image arrives later
 BASELINE_FIRST_HOST = 5  # baseline proxy nodes listen on 127.0.0.5, 127.0.0.6, ...
 RECV_BUFFER = 1024 * 1024
 DRAIN_SIZE = 4 * 1024 * 1024
@@ -529,7 +533,6 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
         t0 = time.perf_counter()
         node1_cd.import_image(archive)
         print(f"   imported into containerd 1 in {time.perf_counter() - t0:.1f}s", flush=True)
-        archive.unlink()
         blob_file = node1_cd.blob_path(layer)
         if not blob_file.is_file():
             raise SystemExit(f"{layer} is not in containerd 1's content directory")
@@ -566,6 +569,18 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             "node-2", work, node2_cd, NODE2_HOST, [node1_addr], profile=profile_path("node-2")
         )
         processes.append(node2)
+        node3_cd = stack.enter_context(PrivateContainerd(work / "containerd-3"))
+        if (node3_cd.content_path / "blobs").exists():
+            raise SystemExit("containerd 3 is not empty at start")
+        node3, node3_addr = start_spegeld(
+            "node-3", work, node3_cd, FRESH_HOST, [], profile=profile_path("node-3")
+        )
+        processes.append(node3)
+        t0 = time.perf_counter()
+        node3_cd.import_image(archive)  # after node 3 is ready: a fresh node's first pull
+        print(f"   imported into containerd 3 (after node 3 started) in"
+              f" {time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
+        archive.unlink()
         baselines: list[tuple[str, Process, str]] = []  # (ref, process, address)
         for i, ref in enumerate(args.baseline_ref):
             cd = stack.enter_context(PrivateContainerd(work / f"containerd-b{i}"))
@@ -613,6 +628,12 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                 {"server": node1.pid},
             ),
             Server(
+                "fresh",
+                "spegeld local, fresh node (sendfile)",
+                f"http://{node3_addr}{mirror_blob}",
+                {"server": node3.pid},
+            ),
+            Server(
                 "proxied",
                 "spegeld proxied from a peer",
                 f"http://{node2_addr}{mirror_blob}",
@@ -629,6 +650,17 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                 )
             )
 
+        # Node 3 learns of the image from containerd's events; wait until it serves it.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if socket_get(f"http://{node3_addr}{mirror_blob}", drain=True).nbytes == size:
+                    break
+            except RuntimeError:  # 404 until the import's events reach node 3
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("node 3 never served the image imported after it started")
+            time.sleep(0.1)
         # One verified download per server and copying client; it also warms every cache.
         for server in servers:
             for client in VERIFYING_CLIENTS:
@@ -757,6 +789,8 @@ def report(
     ratios = [
         ("local / Distribution", "local", "distribution", 1.5),
         ("local / bare sendfile", "local", "sendfile", 0.8),
+        ("fresh node / Distribution", "fresh", "distribution", 1.5),
+        ("fresh node / bare sendfile", "fresh", "sendfile", 0.8),
         ("proxied / Distribution", "proxied", "distribution", 0.6),
         ("bare sendfile / Distribution", "sendfile", "distribution", 0.0),
     ]

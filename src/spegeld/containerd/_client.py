@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -85,7 +86,16 @@ class ContentInfo:
     size: int
 
 
+MAX_MEDIA_TYPE = 255  # RFC 6838: type and subtype are at most 127 characters each
+_MEDIA_TYPE = re.compile(rf"[!-~]{{1,{MAX_MEDIA_TYPE}}}")  # visible ASCII: a header value
+
+
 def _descriptor(msg: descriptor_pb2.Descriptor) -> Descriptor:
+    """A descriptor containerd sent, checked: it ends up in response headers."""
+    if msg.size < 0:
+        raise RemoteProtocolError(f"containerd sent a negative size for {msg.digest[:80]!r}")
+    if not _MEDIA_TYPE.fullmatch(msg.media_type):
+        raise RemoteProtocolError(f"containerd sent an unusable media type {msg.media_type[:80]!r}")
     return Descriptor(media_type=msg.media_type, digest=parse_digest(msg.digest), size=msg.size)
 
 

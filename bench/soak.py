@@ -75,9 +75,11 @@ REGISTRY_PORT = 5000
 PULL_TIMEOUT = 300.0
 PULL_ATTEMPTS = 4  # a pull cut by a kill on its own node; more would hide a real failure
 FAULT_WAIT = 120.0  # seconds a cut pull waits for its node's fault to end before retrying
-# 300 slowloris connections, the proxy's hash backlog (8 MiB per stream) and the Python
-# runtime (about 60 MiB): a daemon above this is growing with the load, not bounded by it.
-RSS_LIMIT_MIB = 256
+# MiB. Measured peak (VmHWM) 70 MiB in a 120 s run of the full configuration, under
+# 300 slowloris connections and parallel 64 MiB proxied pulls; the Python runtime alone is
+# about 57 MiB. Twice the peak plus room for a few more proxied streams' hash backlogs
+# (8 MiB each): a daemon past this grows with the load instead of being bounded by it.
+RSS_LIMIT_MIB = 160
 FD_LIMIT = 1100  # the server's connection cap (1024) plus the daemon's own files and sockets
 SAMPLE_INTERVAL = 1.0  # seconds between /proc samples and exit checks
 PROBE_INTERVAL = 0.5  # seconds between a node's mirror probes
@@ -335,7 +337,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         injector = Injector(cluster, daemons, work, say, blob_path=lambda: "")
         rollout = Rollout(cluster, images, injector, content, rng, args, hit_file)
         injector.blob_path = rollout.blob_path
-        probes = start_probes(cluster, work, hit_file, args.duration * 4 + 600)
+        probes: dict[str, Any] = {}
         sampling = threading.Event()
 
         def sample() -> None:
@@ -352,21 +354,25 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ]
         undone: list[str] = []
         try:
+            probes.update(start_probes(cluster, work, hit_file, args.duration * 4 + 600))
             for worker in workers:
                 worker.start()
             while workers[2].is_alive():
                 workers[2].join(1.0)
             say(f"rollout ended at {time.monotonic() - t0:.0f} s: {rollout.rounds_done} rounds")
         finally:
+            # A second Ctrl-C must not cut the undoing short (stopped daemons, nft tables).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             rollout.stop.set()
             undone = injector.restore()
-            workers[2].join(JOIN_TIMEOUT)
+            _join(workers[2])
             for proc, _ in probes.values():
                 proc.kill()
                 proc.wait(10)
-            daemons.check()
             sampling.set()
-            sampler.join(JOIN_TIMEOUT)
+            _join(sampler)
+        daemons.check()  # the last word on exits (not after Ctrl-C: no restarts then)
         summary["wall_seconds"] = round(time.monotonic() - t0, 1)
         summary["restored"] = undone
         summary.update(final_checks(cluster, daemons, resources, content))
@@ -459,6 +465,11 @@ def verdict(summary: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _join(thread: threading.Thread) -> None:
+    if thread.ident is not None:  # started (Ctrl-C may come before)
+        thread.join(JOIN_TIMEOUT)
+
+
 def _interrupted(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -495,7 +506,7 @@ def main() -> int:
     try:
         summary = soak(args, work)
     except (HarnessUnavailable, KeyboardInterrupt) as exc:
-        print(f"soak: stopped: {exc or type(exc).__name__}", file=sys.stderr)
+        print(f"soak: stopped: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
     finally:
         if not args.keep_work:

@@ -277,13 +277,18 @@ def render(summary: dict[str, Any]) -> list[str]:
             f"  {name}: peak RSS {r['peak_rss_mib']} MiB, last {r['last_rss_mib']} MiB, "
             f"peak fds {r['peak_fds']}, healthz {summary['healthz'].get(name)}"
         )
-    say("mirror wait (s) by fault on when the probe started [count p50 p90 p99 max] outcomes:")
+    say("mirror wait (s): connect() to the status line of a HEAD to the node's own mirror, from")
+    say("inside its namespace (what containerd waits before an answer, a refusal or the upstream);")
+    say("every 0.5 s per node, a miss and the rolling image's manifest in turn; grouped by the")
+    say("faults on when the probe started (kind@self: on this node; kind@peer: on another node);")
+    say("unanswered after 30 s = 30 s 'timeout'.   [count p50 p90 p99 max] outcomes:")
     for group, d in summary["mirror_wait"].items():
         say(
             f"  {group:24} {d['count']:5} {d.get('p50', '-'):>7} {d.get('p90', '-'):>7} "
             f"{d.get('p99', '-'):>7} {d.get('max', '-'):>7}  {d['outcomes']}"
         )
-    say("pull time (s) by fault overlapping it [count p50 p90 max]:")
+    say("pull time (s): ctr images pull, first attempt's start to success, grouped by the")
+    say("faults that overlapped it.   [count p50 p90 max]:")
     for group, d in summary["pull_seconds"].items():
         say(
             f"  {group:24} {d['count']:5} {d.get('p50', '-'):>7} {d.get('p90', '-'):>7} "

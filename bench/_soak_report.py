@@ -262,6 +262,17 @@ def render(summary: dict[str, Any]) -> list[str]:
     for f in summary["faults"]:
         kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
     say(f"faults injected: {kinds}; skipped: {len(summary['skipped_faults'])}")
+    corrupted = sum(f["detail"].get("corrupted", 0) for f in summary["faults"])
+    detected = sum(
+        v
+        for c in summary["counters"].values()
+        for k, v in c.items()
+        if k.startswith("spegeld_bad_peers_total")
+    )
+    say(
+        f"responses corrupted by the proxy: {corrupted}; peers marked bad for it (counters "
+        f"since each daemon's last start): {detected:.0f}"
+    )
     say(
         f"blobs verified: {summary['blobs_verified']} "
         f"({summary['blob_bytes_verified'] / MiB:.0f} MiB), corrupt: {summary['corrupt_blobs']}"

@@ -178,6 +178,13 @@ class Rollout:
             f"/v2/{item.repository}/manifests/v1?ns={self.cluster.upstream_address}\n"
         )
         order = self.rng.sample(self.cluster.nodes, len(self.cluster.nodes))
+        now = time.monotonic()
+        for node in list(order):
+            if any(f.kind == "corrupt-peer" for f in self.injector.faults_at(node.name, now, now)):
+                # The corrupting node pulls first, so that the others' pulls (from their
+                # mirrors, from peers) meet it: the fault is exercised, not left to chance.
+                order.remove(node)
+                order.insert(0, node)
         batches = [order[:1]] + [
             order[i : i + self.args.parallel] for i in range(1, len(order), self.args.parallel)
         ]

@@ -67,6 +67,8 @@ def test_the_quick_chaos_soak_keeps_every_daemon_and_every_blob_whole(tmp_path: 
     assert summary["blobs_verified"] > 0
     injected = {f["kind"] for f in summary["faults"] if "error" not in f["detail"]}
     assert injected >= KINDS, f"not injected: {sorted(KINDS - injected)}\n{report}"
+    corrupted = sum(f["detail"].get("corrupted", 0) for f in summary["faults"])
+    assert corrupted > 0, f"the corrupting proxy relayed no response body\n{report}"
     failed = [p for p in summary["pulls"] if not p["ok"]]
     assert not failed, report
     assert summary["rounds"] >= 1 and summary["rollout_error"] is None, report

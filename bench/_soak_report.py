@@ -32,6 +32,7 @@ from spegeld.harness import Node
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB
+MAX_LISTED = 15  # failed pulls listed one by one in the report (the JSON has them all)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -251,13 +252,30 @@ def render(summary: dict[str, Any]) -> list[str]:
     )
     for p in retried:
         say(f"  retried {p['image']} on {p['node']}: {p['retried_because']}")
-    for p in pulls:
-        if not p.get("ok"):
-            again = "completed" if p.get("recovered_on_retry") else "failed too"
-            say(
-                f"  FAILED {p['image']} on {p['node']} at {p['start']} s after {p['attempts']} "
-                f"attempt(s) (a diagnostic re-pull {again}): {p.get('error', '')[-400:]}"
+    failed = [p for p in pulls if not p.get("ok")]
+    for p in failed[:MAX_LISTED]:
+        again = "completed" if p.get("recovered_on_retry") else "failed too"
+        say(
+            f"  FAILED {p['image']} on {p['node']} at {p['start']} s after {p['attempts']} "
+            f"attempt(s) (a diagnostic re-pull {again}): {p.get('error', '')[-400:]}"
+        )
+    if failed:
+        causes: Counter[str] = Counter()
+        for p in failed:
+            on = [
+                f
+                for f in summary["faults"]
+                if f["start"] <= p["end"] and f["start"] + f["seconds"] >= p["start"]
+            ]
+            causes.update(
+                {f"{f['kind']}@{'self' if f['node'] == p['node'] else 'peer'}" for f in on}
+                or {"none"}
             )
+        rest = len(failed) - MAX_LISTED
+        say(
+            f"  {'... and ' + str(rest) + ' more; ' if rest > 0 else ''}failed pulls by the "
+            f"faults on during them: {dict(causes.most_common())}"
+        )
     kinds: dict[str, int] = {}
     for f in summary["faults"]:
         kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1

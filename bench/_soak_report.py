@@ -21,6 +21,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 from _faults import Injected
 
-from spegeld.harness import Node
+from spegeld.harness import Cluster, Node
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB
@@ -150,6 +151,37 @@ class ContentCheck:
                             "hashes_to": digest.hexdigest(),
                         }
                     )
+
+
+def final_checks(cluster: Cluster, resources: Resources, content: ContentCheck) -> dict[str, Any]:
+    """The end state: each daemon's /healthz (30 s to answer 200), its error counters, the
+    resource peaks, and a last hash of every blob in every content store."""
+    health: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    for node in cluster.nodes:
+        assert node.spegeld is not None
+        deadline = time.monotonic() + 30
+        status: Any = None
+        while time.monotonic() < deadline:
+            try:
+                status = node.spegeld.get("/healthz")[0]
+            except OSError as exc:
+                status = f"{type(exc).__name__}: {exc}"
+            if status == 200:
+                break
+            time.sleep(0.5)
+        health[node.name] = status
+        if status == 200:
+            metrics[node.name] = metric_lines(node.spegeld.get("/metrics")[2].decode())
+        content.check(node)
+    return {
+        "healthz": health,
+        "counters": metrics,
+        "resources": resources.summary(),
+        "blobs_verified": content.verified,
+        "blob_bytes_verified": content.bytes,
+        "corrupt_blobs": content.corrupt,
+    }
 
 
 def mirror_waits(probe_files: dict[str, Path], faults: list[Injected]) -> dict[str, Any]:

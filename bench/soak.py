@@ -51,8 +51,8 @@ from _soak_report import (
     ContentCheck,
     Resources,
     error_lines,
+    final_checks,
     hostile_answers,
-    metric_lines,
     mirror_waits,
     pull_times,
     render,
@@ -382,7 +382,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         daemons.check()  # the last word on exits (not after Ctrl-C: no restarts then)
         summary["wall_seconds"] = round(time.monotonic() - t0, 1)
         summary["restored"] = undone
-        summary.update(final_checks(cluster, daemons, resources, content))
+        summary.update(final_checks(cluster, resources, content))
         summary.update(
             images=[
                 {
@@ -422,37 +422,6 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ),
         )
     return summary
-
-
-def final_checks(
-    cluster: Cluster, daemons: Daemons, resources: Resources, content: ContentCheck
-) -> dict[str, Any]:
-    health: dict[str, Any] = {}
-    metrics: dict[str, Any] = {}
-    for node in cluster.nodes:
-        assert node.spegeld is not None
-        deadline = time.monotonic() + 30
-        status: Any = None
-        while time.monotonic() < deadline:
-            try:
-                status = node.spegeld.get("/healthz")[0]
-            except OSError as exc:
-                status = f"{type(exc).__name__}: {exc}"
-            if status == 200:
-                break
-            time.sleep(0.5)
-        health[node.name] = status
-        if status == 200:
-            metrics[node.name] = metric_lines(node.spegeld.get("/metrics")[2].decode())
-        content.check(node)
-    return {
-        "healthz": health,
-        "counters": metrics,
-        "resources": resources.summary(),
-        "blobs_verified": content.verified,
-        "blob_bytes_verified": content.bytes,
-        "corrupt_blobs": content.corrupt,
-    }
 
 
 def verdict(summary: dict[str, Any]) -> dict[str, bool]:

@@ -142,6 +142,37 @@ async def test_header_limit_and_keep_alive() -> None:
                     assert (await client.get("/healthz")).status_code == 200
 
 
+async def _raw_status(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(request)
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0]
+
+
+async def test_a_head_over_the_limit_is_refused_however_it_arrives() -> None:
+    # h11 checks its limit only on an incomplete head: a 20 KB head arriving in one
+    # piece completed in the read that crossed the 16 KiB limit, and was served.
+    def head(filler: int, version: bytes = b"1.1") -> bytes:
+        return (
+            b"GET /v2/ HTTP/" + version + b"\r\nHost: x\r\nX-Fill: " + b"a" * filler + b"\r\n\r\n"
+        )
+
+    with trio.fail_after(10):
+        async with serving_registry(MemoryStore(), StaticRouter([])) as (_, url):
+            assert b" 200 " in await _raw_status(url, head(15_000))
+            assert b" 431 " in await _raw_status(url, head(20_000))
+            assert b" 431 " in await _raw_status(url, head(31_000))
+            assert b" 505 " in await _raw_status(url, head(10, b"7.3"))
+            assert b" 200 " in await _raw_status(url, head(10, b"1.0"))
+
+
 @pytest.mark.parametrize("limit", [2])
 async def test_idle_connections_are_closed(limit: int) -> None:
     from spegeld.registry import Limits

@@ -136,14 +136,20 @@ async def test_a_peer_that_dies_mid_blob_is_resumed_from_the_next_holder() -> No
 async def test_corrupt_bytes_cut_the_response_and_mark_the_peer_bad() -> None:
     corrupt = bytes([LAYER_BYTES[0] ^ 0xFF]) + LAYER_BYTES[1:]
     with trio.fail_after(10):
-        async with fake_peer(corrupt) as (liar, _):
+        async with fake_peer(corrupt) as (liar, seen):
             router = StaticRouter([Peer(NodeId("liar"), liar)])
             async with serving_registry(MemoryStore(), router) as (_, url):
                 async with httpx.AsyncClient(base_url=url) as client:
                     with pytest.raises(httpx.RemoteProtocolError):
                         await client.get(BLOB_PATH)
+                asked = len(seen)
+                # containerd's retry (here a resume) must not meet the liar again: with no
+                # other holder it gets a 404 and goes to the upstream.
                 async with httpx.AsyncClient(base_url=url) as client:
+                    retry = await client.get(BLOB_PATH, headers={"range": "bytes=100-"})
                     metrics = (await client.get("/metrics")).text
+        assert retry.status_code == 404
+        assert len(seen) == asked
         assert "spegeld_bad_peers_total 1" in metrics
 
 

@@ -58,6 +58,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
+# h11 accepts any HTTP/d.d and would treat HTTP/7.3 as 1.1: answer 505 instead.
+SUPPORTED_VERSIONS = frozenset({b"1.0", b"1.1"})
 SENDFILE_CHUNK = 8 * 1024 * 1024  # large enough to amortise the syscall, small enough to be fair
 # accept() failing for want of file descriptors or memory: wait this long and try again
 # (trio's serve_listeners does the same); the listen backlog holds clients meanwhile.
@@ -300,11 +302,22 @@ class HttpServer:
                         scope.deadline = trio.current_time() + self._limits.head_timeout
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
-                        # Reads no bigger than the header limit, so h11 sees an
-                        # over-long head as incomplete and refuses it (431).
-                        size = min(RECEIVE_SIZE, self._limits.max_header_bytes)
-                        conn.receive_data(await stream.receive_some(size))
+                        # h11 checks its size limit only on an incomplete head, so a head
+                        # that completes in the read that crosses the limit would pass:
+                        # never buffer more than the limit, and refuse a head that fills it.
+                        buffered = len(conn.trailing_data[0])
+                        room = self._limits.max_header_bytes - buffered
+                        if room <= 0:
+                            raise h11.RemoteProtocolError(
+                                "request head too large", error_status_hint=431
+                            )
+                        conn.receive_data(await stream.receive_some(min(RECEIVE_SIZE, room)))
                     elif isinstance(event, h11.Request):
+                        if event.http_version not in SUPPORTED_VERSIONS:
+                            raise h11.RemoteProtocolError(
+                                f"HTTP/{event.http_version.decode()} is not supported",
+                                error_status_hint=505,
+                            )
                         return event
                     else:  # ConnectionClosed, or PAUSED on a misbehaving client
                         return None

@@ -94,10 +94,13 @@ class Proxy:
         found = self._router.lookup(key, self._settings.holders_to_try * 2)
         self._metrics.resolve_duration.labels(router="local").observe(trio.current_time() - start)
         now = trio.current_time()
-        found = [p for p in found if self._unreachable.get(p, 0) <= now]
-        good = [p for p in found if self._bad.get(p, 0) <= now]
-        bad = [p for p in found if self._bad.get(p, 0) > now]
-        return (good + bad)[: self._settings.holders_to_try]
+        # A peer that sent corrupt bytes is not asked at all while it is marked: bytes it
+        # sent reached containerd before the digest could be checked, so containerd's
+        # retry must meet another holder, or a 404 that sends it to the upstream.
+        usable = [
+            p for p in found if self._unreachable.get(p, 0) <= now and self._bad.get(p, 0) <= now
+        ]
+        return usable[: self._settings.holders_to_try]
 
     async def manifest(
         self, holders: Sequence[Peer], request: Request, target: bytes, digest: Digest | None

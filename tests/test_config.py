@@ -278,6 +278,11 @@ def test_short_help_flag() -> None:
         ["doctor", "--peer", "not-an-address"],
         ["doctor", "--lease-namespace", "Not_A_Label"],
         ["run", "--lease-name", "-bad-"],
+        # Names getaddrinfo cannot even encode ended the gossip task at runtime.
+        ["run", "--peer", "a..b:7946"],
+        ["run", "--peer-dns", "a..b"],
+        ["run", "--peer-dns", "peers.example:notaport"],
+        ["run", "--static-peer", f"{'x' * 64}.example:5000"],
     ],
     ids=" ".join,
 )
@@ -328,3 +333,22 @@ def test_images_has_the_options_this_file_expects() -> None:
         "--containerd-content-path",
         "--json",
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("10.0.0.1", True),
+        ("fd00::1", True),
+        ("node-1.cluster.local", True),
+        ("node-1.cluster.local.", True),
+        ("a..b", False),
+        ("-a.b", False),
+        ("a" * 64, False),
+        (".".join(["a" * 63] * 4), False),  # 255 characters
+        ("bad_name", False),
+        ("", False),
+    ],
+)
+def test_is_host(text: str, ok: bool) -> None:
+    assert config.is_host(text) is ok

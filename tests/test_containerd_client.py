@@ -239,3 +239,19 @@ async def test_stalled_reads_hold_little_memory_and_never_block_other_calls(
                 await reader.aclose()  # type: ignore[attr-defined]
     print(f"{STALLED} stalled reads: RSS growth {growth / 1024 / 1024:.1f} MiB")
     assert growth < STALLED_RSS_LIMIT, growth
+
+
+async def test_a_connection_out_of_stream_ids_is_redialled(containerd: PrivateContainerd) -> None:
+    """grpclib never redials a connection whose 2**30 client streams are spent. Spending
+    them for real takes about 256 TiB of gRPC reads, so the test moves the real h2
+    connection's stream counter to its last ID; everything else is real."""
+    with trio.fail_after(20):
+        async with open_containerd(containerd.socket, "k8s.io") as client:
+            await client.version()
+            channel = client._version.Version.channel
+            h2_connection = channel._protocol.processor.connection._connection
+            h2_connection.highest_outbound_stream_id = 2**31 - 1
+            with pytest.raises(ContainerdUnavailable, match="stream IDs"):
+                await client.version()
+            assert (await client.version()).version  # a new connection
+            assert channel._protocol.processor.connection._connection is not h2_connection

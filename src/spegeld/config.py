@@ -6,6 +6,8 @@ variable, the ``--config`` TOML file, the built-in default.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,12 +101,38 @@ class NodeConfig:
     lease: LeaseSettings = field(default_factory=LeaseSettings)
 
 
+# RFC 1123 host names: what getaddrinfo can be asked without an encoding error.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host(text: str) -> bool:
+    """An IP address or a DNS name (at most 253 characters, labels of at most 63)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = text.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` or ``:port`` (all addresses) → (host, port)."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what} {text!r} is not HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
-    if any(c.isspace() or c in "/?#@" for c in host):
+    if not is_host(host):
         raise ConfigError(f"{what} {text!r} has an invalid host")
     return host, int(port_text)
+
+
+def parse_seed_name(text: str, what: str) -> str:
+    """``name[:port]`` for a DNS seed: refused at once if it could never resolve."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, "1"
+    if not is_host(host) or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(f"{what} {text!r} is not NAME[:PORT]")
+    return text

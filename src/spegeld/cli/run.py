@@ -150,7 +150,7 @@ def node_config(
         gossip_host=gossip_host,
         gossip_port=gossip_port,
         peers=seeds,
-        peer_dns=peer_dns,
+        peer_dns=tuple(config.parse_seed_name(name, "--peer-dns") for name in peer_dns),
         cluster_key_file=cluster_key_file,
         insecure_gossip=insecure_gossip,
         lease=lease_settings(

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
+import h2.exceptions
 import trio
 import trio_asyncio
 from grpclib.client import Channel
@@ -72,7 +73,8 @@ class AioBridge:
             return await fn(*args, **kwargs)
 
         with trio.move_on_after(answer_within) as scope:
-            return await self._run(run())
+            with self._renewing_exhausted(fn):
+                return await self._run(run())
         assert scope.cancelled_caught
         raise CallTimeout(f"no answer within {answer_within:g} s")
 
@@ -101,7 +103,7 @@ class AioBridge:
         async def finish(exc: BaseException | None) -> None:
             await stream.__aexit__(type(exc) if exc else None, exc, None)
 
-        with trio.move_on_after(open_timeout) as scope:
+        with trio.move_on_after(open_timeout) as scope, self._renewing_exhausted(method):
             await self._run(start())
         if scope.cancelled_caught:
             raise CallTimeout(f"could not open a stream within {open_timeout:g} s")
@@ -136,6 +138,19 @@ class AioBridge:
                         await self._run(finish(error))
                     except Exception as cleanup:  # the stream is broken; the first error wins
                         logger.debug("releasing a broken containerd stream: %r", cleanup)
+
+    @contextmanager
+    def _renewing_exhausted(self, method: Any) -> Iterator[None]:
+        """An HTTP/2 connection has 2**30 client streams; grpclib does not redial when they
+        run out (one per 256 KiB read: about 256 TiB served over gRPC). Drop the spent
+        connection so the next call dials a new one, and report this call as lost."""
+        try:
+            yield
+        except h2.exceptions.NoAvailableStreamIDError as exc:
+            channel = getattr(method, "channel", None)
+            if isinstance(channel, Channel):
+                channel.close()  # closes the transport; the next request reconnects
+            raise ConnectionLost("the containerd connection ran out of stream IDs") from exc
 
     async def open_channel(self, socket_path: str, config: Configuration | None = None) -> Channel:
         async def create() -> Channel:

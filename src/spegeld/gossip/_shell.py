@@ -222,7 +222,7 @@ async def resolve_seeds(names: Sequence[str], default_port: int) -> list[Addr]:
             port = int(port_text)
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
+        except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: "a..b" (IDNA)
             logger.warning("gossip seed name %s does not resolve: %s", name, exc)
             continue
         for info in infos:

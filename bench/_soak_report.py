@@ -66,12 +66,13 @@ def groups(node: str, start: float, end: float, faults: Iterable[Injected]) -> l
 
 
 class Resources:
-    """Peak RSS (VmHWM) and open fds of every spegeld incarnation, sampled from /proc."""
+    """Peak RSS (VmHWM), open fds and threads of every spegeld incarnation, from /proc."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.peak_rss_kib: dict[str, int] = defaultdict(int)
         self.peak_fds: dict[str, int] = defaultdict(int)
+        self.peak_threads: dict[str, int] = defaultdict(int)  # what systemd's TasksMax= counts
         self.last_rss_kib: dict[str, int] = {}
         self.samples = 0
 
@@ -88,9 +89,11 @@ class Resources:
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             hwm = int(fields.get("VmHWM", "0 kB").split()[0])
             rss = int(fields.get("VmRSS", "0 kB").split()[0])
+            threads = int(fields.get("Threads", "0").strip() or 0)
             with self.lock:
                 self.peak_rss_kib[node.name] = max(self.peak_rss_kib[node.name], hwm)
                 self.peak_fds[node.name] = max(self.peak_fds[node.name], fds)
+                self.peak_threads[node.name] = max(self.peak_threads[node.name], threads)
                 self.last_rss_kib[node.name] = rss
                 self.samples += 1
 
@@ -101,6 +104,7 @@ class Resources:
                     "peak_rss_mib": round(self.peak_rss_kib[name] / 1024, 1),
                     "last_rss_mib": round(self.last_rss_kib.get(name, 0) / 1024, 1),
                     "peak_fds": self.peak_fds[name],
+                    "peak_threads": self.peak_threads[name],
                 }
                 for name in sorted(self.peak_rss_kib)
             }
@@ -336,7 +340,8 @@ def render(summary: dict[str, Any]) -> list[str]:
     for name, r in summary["resources"].items():
         say(
             f"  {name}: peak RSS {r['peak_rss_mib']} MiB, last {r['last_rss_mib']} MiB, "
-            f"peak fds {r['peak_fds']}, healthz {summary['healthz'].get(name)}"
+            f"peak fds {r['peak_fds']}, peak threads {r['peak_threads']}, "
+            f"healthz {summary['healthz'].get(name)}"
         )
     say("mirror wait (s): connect() to the status line of a HEAD to the node's own mirror, from")
     say("inside its namespace (what containerd waits before an answer, a refusal or the upstream);")

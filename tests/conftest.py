@@ -9,14 +9,21 @@ from pathlib import Path
 import pytest
 
 from spegeld.harness import PrivateContainerd, containerd_unavailable_reason
+from tests._components import component_dir
+
+# The fixtures that start a real containerd; a test using one is marked `containerd`.
+_CONTAINERD_FIXTURES = frozenset({"containerd", "containerd2", "any_containerd"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Anything using the `containerd` fixture starts a real containerd: mark it so
     # `-m "not containerd"` deselects it even if the test forgot the marker.
     for item in items:
-        if "containerd" in getattr(item, "fixturenames", ()):
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _CONTAINERD_FIXTURES or "containerd_bin_dir" in names:
             item.add_marker(pytest.mark.containerd)
+        if "containerd2" in names:
+            item.add_marker(pytest.mark.containerd2)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -42,6 +49,46 @@ def containerd(tmp_path: Path) -> Iterator[PrivateContainerd]:
     """
     _require_containerd()
     c = PrivateContainerd(tmp_path / "containerd")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def containerd2(tmp_path: Path) -> Iterator[PrivateContainerd]:
+    """Like ``containerd``, on the containerd 2.3 built by scripts/build-components."""
+    _require_containerd()
+    c = PrivateContainerd(tmp_path / "containerd2", bin_dir=component_dir("containerd"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("1.6", id="1.6"),
+        pytest.param("2.3", id="2.3", marks=pytest.mark.containerd2),
+    ]
+)
+def containerd_bin_dir(request: pytest.FixtureRequest) -> Path | None:
+    """Run once per containerd version: None (Debian's 1.6 from PATH) or 2.3's binary dir.
+
+    For tests that start their own nodes: ``PrivateContainerd(dir, bin_dir=...)``.
+    """
+    if request.param == "1.6":
+        return None
+    return component_dir("containerd")
+
+
+@pytest.fixture
+def any_containerd(tmp_path: Path, containerd_bin_dir: Path | None) -> Iterator[PrivateContainerd]:
+    """A started private containerd, once on 1.6 (id "1.6") and once on 2.3 (id "2.3")."""
+    _require_containerd()
+    c = PrivateContainerd(tmp_path / "containerd", bin_dir=containerd_bin_dir)
     try:
         c.start()
         yield c

@@ -1,12 +1,13 @@
-"""A private containerd per simulated node (Debian's containerd 1.6, no CRI).
+"""A private containerd per simulated node: Debian's 1.6, or a 2.x from ``bin_dir``.
 
 Plain synchronous code (subprocess): usable from sync fixtures, scripts and trio tests alike.
 
 Layout: ``base_dir`` (given, or a fresh ``/tmp/spg-*``) holds ``config.toml``,
-``containerd.log``, ``root/``, ``state/`` and ``opt/``.  The unix sockets live in a short
-private ``/tmp/spg-*`` directory when ``base_dir`` is too long for AF_UNIX (pytest's
-``tmp_path`` often is).  The CRI plugin stays disabled: it would write ``/etc/cni`` on the
-host.  Processes are only ever signalled by the PID this object started.
+``containerd.log``, ``root/``, ``state/``, ``opt/``, ``certs.d/`` (the registry hosts dir
+CRI reads) and ``cri/``.  The unix sockets live in a short private ``/tmp/spg-*`` directory
+when ``base_dir`` is too long for AF_UNIX (pytest's ``tmp_path`` often is).  CRI is off
+unless ``cri=True``; on, every host path it would touch points into ``base_dir`` (see
+``_containerd_config``).  Processes are only ever signalled by the PID this object started.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from spegeld.harness._containerd_config import ContainerdLayout, containerd_config
+
 __all__ = [
     "CtrError",
     "HarnessUnavailable",
@@ -33,13 +37,9 @@ __all__ = [
 ]
 
 INSTALL_HINT: Final = "install Debian's containerd: apt-get install -y containerd runc"
-DISABLED_PLUGINS: Final = (
-    "io.containerd.grpc.v1.cri",
-    "io.containerd.snapshotter.v1.devmapper",
-    "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.zfs",
-)
+# "containerd github.com/containerd/containerd 1.6.20~ds1 ..." (Debian) or
+# "containerd github.com/containerd/containerd/v2 v2.3.7 ..." (a Go build).
+_VERSION_RE: Final = re.compile(r"\sv?(\d+)\.(\d+)\.(\d+)")
 CONTENT_PLUGIN_DIR: Final = "io.containerd.content.v1.content"
 # sun_path is 108 bytes on Linux; leave room for the ".ttrpc" suffix and the NUL.
 _MAX_SOCKET_PATH: Final = 100
@@ -72,11 +72,6 @@ def containerd_unavailable_reason(
     if os.geteuid() != 0:
         return "a private containerd needs root (it mounts, chowns and owns its state dirs)"
     return None
-
-
-def _toml_str(value: str | Path) -> str:
-    s = str(value)
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # Instances with a live process, stopped at interpreter exit so a crashed test run or an
@@ -112,7 +107,15 @@ class PrivateContainerd:
         containerd_bin: str = "containerd",
         ctr_bin: str = "ctr",
         extra_config: str = "",
+        bin_dir: Path | None = None,
+        cri: bool = False,
     ) -> None:
+        """``bin_dir``: run ``bin_dir/containerd`` and ``bin_dir/ctr`` (a 2.x build, say)
+        instead of ``containerd_bin``/``ctr_bin`` (Debian's 1.6 from PATH).  ``cri``: enable
+        the CRI plugin, its registry ``config_path`` at :attr:`hosts_dir`."""
+        if bin_dir is not None:
+            containerd_bin = str(Path(bin_dir) / "containerd")
+            ctr_bin = str(Path(bin_dir) / "ctr")
         self._owned_dirs: list[Path] = []
         if base_dir is None:
             base = Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp"))
@@ -128,6 +131,8 @@ class PrivateContainerd:
         self.extra_config = extra_config
         self._containerd_bin = containerd_bin
         self._ctr_bin = ctr_bin
+        self.cri = cri
+        self._version: str | None = None
         self._sock_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -156,6 +161,43 @@ class PrivateContainerd:
     @property
     def config_path(self) -> Path:
         return self.base_dir / "config.toml"
+
+    @property
+    def hosts_dir(self) -> Path:
+        """The registry hosts dir CRI's ``config_path`` names (``spegeld configure``'s target)."""
+        return self.base_dir / "certs.d"
+
+    @property
+    def cri_socket(self) -> Path:
+        """The CRI endpoint: the gRPC socket (for ``crictl --image-endpoint unix://...``)."""
+        return self.socket
+
+    @property
+    def version(self) -> str:
+        """containerd's version, e.g. ``"1.6.20"`` or ``"2.3.7"`` (from ``--version``)."""
+        if self._version is None:
+            self._version = self._read_version()
+        return self._version
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".", 1)[0])
+
+    def _read_version(self) -> str:
+        try:
+            result = subprocess.run(
+                [self._containerd_bin, "--version"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+        except OSError as e:
+            raise HarnessUnavailable(f"cannot run {self._containerd_bin}: {e}") from e
+        found = _VERSION_RE.search(result.stdout)
+        if result.returncode != 0 or found is None:
+            raise HarnessUnavailable(
+                f"{self._containerd_bin} --version gave no version: "
+                f"{(result.stdout + result.stderr).strip()!r}"
+            )
+        return ".".join(found.groups())
 
     @property
     def log_path(self) -> Path:
@@ -198,28 +240,19 @@ class PrivateContainerd:
             raise HarnessUnavailable(reason)
 
     def _write_config(self) -> None:
-        sock_dir = self._socket_dir()
-        disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
+        layout = ContainerdLayout(
+            base_dir=self.base_dir,
+            root=self.root,
+            state=self.state,
+            socket=self.socket,
+            debug_socket=self._socket_dir() / "debug.sock",
+            hosts_dir=self.hosts_dir,
+            log_level=self.log_level,
+        )
+        if self.cri:
+            self.hosts_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
-            f"""version = 2
-root = {_toml_str(self.root)}
-state = {_toml_str(self.state)}
-disabled_plugins = [{disabled}]
-
-[grpc]
-  address = {_toml_str(self.socket)}
-
-[ttrpc]
-  address = {_toml_str(str(self.socket) + ".ttrpc")}
-
-[debug]
-  address = {_toml_str(sock_dir / "debug.sock")}
-  level = {_toml_str(self.log_level)}
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = {_toml_str(self.base_dir / "opt")}
-{self.extra_config}
-"""
+            containerd_config(layout, major=self.major, cri=self.cri, extra=self.extra_config)
         )
 
     def start(self) -> Self:

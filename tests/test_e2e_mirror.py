@@ -5,6 +5,7 @@ own loopback address. A pulls through its mirror (a miss, a fast 404, then the
 upstream); the upstream is stopped; B pulls the same image and every byte
 comes from A. Twice: once with ``--static-peer``, once with B finding A's
 content through gossip alone (one ``--peer`` seed, a shared cluster key).
+Each on containerd 1.6 (Debian) and 2.3 (built; its ctr pulls through the transfer service).
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[tuple[PrivateContainerd, PrivateContainerd]]:
-    a = PrivateContainerd(tmp_path / "a-containerd")
-    b = PrivateContainerd(tmp_path / "b-containerd")
+def nodes(
+    tmp_path: Path, containerd_bin_dir: Path | None
+) -> Iterator[tuple[PrivateContainerd, PrivateContainerd]]:
+    a = PrivateContainerd(tmp_path / "a-containerd", bin_dir=containerd_bin_dir)
+    b = PrivateContainerd(tmp_path / "b-containerd", bin_dir=containerd_bin_dir)
     try:
         a.start()
         b.start()

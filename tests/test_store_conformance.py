@@ -58,12 +58,19 @@ class ContainerdDriver:
         await wait_until(lambda: key not in self.store.list().tags, EVENT_TIMEOUT, "delete event")
 
 
-@pytest.fixture(params=["memory", "containerd"])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("containerd", marks=pytest.mark.containerd),
+        pytest.param("containerd2", marks=[pytest.mark.containerd, pytest.mark.containerd2]),
+    ]
+)
 async def driver(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Driver]:
     if request.param == "memory":
         yield MemoryDriver()
         return
-    node: PrivateContainerd = request.getfixturevalue("containerd")
+    # "containerd": Debian's 1.6; "containerd2": the 2.3 built by scripts/build-components.
+    node: PrivateContainerd = request.getfixturevalue(request.param)
     async with open_containerd(node.socket, node.namespace) as client:
         store = ContainerdStore(client, node.content_path)
         async with trio.open_nursery() as nursery:

@@ -1,15 +1,26 @@
-"""`spegeld doctor` names each API fault class of DESIGN.md §7, across network namespaces.
+"""`spegeld doctor` names each API fault class of DESIGN.md §7, against a real kube-apiserver.
 
-The Kubernetes API test server (tests/kubeapi) runs in one namespace, doctor in
-another, both ends of every connection inside namespaces this test creates (no
-default route: nothing can leave for a foreign address). Each fault is real:
+etcd and kube-apiserver (scripts/build-components) run in one network namespace, doctor
+in another: both ends of every connection are inside namespaces this test creates (no
+default route: nothing can leave for a foreign address). RBAC comes from
+deploy/rbac.yaml and the kubeconfig from the steps of deploy/README.md (TokenRequest).
+Each fault is real:
 
 - DROP and REJECT are nftables rules in the API server's namespace;
-- an unresolvable name uses a resolv.conf for the node namespace whose nameserver
-  is the API namespace's address, where nothing serves DNS;
-- a revoked token and a token without `update` come from the server's token table;
+- an unresolvable name uses a resolv.conf for the node namespace whose nameserver is the
+  API namespace's address, where nothing serves DNS;
+- a revoked token: a TokenRequest token whose ServiceAccount was then deleted; an
+  expired token: signed with the apiserver's own key, expired two hours ago;
+- a ServiceAccount whose Role lacks ``update`` (403, from RBAC's own answer);
 - a CA the server's certificate does not chain to;
-- a second server whose clock (and so its Date header) runs 10 minutes ahead.
+- an expired serving certificate: the apiserver restarted with one (then restarted back);
+- a missing namespace: an account allowed Leases everywhere, pointed at a namespace that
+  does not exist.
+
+Still on the API test server (tests/kubeapi), and why: the clock-skew test. The real
+apiserver's ``Date`` comes from this machine's clock, and the test cannot move the clock
+of one namespace (time namespaces do not cover CLOCK_REALTIME); the stand-in's
+``--clock-offset`` shifts its Date header alone.
 """
 
 from __future__ import annotations
@@ -36,60 +47,63 @@ from tests.kubeapi._process import (
     service_account_jwt,
     write_kubeconfig,
 )
+from tests.realkube._accounts import add_account, follow_readme, signed_expired_token
+from tests.realkube._apiserver import RealKubeApi
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.kubeapiserver]
 
 SUBNET = "10.215.0"  # private to the namespaces this test creates
 API_PORT = 6443
 SKEWED_PORT = 6444
 TIMEOUT = 2.0  # doctor --timeout
 FAULT_TABLE = "spegeld_test_fault"
+EXPIRED_AGO = 7200.0  # the hand-signed token expired two hours before the module started
+MISSING_NAMESPACE = "spegeld-absent"
 REPO = Path(__file__).resolve().parent.parent
 
 
-TOKENS = {
-    "spegeld": service_account_jwt("spegeld", time.time() + 3600),
-    "limited": service_account_jwt("limited", time.time() + 3600),
-    "revoked": service_account_jwt("revoked", time.time() - 7200),
-}
-
-
-def accounts() -> list[dict[str, Any]]:
-    return [
-        lease_account("spegeld", TOKENS["spegeld"]),
-        lease_account("limited", TOKENS["limited"], ("get", "create")),
-    ]
-
-
 class Lab:
-    def __init__(self, network: Network, tmp_path: Path) -> None:
+    def __init__(self, network: Network, tmp: Path) -> None:
         self.network = network
         self.api_ns, self.node_ns = network.nodes
         self.api_ip = network.address(0)
-        self.tmp = tmp_path
-        self.server = KubeApiProcess(
-            tmp_path / "api", self.api_ip, API_PORT, accounts(), netns=self.api_ns
+        self.tmp = tmp
+        self.api = RealKubeApi(tmp / "api", self.api_ip, API_PORT, netns=self.api_ns)
+        self.api.start()
+        print(f"\n[doctor] etcd + kube-apiserver ready in {self.api.start_seconds:.1f} s, "
+              f"RSS MiB {self.api.rss_mib()}")  # fmt: skip
+        self.healthy = follow_readme(self.api, tmp / "readme")
+        add_account(self.api, "limited", ("get", "create"))
+        add_account(self.api, "wide", ("get", "create", "update"), cluster_wide=True)
+        add_account(self.api, "revoked", ("get", "create", "update"))
+        self.tokens = {
+            name: self.api.kubectl("-n", "spegeld", "create", "token", name).strip()
+            for name in ("limited", "wide", "revoked")
+        }
+        self.tokens["expired"] = signed_expired_token(
+            self.api, "spegeld", time.time() - EXPIRED_AGO
         )
+        self.api.kubectl("-n", "spegeld", "delete", "serviceaccount", "revoked")
+        token = service_account_jwt("spegeld", time.time() + 3600)
         self.skewed = KubeApiProcess(
-            tmp_path / "skewed",
-            self.api_ip,
-            SKEWED_PORT,
-            accounts(),
-            "--clock-offset",
-            "600",
-            netns=self.api_ns,
-        )
+            tmp / "skewed", self.api_ip, SKEWED_PORT, [lease_account("spegeld", token)],
+            "--clock-offset", "600", netns=self.api_ns,
+        )  # fmt: skip
+        self.skewed_config = self.skewed.kubeconfig(tmp / "kubeconfig-skewed", token)
 
-    def config(self, name: str, *, token: str = TOKENS["spegeld"], server: str | None = None,
+    def config(self, name: str, *, token: str | None = None, server: str | None = None,
                ca_pem: str | None = None) -> Path:  # fmt: skip
-        return write_kubeconfig(self.tmp / f"kubeconfig-{name}", server or self.server.url,
-                                ca_pem or self.server.ca_pem, token)  # fmt: skip
+        if token is None and server is None and ca_pem is None:
+            return self.healthy
+        return write_kubeconfig(self.tmp / f"kubeconfig-{name}", server or self.api.url,
+                                ca_pem or self.api.ca_pem, token or self.tokens["limited"])  # fmt: skip
 
-    def doctor(self, config: Path) -> tuple[int, dict[str, dict[str, Any]], float]:
+    def doctor(self, config: Path, *extra: str) -> tuple[int, dict[str, dict[str, Any]], float]:
         started = time.monotonic()
         done = subprocess.run(
             ["ip", "netns", "exec", self.node_ns, sys.executable, "-m", "spegeld", "doctor",
-             "--json", "--only", "api", "--timeout", str(TIMEOUT), "--kubeconfig", str(config)],
+             "--json", "--only", "api", "--timeout", str(TIMEOUT), "--kubeconfig", str(config),
+             *extra],
             capture_output=True, text=True, timeout=120, check=False,
             env={**os.environ, "KUBERNETES_SERVICE_HOST": ""},
         )  # fmt: skip
@@ -113,14 +127,15 @@ table inet {FAULT_TABLE} {{
                         FAULT_TABLE], capture_output=True, timeout=30, check=True)  # fmt: skip
 
     def close(self) -> None:
-        self.server.stop()
         self.skewed.stop()
+        self.api.stop()
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     network = Network(2, SUBNET, prefix="spgd")
     resolv_dir: Path | None = None
+    built: Lab | None = None
     try:
         try:
             network.create()
@@ -131,12 +146,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         resolv_dir = Path("/etc/netns") / network.nodes[1]
         resolv_dir.mkdir(parents=True)
         (resolv_dir / "resolv.conf").write_text(f"nameserver {network.address(0)}\n")
-        built = Lab(network, tmp_path_factory.mktemp("doctor-netns"))
+        tmp = tmp_path_factory.mktemp("doctor-netns")
         try:
-            yield built
-        finally:
-            built.close()
+            built = Lab(network, tmp)
+        except BaseException:
+            for child in ("api/apiserver.log", "api/etcd.log"):
+                if (tmp / child).exists():
+                    print((tmp / child).read_text(errors="replace")[-3000:])
+            raise
+        yield built
     finally:
+        if built is not None:
+            built.close()
         if resolv_dir is not None:
             shutil.rmtree(resolv_dir, ignore_errors=True)
         network.close()
@@ -149,6 +170,9 @@ def test_a_healthy_api_passes_every_check(lab: Lab) -> None:
         "api.dns": "ok", "api.tcp": "ok", "api.tls": "ok", "api.health": "ok",
         "api.clock": "ok", "api.auth": "ok", "api.rbac": "ok", "api.namespace": "ok",
     }  # fmt: skip
+    assert any("v1.36" in line for line in checks["api.health"]["evidence"])
+    # the README's one-year TokenRequest token, as the apiserver signed it
+    assert re.match(r"token valid until 20\d\d-", checks["api.auth"]["evidence"][0])
 
 
 def test_dropped_packets_are_named_with_the_policy_remedy_within_the_timeout(lab: Lab) -> None:
@@ -191,19 +215,31 @@ def test_an_unresolvable_name_is_a_dns_failure(lab: Lab) -> None:
     assert checks["api.tcp"]["status"] == "skip"
 
 
-def test_a_revoked_token_is_401(lab: Lab) -> None:
-    code, checks, _ = lab.doctor(lab.config("revoked", token=TOKENS["revoked"]))
+def test_a_token_whose_serviceaccount_was_deleted_is_401(lab: Lab) -> None:
+    code, checks, _ = lab.doctor(lab.config("revoked", token=lab.tokens["revoked"]))
     assert code == 1
     auth = checks["api.auth"]
     assert auth["status"] == "fail"
     assert auth["verdict"].startswith("401")
-    # expired two hours before the module was imported: 120 min ago, or a little more
+    # unexpired, yet rejected: the evidence says so, the remedy mints a new one
+    assert auth["evidence"][0].startswith("token valid until"), auth["evidence"]
+    assert "create token" in auth["remedy"]
+    assert checks["api.rbac"]["status"] == "skip"
+
+
+def test_an_expired_token_is_401_with_its_age(lab: Lab) -> None:
+    code, checks, _ = lab.doctor(lab.config("expired", token=lab.tokens["expired"]))
+    assert code == 1
+    auth = checks["api.auth"]
+    assert auth["status"] == "fail"
+    assert auth["verdict"].startswith("401")
+    # expired two hours before the module started: 120 min ago, or a little more
     assert re.match(r"token expired 12\d min ago \(", auth["evidence"][0]), auth["evidence"]
     assert "create token" in auth["remedy"]
 
 
 def test_a_token_without_update_is_403_naming_the_verb_and_printing_the_role(lab: Lab) -> None:
-    code, checks, _ = lab.doctor(lab.config("limited", token=TOKENS["limited"]))
+    code, checks, _ = lab.doctor(lab.config("limited", token=lab.tokens["limited"]))
     assert code == 1
     rbac = checks["api.rbac"]
     assert rbac["status"] == "fail"
@@ -214,11 +250,30 @@ def test_a_token_without_update_is_403_naming_the_verb_and_printing_the_role(lab
     assert binding["subjects"][0] == {
         "kind": "ServiceAccount", "name": "limited", "namespace": "spegeld"
     }  # fmt: skip
+    # The printed remedy, applied by the admin, is accepted by the real server and fixes it.
+    # Its Role and RoleBinding carry deploy/rbac.yaml's names, so applying it rebinds them
+    # to this account: re-apply deploy/rbac.yaml afterwards.
+    lab.api.kubectl("apply", "-f", "-", stdin=rbac["remedy"].partition("\n")[2])
+    try:
+        code, checks, _ = lab.doctor(lab.config("limited", token=lab.tokens["limited"]))
+        assert checks["api.rbac"]["status"] == "ok", checks["api.rbac"]
+    finally:
+        lab.api.kubectl("apply", "-f", str(REPO / "deploy" / "rbac.yaml"))
+
+
+def test_a_missing_namespace_is_named(lab: Lab) -> None:
+    config = lab.config("wide", token=lab.tokens["wide"])
+    code, checks, _ = lab.doctor(config, "--lease-namespace", MISSING_NAMESPACE)
+    assert code == 1
+    namespace = checks["api.namespace"]
+    assert namespace["status"] == "fail", checks
+    assert namespace["verdict"] == f"namespace {MISSING_NAMESPACE} is missing"
+    assert f"kubectl create namespace {MISSING_NAMESPACE}" in namespace["remedy"]
 
 
 def test_a_certificate_from_another_ca_is_a_tls_failure(lab: Lab) -> None:
     other = trustme.CA().cert_pem.bytes().decode()
-    code, checks, _ = lab.doctor(lab.config("other-ca", ca_pem=other))
+    code, checks, _ = lab.doctor(lab.config("other-ca", ca_pem=other, token=lab.tokens["wide"]))
     assert code == 1
     tls = checks["api.tls"]
     assert tls["status"] == "fail"
@@ -227,9 +282,23 @@ def test_a_certificate_from_another_ca_is_a_tls_failure(lab: Lab) -> None:
     assert checks["api.health"]["status"] == "skip"
 
 
+def test_an_expired_serving_certificate_is_a_tls_failure(lab: Lab) -> None:
+    lab.api.start_apiserver(expired_cert=True)
+    try:
+        code, checks, _ = lab.doctor(lab.config("healthy"))
+    finally:
+        lab.api.start_apiserver()
+    assert code == 1
+    tls = checks["api.tls"]
+    assert tls["status"] == "fail"
+    assert tls["verdict"].startswith("TLS: the certificate has expired"), tls
+    assert any(line.startswith("valid ") for line in tls["evidence"]), tls["evidence"]
+    assert checks["api.health"]["status"] == "skip"
+
+
 def test_a_server_date_10_minutes_off_is_clock_skew(lab: Lab) -> None:
-    config = lab.config("skewed", server=lab.skewed.url, ca_pem=lab.skewed.ca_pem)
-    code, checks, _ = lab.doctor(config)
+    # The API test server: the only way to skew one server's clock here (module docstring).
+    code, checks, _ = lab.doctor(lab.skewed_config)
     assert code == 1
     clock = checks["api.clock"]
     assert clock["status"] == "fail"

@@ -152,3 +152,65 @@ def test_crictl_pull_through_the_mirror_then_from_the_peer_with_the_upstream_dow
         assert spegeld_a.metric(hit) >= len(want)
         assert spegeld_a.stop() == 0
         assert spegeld_b.stop() == 0
+
+
+def default_config_2x(containerd_bin: Path, tmp_path: Path, hosts_dir: Path | None) -> Path:
+    """``containerd config default`` of this build (version 4 on 2.3), and with ``hosts_dir``
+    its CRI registry ``config_path`` set to it, as a node admin would after running
+    ``spegeld configure containerd``; checked by containerd's own loader (``config dump``)."""
+    text = subprocess.run(
+        [str(containerd_bin), "config", "default"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    config = tmp_path / ("default-configured.toml" if hosts_dir else "default.toml")
+    if hosts_dir is not None:
+        unset = "[plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = ''"
+        assert text.count(unset) == 1, text
+        text = text.replace(unset, unset.replace("''", f"'{hosts_dir}'"))
+    config.write_text(text)
+    dumped = subprocess.run(
+        [str(containerd_bin), "--config", str(config), "config", "dump"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert f"config_path = '{hosts_dir or ''}'" in dumped
+    return config
+
+
+@pytest.mark.containerd2
+def test_doctor_on_a_containerd_23_node_with_cri_finds_no_failure(tmp_path: Path) -> None:
+    bin_dir = component_binary("containerd").parent
+    node = PrivateContainerd(tmp_path / "containerd", bin_dir=bin_dir, cri=True)
+    with node:
+        node.import_image(IMAGE.write_oci_archive(tmp_path / "image.tar"))
+        spegeld = SpegeldProcess(tmp_path / "node", node)
+        with spegeld:
+            configure_hosts(node.hosts_dir, spegeld.url, "http://127.0.0.1:5000")
+            configs = {
+                "harness (version 3)": node.config_path,
+                "default + config_path": default_config_2x(bin_dir / "containerd", tmp_path,
+                                                           node.hosts_dir),
+                "default, config_path unset": default_config_2x(bin_dir / "containerd", tmp_path,
+                                                                None),
+            }  # fmt: skip
+            for name, config in configs.items():
+                result = subprocess.run(
+                    [sys.executable, "-m", "spegeld", "doctor", "--json", "--only", "node",
+                     "--timeout", "3", "--containerd-sock", str(node.socket),
+                     "--containerd-content-path", str(node.content_path),
+                     "--containerd-config", str(config), "--registry-addr", spegeld.address],
+                    capture_output=True, text=True, timeout=60, check=False,
+                )  # fmt: skip
+                data = json.loads(result.stdout)
+                statuses = {c["check"]: c["status"] for c in data["checks"]}
+                assert result.returncode == 0 and "fail" not in statuses.values(), (name, data)
+                (cfg,) = [c for c in data["checks"] if c["check"] == "containerd.config"]
+                if name == "default, config_path unset":
+                    # containerd 2.x falls back to its default hosts dirs, which are not ours.
+                    assert "/etc/containerd/certs.d:/etc/docker/certs.d" in cfg["verdict"]
+                    assert statuses["mirror.hosts"] == "warn"
+                else:
+                    assert str(node.hosts_dir) in cfg["verdict"], (name, cfg)
+                    assert statuses == dict.fromkeys(statuses, "ok"), (name, data)
+                    (api,) = [c for c in data["checks"] if c["check"] == "containerd.api"]
+                    assert node.version in " ".join(api["evidence"])
+            assert spegeld.stop() == 0

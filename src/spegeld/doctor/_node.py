@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,11 @@ from ._model import CheckResult, Status, skipped
 
 BLOB_CHECK_LIMIT = 4 << 20  # bytes; the smallest local blob is fetched whole and verified
 CRI_V2 = "io.containerd.grpc.v1.cri"  # containerd 1.x / 2.x config version 2
-CRI_V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x config version 3
+CRI_V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x config versions 3 and 4
+# What containerd 2.x on Linux uses when neither config_path nor mirrors are set
+# (plugins/cri/images/plugin.go); 1.x leaves it empty and ignores hosts.toml.
+CRI_DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
+_MAJOR = re.compile(r"v?(\d+)\.")  # "v2.3.7", "1.6.20~ds1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +44,8 @@ class _Found:
     blob: ContentInfo | None = None
     repository: str = "spegeld/doctor"
     registry_ns: str = ""
-    config_path: Path | None = None
+    config_paths: tuple[Path, ...] = ()  # containerd's hosts dirs, in its order
+    containerd_major: int | None = None
 
 
 def _r(
@@ -99,6 +105,8 @@ async def _containerd_checks(
             )
         )
         return results
+    major = _MAJOR.match(version.version)
+    found.containerd_major = int(major.group(1)) if major else None
     status = Status.OK if images else Status.WARN
     verdict = f"{len(images)} images in namespace {cfg.namespace}"
     if not images:
@@ -159,27 +167,33 @@ def _config_checks(target: NodeTarget, found: _Found) -> list[CheckResult]:
         return [config, _hosts_check(target, found)]
     plugins = raw.get("plugins", {}) if isinstance(raw.get("plugins"), dict) else {}
     version = raw.get("version", 1)
-    if version == 3:
+    split = isinstance(version, int) and version >= 3  # 2.x: the CRI plugin is split
+    if split:
         images: dict[str, Any] = plugins.get(CRI_V3_IMAGES, {})
-        config_path = images.get("registry", {}).get("config_path")
+        registry: dict[str, Any] = images.get("registry", {})
         discard = images.get("discard_unpacked_layers")
     else:
         cri: dict[str, Any] = plugins.get(CRI_V2, {})
-        config_path = cri.get("registry", {}).get("config_path")
+        registry = cri.get("registry", {})
         discard = cri.get("containerd", {}).get("discard_unpacked_layers")
-    plugin = CRI_V3_IMAGES if version == 3 else CRI_V2
+    config_path = registry.get("config_path")
+    plugin = CRI_V3_IMAGES if split else CRI_V2
     results: list[CheckResult] = []
+    defaulted = (
+        not config_path
+        and not registry.get("mirrors")
+        and (split or (found.containerd_major or 0) >= 2)
+    )
+    if defaulted:
+        config_path = CRI_DEFAULT_CONFIG_PATH
     if config_path:
-        found.config_path = Path(str(config_path))
-        results.append(
-            _r(
-                "containerd.config",
-                "containerd config",
-                Status.OK,
-                f"registry config_path = {config_path}",
-                str(path),
-            )
+        found.config_paths = tuple(Path(p) for p in str(config_path).split(":") if p)
+        verdict = (
+            f"registry config_path unset: containerd 2.x uses {config_path}"
+            if defaulted
+            else f"registry config_path = {config_path}"
         )
+        results.append(_r("containerd.config", "containerd config", Status.OK, verdict, str(path)))
     else:
         results.append(
             _r(
@@ -229,12 +243,16 @@ def _targets_of(hosts_toml: Path) -> list[str]:
 
 
 def _hosts_check(target: NodeTarget, found: _Found) -> CheckResult:
-    directory = target.hosts_dir or found.config_path or Path("/etc/containerd/certs.d")
+    if target.hosts_dir is not None:
+        directories: tuple[Path, ...] = (target.hosts_dir,)
+    else:
+        directories = found.config_paths or (Path("/etc/containerd/certs.d"),)
+    directory = directories[0]  # where `spegeld configure containerd` should write
     host, port = target.registry
     ours = {f"{h}:{port}" for h in (host, "127.0.0.1", "localhost", "[::1]")}
     pointing: list[str] = []
     others: list[str] = []
-    for hosts_toml in sorted(directory.glob("*/hosts.toml")):
+    for hosts_toml in sorted(h for d in directories for h in d.glob("*/hosts.toml")):
         urls = _targets_of(hosts_toml)
         if any(url.split("://", 1)[-1].rstrip("/") in ours for url in urls):
             pointing.append(hosts_toml.parent.name)
@@ -247,14 +265,14 @@ def _hosts_check(target: NodeTarget, found: _Found) -> CheckResult:
             Status.OK,
             f"{len(pointing)} registries point at this spegeld",
             ", ".join(pointing[:8]),
-            str(directory),
+            ":".join(map(str, directories)),
         )
     return _r(
         "mirror.hosts",
         "containerd mirror",
         Status.WARN,
         "no hosts.toml points at this spegeld: containerd pulls straight from registries",
-        f"{directory}: {', '.join(others) or 'no hosts.toml files'}",
+        f"{':'.join(map(str, directories))}: {', '.join(others) or 'no hosts.toml files'}",
         fix=f"spegeld configure containerd --config-path {directory} --mirror-target http://127.0.0.1:{port}",
     )
 

@@ -1,11 +1,13 @@
-"""Five real daemons elect one coordinator through the Kubernetes API test server.
+"""Five real daemons elect one coordinator through a real kube-apiserver (v1.36, with etcd).
 
 Each node is a private containerd plus ``spegeld run`` on its own loopback address,
-all with one cluster key and one ServiceAccount kubeconfig; the API test server runs
-as its own process. Shown:
+all with one cluster key and one ServiceAccount kubeconfig minted by TokenRequest as
+deploy/README.md says, under deploy/rbac.yaml's RBAC (tests/kubeapi/_electing.py,
+tests/realkube). Shown:
 
 - exactly one node leads at every sample, and every node names it;
-- followers make no API requests while gossip shows a live coordinator;
+- followers make no API requests while gossip shows a live coordinator: the apiserver's
+  own audit log and its ``apiserver_request_total`` agree;
 - ``kill -9`` of the coordinator: another leads within the lease duration (15 s);
 - SIGTERM of the coordinator: it releases the Lease and another leads within 2 s.
 """
@@ -26,7 +28,7 @@ import pytest
 from tests._support import wait_for
 from tests.kubeapi._electing import ElectingCluster
 
-pytestmark = [pytest.mark.containerd, pytest.mark.slow]
+pytestmark = [pytest.mark.containerd, pytest.mark.slow, pytest.mark.kubeapiserver]
 
 HOSTS = [f"127.0.0.{i}" for i in range(11, 16)]
 LEASE_DURATION = 15.0
@@ -113,14 +115,23 @@ def test_one_coordinator_quiet_followers_failover_and_handover(cluster: Cluster)
         assert cluster.nodes[-1].spegeld.metric("spegeld_coordinator") == 0
 
         # Steady state: only the leader talks to the API, one renewal per retry period.
-        before = len(cluster.api.requests())
+        counted = cluster.api.request_counts()
+        start = time.time()
         time.sleep(10)
-        window = cluster.api.requests()[before:]
+        window = [r for r in cluster.api.requests() if start <= r["at"] < start + 10]
+        counted_after = cluster.api.request_counts()
         kinds = Counter(r["method"] for r in window)
-        print(f"[election] API requests in 10 s of steady state: {dict(kinds)}")
+        metric = {key: n - counted.get(key, 0.0) for key, n in counted_after.items()}
+        print(f"[election] API requests in 10 s of steady state: {dict(kinds)}; "
+              f"apiserver_request_total delta (verb, code): {metric}")  # fmt: skip
         assert kinds["GET"] == 0, window  # followers do not poll
         assert 4 <= kinds["PUT"] <= 6  # renewals every 2 s
         assert len(window) <= 10  # <= 1 request per second cluster-wide
+        assert {r["user"] for r in window} == {"system:serviceaccount:spegeld:spegeld"}
+        assert all(r["code"] == 200 for r in window), window
+        # The apiserver's own counter: no reads at all around the window, only renewals.
+        assert sum(n for (verb, _), n in metric.items() if verb == "GET") == 0, metric
+        assert 4 <= metric.get(("PUT", "200"), 0.0) <= 8, metric  # the window + the scrapes
 
         # kill -9 of the coordinator: another leads within the lease duration.
         victim = cluster.node(first)

@@ -1,7 +1,9 @@
 """The API server's packets are dropped: the daemons stay up, share images, and say why.
 
-Three namespaces on a bridge: the API test server in one, two nodes (containerd +
-``spegeld run`` each) in the others, the nodes seeding each other with ``--peer``.
+Three namespaces on a bridge: a real etcd + kube-apiserver (tests/realkube, RBAC from
+deploy/rbac.yaml, the kubeconfig minted by TokenRequest as deploy/README.md says) in one,
+two nodes (containerd + ``spegeld run`` each) in the others, the nodes seeding each other
+with ``--peer``.
 An nftables DROP on the API port is in place before the daemons start, the
 situation behind ``dial tcp 10.10.0.1:443: i/o timeout``. Shown:
 
@@ -36,9 +38,10 @@ from spegeld.harness import (
     write_cluster_key,
 )
 from tests._support import wait_for
-from tests.kubeapi._process import KubeApiProcess, lease_account, service_account_jwt
+from tests.realkube._accounts import follow_readme
+from tests.realkube._apiserver import RealKubeApi
 
-pytestmark = [pytest.mark.containerd, pytest.mark.slow]
+pytestmark = [pytest.mark.containerd, pytest.mark.slow, pytest.mark.kubeapiserver]
 
 SUBNET = "10.216.0"  # private to the namespaces this test creates
 API_PORT = 6443
@@ -52,13 +55,14 @@ class Lab:
     def __init__(self, network: Network, tmp: Path) -> None:
         self.network = network
         self.api_ns, self.ns_a, self.ns_b = network.nodes
-        token = service_account_jwt("spegeld", time.time() + 3600)
-        self.api = KubeApiProcess(
-            tmp / "api", network.address(0), API_PORT, [lease_account("spegeld", token)],
-            netns=self.api_ns,
-        )  # fmt: skip
-        self.drop()
-        kubeconfig = self.api.kubeconfig(tmp / "kubeconfig", token)
+        self.api = RealKubeApi(tmp / "api", network.address(0), API_PORT, netns=self.api_ns)
+        self.api.start()
+        try:
+            kubeconfig = follow_readme(self.api, tmp / "readme")
+            self.drop()
+        except BaseException:
+            self.api.stop()
+            raise
         key = write_cluster_key(tmp / "cluster.key")
         self.nodes: list[NetnsSpegeld] = []
         for i, netns in ((1, self.ns_a), (2, self.ns_b)):

@@ -1,21 +1,23 @@
-"""N real daemons electing a coordinator through the API test server, on loopback.
+"""N real daemons electing a coordinator through a real kube-apiserver, on loopback.
 
-Shared by tests/test_election_daemons.py and bench/failover.py. Each node is a private
+Shared by tests/test_election_daemons.py and bench/failover.py. etcd and kube-apiserver
+(tests/realkube) run on 127.0.0.1; ``deploy/rbac.yaml`` is applied and one ServiceAccount
+kubeconfig is minted by following deploy/README.md (TokenRequest). Each node is a private
 containerd plus ``spegeld run`` on its own loopback address, all holding one cluster key
-and one ServiceAccount kubeconfig; node 0 is the others' gossip seed.
+and that kubeconfig; node 0 is the others' gossip seed. ``api.requests()`` lists every
+Lease request from the apiserver's audit log.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, free_port, write_cluster_key
-
-from ._process import KubeApiProcess, lease_account, service_account_jwt
+from spegeld.harness import PrivateContainerd, SpegeldProcess, write_cluster_key
+from tests.realkube._accounts import follow_readme
+from tests.realkube._apiserver import RealKubeApi
 
 
 class Node:
@@ -39,11 +41,16 @@ class Node:
 
 class ElectingCluster:
     def __init__(self, base: Path, hosts: Sequence[str]) -> None:
-        token = service_account_jwt("spegeld", time.time() + 3600)
-        self.api = KubeApiProcess(
-            base / "api", "127.0.0.1", free_port("127.0.0.1"), [lease_account("spegeld", token)]
-        )
-        self.kubeconfig = self.api.kubeconfig(base / "kubeconfig", token)
+        self.api = RealKubeApi(base / "api")
+        self.api.start()
+        try:
+            self.kubeconfig = follow_readme(self.api, base / "readme")
+            self._build_nodes(base, hosts)
+        except BaseException:
+            self.api.stop()
+            raise
+
+    def _build_nodes(self, base: Path, hosts: Sequence[str]) -> None:
         key = write_cluster_key(base / "cluster.key")
         self.nodes: list[Node] = []
         seed = None

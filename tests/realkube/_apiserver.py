@@ -14,12 +14,14 @@ namespaces or mints ServiceAccount secrets), no cloud provider, no aggregated AP
 from __future__ import annotations
 
 import base64
+import datetime
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -36,6 +38,19 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"  # what kubeadm sets
 # The apiserver's own identity Lease (kube-system) would be renewed every 10 s and show in
 # apiserver_request_total beside spegeld's; off, the Lease counters are spegeld's alone.
 FEATURE_GATES = "APIServerIdentity=false,UnknownVersionInteroperabilityProxy=false"
+# Every Lease request, one JSON line each (the log backend writes each event as it ends):
+# per-request records with the user, which apiserver_request_total cannot give.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    resources: [{group: "coordination.k8s.io", resources: ["leases"]}]
+  - level: None
+"""
+METHODS = {"get": "GET", "list": "GET", "watch": "GET", "create": "POST", "update": "PUT",
+           "patch": "PATCH", "delete": "DELETE", "deletecollection": "DELETE"}  # fmt: skip
 
 
 def _pid_rss_mib(pid: int) -> float:
@@ -91,6 +106,9 @@ class RealKubeApi:
         self.etcd_client = 2379 if netns else free_port("127.0.0.1")
         self.etcd_peer = 2380 if netns else free_port("127.0.0.1")
         self.pki: Pki = make_pki(base / "pki", [host])
+        self.audit_policy = base / "audit-policy.yaml"
+        self.audit_policy.write_text(AUDIT_POLICY)
+        self.audit_log = base / "audit.jsonl"
         self.admin_kubeconfig = self._write_admin_kubeconfig(base / "admin.kubeconfig")
         self.etcd: _Child | None = None
         self.apiserver: _Child | None = None
@@ -176,6 +194,8 @@ class RealKubeApi:
             "--feature-gates", FEATURE_GATES,
             "--cert-dir", str(self.base / "apiserver-certs"),
             "--profiling=false", "--shutdown-delay-duration", "0s",
+            "--audit-policy-file", str(self.audit_policy),
+            "--audit-log-path", str(self.audit_log), "--audit-log-format", "json",
         ], self.base / "apiserver.log")  # fmt: skip
         self.wait_ready(verify=not expired_cert)
 
@@ -244,6 +264,26 @@ class RealKubeApi:
         if done.returncode != 0:
             raise RuntimeError(f"shell snippet failed: {done.stderr.strip()}\n{script}")
         return done.stdout
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every Lease request so far, from the audit log: method, path, code, user, at."""
+        if not self.audit_log.exists():
+            return []
+        records = []
+        for line in self.audit_log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line being written this instant
+            received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"])
+            records.append({
+                "method": METHODS.get(event["verb"], event["verb"].upper()),
+                "path": event["requestURI"],
+                "code": event.get("responseStatus", {}).get("code"),
+                "user": event.get("user", {}).get("username"),
+                "at": received.timestamp(),
+            })  # fmt: skip
+        return records
 
     def request_counts(self, resource: str = "leases") -> dict[tuple[str, str], float]:
         """``apiserver_request_total`` for ``resource``, summed by (verb, code)."""

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from spegeld.errors import NotFound
 from spegeld.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Digest
 from spegeld.store import KeysChanged, MemoryStore, OpenBlob, Snapshot
-from spegeld.store._index import ImageEntry, Index, merge_changes
+from spegeld.store._index import ImageEntry, Index, LooseBlob, merge_changes
 from spegeld.store.memory import CHUNK_SIZE, sha256_digest
 
 
@@ -250,6 +250,63 @@ def test_merge_changes_equals_applying_in_order(
     assert apply(start, merge_changes(changes)) == sequential
 
 
+# --- Index: loose blobs (containerd 2.1+ content events) ------------------------------
+
+
+def loose(n: int, at: float = 0.0) -> LooseBlob:
+    return LooseBlob(Descriptor("application/octet-stream", dg(n), 100 + n), committed_at=at)
+
+
+def test_a_loose_blob_is_held_by_digest_at_once() -> None:
+    index = Index()
+    assert index.add_loose(loose(1)) == changed(added={dg(1)})
+    assert index.descriptor(dg(1)) == loose(1).descriptor
+    assert index.snapshot() == Snapshot(digests={dg(1): loose(1).descriptor}, tags={})
+    assert index.loose() == [loose(1)]
+    assert index.add_loose(loose(1, at=5.0)) == changed(), "a second commit adds nothing"
+
+
+def test_an_image_takes_over_a_loose_blob_and_its_descriptor() -> None:
+    index = Index()
+    index.add_loose(loose(1))
+    index.add_loose(loose(2))
+    assert index.put("a", entry([1, 3], {KA: 3})) == changed(added={dg(3), KA})
+    assert index.descriptor(dg(1)) == desc(1), "the image's media type replaces the placeholder"
+    assert index.loose() == [loose(2)]
+    # Once the image goes, so does the blob it took over: the GC takes it silently.
+    assert index.remove("a") == changed(removed={dg(1), dg(3), KA})
+    assert index.snapshot().keys() == {dg(2)}
+
+
+def test_a_blob_an_image_holds_is_not_made_loose() -> None:
+    index = Index()
+    index.put("a", entry([1]))
+    assert index.add_loose(loose(1)) == changed()
+    assert index.loose() == []
+    assert index.descriptor(dg(1)) == desc(1)
+    assert index.remove_loose(dg(1)) == changed(), "the image decides, not a loose delete"
+    assert index.remove("a") == changed(removed={dg(1)})
+
+
+def test_removing_a_loose_blob_withdraws_it() -> None:
+    index = Index()
+    index.add_loose(loose(1))
+    assert index.remove_loose(dg(1)) == changed(removed={dg(1)})
+    assert index.descriptor(dg(1)) is None
+    assert index.remove_loose(dg(1)) == changed()
+    assert index.remove_loose(dg(9)) == changed()
+
+
+def test_replace_all_keeps_only_the_loose_blobs_carried_over() -> None:
+    index = Index()
+    index.add_loose(loose(1))
+    index.add_loose(loose(2))
+    change = index.replace_all({"a": entry([3])}, [loose(2), loose(3)])
+    assert change == changed(added={dg(3)}, removed={dg(1)})
+    assert index.loose() == [loose(2)], "a carried blob an image now reaches is the image's"
+    assert index.descriptor(dg(3)) == desc(3)
+
+
 # --- Index: the state machine -----------------------------------------------------------
 
 NAMES = ["a", "b", "c", "d"]
@@ -273,6 +330,10 @@ class IndexMachine(RuleBasedStateMachine):
         self.initial: frozenset[str] = frozenset()
         self.keys: frozenset[str] = frozenset()  # initial, with each event applied in turn
         self.history: list[KeysChanged] = []
+        self.loose: set[int] = set()  # digests held loose: committed, reached by no image
+
+    def _image_digests(self) -> set[int]:
+        return {n for n in DIGEST_POOL for e in self.model.values() if dg(n) in e.digests}
 
     @initialize(start=st.dictionaries(st.sampled_from(NAMES), entries, max_size=3))
     def start(self, start: dict[str, ImageEntry]) -> None:
@@ -297,6 +358,7 @@ class IndexMachine(RuleBasedStateMachine):
         change = self.index.put(name, new)
         self._record(change)
         self.model[name] = new
+        self.loose -= self._image_digests()
 
     @rule(name=st.sampled_from(NAMES))
     def remove(self, name: str) -> None:
@@ -304,19 +366,37 @@ class IndexMachine(RuleBasedStateMachine):
         self._record(change)
         self.model.pop(name, None)
 
-    @rule(new=st.dictionaries(st.sampled_from(NAMES), entries, max_size=4))
-    def replace_all(self, new: dict[str, ImageEntry]) -> None:
+    @rule(
+        new=st.dictionaries(st.sampled_from(NAMES), entries, max_size=4),
+        carry=st.frozensets(st.sampled_from(DIGEST_POOL)),
+    )
+    def replace_all(self, new: dict[str, ImageEntry], carry: frozenset[int]) -> None:
         before = self.index.snapshot().keys()
-        change = self.index.replace_all(new)
+        change = self.index.replace_all(new, [loose(n) for n in sorted(carry)])
         self._record(change)
         self.model = dict(new)
+        self.loose = set(carry) - self._image_digests()
         after = self.index.snapshot().keys()
         assert change == KeysChanged(after - before, before - after)
+
+    @rule(n=st.sampled_from(DIGEST_POOL))
+    def add_loose(self, n: int) -> None:
+        self._record(self.index.add_loose(loose(n)))
+        if n not in self._image_digests():
+            self.loose.add(n)
+
+    @rule(n=st.sampled_from(DIGEST_POOL))
+    def remove_loose(self, n: int) -> None:
+        self._record(self.index.remove_loose(dg(n)))
+        self.loose.discard(n)
 
     @invariant()
     def snapshot_is_the_union_of_entries(self) -> None:
         snap = self.index.snapshot()
         want_digests = {d: ds for e in self.model.values() for d, ds in e.digests.items()}
+        assert not self.loose & self._image_digests()
+        want_digests |= {dg(n): loose(n).descriptor for n in self.loose}
+        assert {b.descriptor.digest for b in self.index.loose()} == {dg(n) for n in self.loose}
         tag_holders: dict[str, set[str]] = {}
         for e in self.model.values():
             for k, d in e.tags.items():

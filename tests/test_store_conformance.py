@@ -51,6 +51,12 @@ class ContainerdDriver:
         await import_image(self.node, image, self.tmp)
         want = expected_keys(image)
         await wait_until(lambda: want <= self.store.list().keys(), EVENT_TIMEOUT, "import event")
+        # containerd 2.1+: blobs are held from their /content/create event, and the import
+        # commits its archive's index, which the GC then takes silently; the store drops
+        # it on its loose-blob recheck (LOOSE_RECHECK_DELAY after the image event).
+        await wait_until(
+            lambda: self.store.statistics().loose_blobs == 0, EVENT_TIMEOUT, "import's leftovers"
+        )
 
     async def remove(self, name: str) -> None:
         await remove_image(self.node, name)

@@ -33,9 +33,10 @@ class ContentDeleted:
 
 @dataclass(frozen=True, slots=True)
 class ContentCreated:
-    """containerd 2.1+ only; earlier versions emit no content-create event."""
+    """A blob was committed; containerd 2.1+ only, earlier versions emit no such event."""
 
     digest: Digest
+    size: int
 
 
 ContainerdEvent = ImageChanged | ImageDeleted | ContentDeleted | ContentCreated
@@ -55,8 +56,10 @@ def decode_envelope(envelope: Any) -> ContainerdEvent | None:
             digest = content_events_pb2.ContentDelete.FromString(payload).digest
             return ContentDeleted(Digest(digest)) if is_digest(digest) else None
         if topic == "/content/create":
-            digest = content_events_pb2.ContentCreate.FromString(payload).digest
-            return ContentCreated(Digest(digest)) if is_digest(digest) else None
+            created = content_events_pb2.ContentCreate.FromString(payload)
+            if not is_digest(created.digest) or created.size < 0:
+                return None
+            return ContentCreated(Digest(created.digest), created.size)
     except DecodeError:
         return None
     return None

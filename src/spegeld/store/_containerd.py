@@ -3,11 +3,17 @@
 The index is rebuilt in full at start, kept current from containerd's events,
 and rebuilt again every ``resync_interval`` as a safety net: containerd's
 garbage collector deletes content without sending any event.
+
+containerd 2.1+ also publishes ``/content/create`` when a blob is committed: the
+blob is then held by digest at once (a loose blob, see ``_index``), so a layer
+is advertised as soon as it lands rather than when its image record appears.
+1.6 and 1.7 publish no such event, and there an image brings its blobs in.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -32,7 +38,7 @@ from spegeld.errors import ContainerdError, NotFound, RemoteProtocolError
 from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Descriptor, Digest, digest_hex, parse_reference
 
-from ._index import ImageEntry, Index
+from ._index import ImageEntry, Index, LooseBlob
 from ._protocol import KeysChanged, OpenBlob, Snapshot
 from ._walk import DocumentCache, IsPresent, read_document_with, walk_image
 from ._watchers import Watchers
@@ -40,18 +46,27 @@ from ._watchers import Watchers
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
-CONTENT_CREATED_DEBOUNCE = 1.0  # seconds; a pull writes many blobs, resync once after them
+# containerd's ContentCreate event carries a digest and a size, no media type. A blob
+# served by digest needs neither more nor the type (it goes out as octet-stream), and
+# the registry serves as a manifest only what an image's descriptor calls one.
+LOOSE_MEDIA_TYPE = "application/octet-stream"
 # containerd's garbage collector deletes content silently, and an import or pull
 # leaves content behind that the GC removes a moment later (a multi-platform
-# import writes every platform, then keeps one). Walk a changed image again
-# after this long to drop what the GC took.
+# import writes every platform, then keeps one). Walk a changed image again,
+# and check the loose blobs, after this long to drop what the GC took.
 IMAGE_RECHECK_DELAY = 2.0  # seconds
+# A pull or import deletes its lease right after creating the image, and containerd's
+# GC scheduler (pause_threshold 0.02, schedule_delay 0) collects what nothing holds
+# within milliseconds: check the loose blobs this soon after an image event, and again
+# with the image rechecks for a GC that ran late. One Info call per loose blob.
+LOOSE_RECHECK_DELAY = 0.25  # seconds
 
 
 @dataclass(frozen=True, slots=True)
 class StoreStatistics:
     images: int
     digests: int
+    loose_blobs: int  # committed content no image references yet (containerd 2.1+)
     tags: int
     full_syncs: int
     events_applied: int
@@ -90,6 +105,7 @@ class ContainerdStore:
         self._cache = DocumentCache()
         self._synced = trio.Event()
         self._full_syncs = 0
+        self._last_sync_at = -math.inf
         self._events_applied = 0
         self._warnings: tuple[str, ...] = ()
         # Decided per blob when it is served, never once at start: on a fresh node the
@@ -147,6 +163,7 @@ class ContainerdStore:
         return StoreStatistics(
             images=len(self._index.image_names()),
             digests=len(snap.digests),
+            loose_blobs=len(self._index.loose()),
             tags=len(snap.tags),
             full_syncs=self._full_syncs,
             events_applied=self._events_applied,
@@ -159,7 +176,15 @@ class ContainerdStore:
         )
 
     async def sync(self) -> KeysChanged:
-        """Rebuild the whole index from containerd and publish the net change."""
+        """Rebuild the whole index from containerd and publish the net change.
+
+        A loose blob survives the first resync after its commit when it is still
+        present (its pull may be half-way), and is dropped by the next one unless
+        an image has taken it by then: an orphan the GC will take, or an ingest no
+        image names, stays advertised at most two resync intervals.
+        """
+        started_at = trio.current_time()
+        loose: list[LooseBlob] = []
         if not await self._client.namespace_exists():
             self._set_warnings(
                 f"containerd namespace {self._client.namespace!r} does not exist at "
@@ -176,8 +201,14 @@ class ContainerdStore:
 
             entries = {image.name: await self._entry(image, is_present) for image in images}
             self._cache.retain(present)
-        change = self._index.replace_all(entries)
+            loose = [
+                blob
+                for blob in self._index.loose()
+                if blob.descriptor.digest in present and blob.committed_at >= self._last_sync_at
+            ]
+        change = self._index.replace_all(entries, loose)
         self._watchers.publish(change)
+        self._last_sync_at = started_at
         self._full_syncs += 1
         self._synced.set()
         return change
@@ -208,28 +239,33 @@ class ContainerdStore:
     async def _follow(self, events: trio.MemoryReceiveChannel[ContainerdEvent]) -> None:
         next_resync = trio.current_time() + self._resync_interval
         rechecks: dict[str, float] = {}  # image name → when to walk it again
+        loose_soon = loose_late = math.inf  # when to look for loose blobs the GC took
         while True:
-            with trio.move_on_at(min([next_resync, *rechecks.values()])):
+            with trio.move_on_at(min([next_resync, loose_soon, loose_late, *rechecks.values()])):
                 try:
                     event = await events.receive()
                 except trio.EndOfChannel:
                     return  # subscribe() raises the reason on exit
                 now = trio.current_time()
-                if isinstance(event, ContentCreated):
-                    next_resync = min(next_resync, now + CONTENT_CREATED_DEBOUNCE)
-                    continue
                 await self._apply(event)
                 if isinstance(event, ImageChanged):
                     rechecks[event.name] = now + IMAGE_RECHECK_DELAY
+                    loose_soon = min(loose_soon, now + LOOSE_RECHECK_DELAY)
+                    loose_late = now + IMAGE_RECHECK_DELAY
                 continue
             now = trio.current_time()
             if now >= next_resync:
                 rechecks.clear()
+                loose_soon = loose_late = math.inf
                 await self.sync()
                 next_resync = trio.current_time() + self._resync_interval
-            for name in [n for n, due in rechecks.items() if due <= now]:
+            for name in [n for n, when in rechecks.items() if when <= now]:
                 del rechecks[name]
                 await self._refresh_image(name)
+            if now >= min(loose_soon, loose_late):
+                loose_soon = math.inf if now >= loose_soon else loose_soon
+                loose_late = math.inf if now >= loose_late else loose_late
+                await self._recheck_loose()
 
     async def _apply(self, event: ContainerdEvent) -> None:
         self._events_applied += 1
@@ -238,8 +274,25 @@ class ContainerdStore:
         elif isinstance(event, ImageChanged):
             await self._refresh_image(event.name)
         elif isinstance(event, ContentDeleted):
+            self._watchers.publish(self._index.remove_loose(event.digest))
             for name in self._index.images_with(event.digest):
                 await self._refresh_image(name)
+        elif isinstance(event, ContentCreated):
+            # O(1) and no containerd call: a pull commits many blobs in a burst.
+            desc = Descriptor(LOOSE_MEDIA_TYPE, event.digest, event.size)
+            blob = LooseBlob(desc, committed_at=trio.current_time())
+            self._watchers.publish(self._index.add_loose(blob))
+
+    async def _recheck_loose(self) -> None:
+        """Drop loose blobs the GC took: a finished pull or import leaves blobs no
+        image kept (the archive's index, other platforms), and the GC deletes them
+        without an event. One Info call per loose blob; images own the rest.
+        """
+        for blob in self._index.loose():
+            try:
+                await self._client.info(blob.descriptor.digest)
+            except NotFound:
+                self._watchers.publish(self._index.remove_loose(blob.descriptor.digest))
 
     async def _refresh_image(self, name: str) -> None:
         try:

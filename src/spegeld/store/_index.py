@@ -2,6 +2,13 @@
 
 Several images share layers, so a digest leaves the index only when the last
 image that reaches it goes. Pure: no I/O, no trio.
+
+Loose blobs (containerd 2.1+): content committed that no image references yet,
+announced by a ``/content/create`` event. Each holds one reference of its own,
+like an image holding one digest, until an image that reaches it takes it over
+(``put``), containerd deletes it (``remove_loose``), or a full resync drops it
+(``replace_all`` keeps only what its caller carries over). Digests only: a tag
+still comes from an image.
 """
 
 from __future__ import annotations
@@ -13,6 +20,14 @@ from dataclasses import dataclass
 from spegeld.oci import Descriptor, Digest
 
 from ._protocol import KeysChanged, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class LooseBlob:
+    """Content committed but referenced by no image, and when it was seen committed."""
+
+    descriptor: Descriptor
+    committed_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +47,7 @@ class Index:
         self._refs: Counter[str] = Counter()
         self._digests: dict[Digest, Descriptor] = {}
         self._tags: dict[str, Digest] = {}
+        self._loose: dict[Digest, LooseBlob] = {}
 
     def snapshot(self) -> Snapshot:
         return Snapshot(digests=dict(self._digests), tags=dict(self._tags))
@@ -48,22 +64,56 @@ class Index:
     def images_with(self, digest: Digest) -> list[str]:
         return [name for name, entry in self._images.items() if digest in entry.digests]
 
+    def loose(self) -> list[LooseBlob]:
+        return list(self._loose.values())
+
     def put(self, name: str, entry: ImageEntry) -> KeysChanged:
         before = self._images.get(name)
         self._images[name] = entry
-        return self._apply(add=entry, remove=before)
+        change = self._apply(add=entry, remove=before)
+        self._adopt(entry)
+        return change
+
+    def add_loose(self, blob: LooseBlob) -> KeysChanged:
+        """Hold committed content by digest; O(1), nothing if already held any way."""
+        digest = blob.descriptor.digest
+        if digest in self._refs:
+            return KeysChanged(frozenset(), frozenset())
+        self._loose[digest] = blob
+        self._bump(digest, +1)
+        self._digests[digest] = blob.descriptor
+        return KeysChanged(added=frozenset((digest,)), removed=frozenset())
+
+    def remove_loose(self, digest: Digest) -> KeysChanged:
+        """Drop a loose blob; a digest an image still reaches stays (the image decides)."""
+        if self._loose.pop(digest, None) is None:
+            return KeysChanged(frozenset(), frozenset())
+        self._bump(digest, -1)
+        if digest in self._refs:
+            return KeysChanged(frozenset(), frozenset())
+        self._digests.pop(digest, None)
+        return KeysChanged(added=frozenset(), removed=frozenset((digest,)))
 
     def remove(self, name: str) -> KeysChanged:
         before = self._images.pop(name, None)
         return self._apply(add=None, remove=before)
 
-    def replace_all(self, entries: Mapping[str, ImageEntry]) -> KeysChanged:
-        """Swap in a full resync and report only the net difference."""
+    def replace_all(
+        self, entries: Mapping[str, ImageEntry], loose: Iterable[LooseBlob] = ()
+    ) -> KeysChanged:
+        """Swap in a full resync and report only the net difference.
+
+        ``loose`` is what the caller carries over; a blob an image now reaches is
+        the image's, not loose.
+        """
         old_keys = frozenset(self._refs)
         self._images, self._refs, self._digests, self._tags = {}, Counter(), {}, {}
+        self._loose = {}
         for name, entry in entries.items():
             self._images[name] = entry
             self._count(entry, +1)
+        for blob in loose:
+            self.add_loose(blob)
         new_keys = frozenset(self._refs)
         return KeysChanged(added=new_keys - old_keys, removed=old_keys - new_keys)
 
@@ -77,6 +127,16 @@ class Index:
         added = frozenset(k for k in new - old if self._refs[k] == 1)
         removed = frozenset(k for k in old - new if k not in self._refs)
         return KeysChanged(added=added, removed=removed)
+
+    def _adopt(self, entry: ImageEntry) -> None:
+        """An image that reaches a loose blob takes over its reference and descriptor.
+
+        The image's descriptor carries the real media type; the loose one cannot.
+        """
+        for digest in [d for d in entry.digests if d in self._loose]:
+            del self._loose[digest]
+            self._bump(digest, -1)  # the image's own reference keeps it above zero
+            self._digests[digest] = entry.digests[digest]
 
     def _count(self, entry: ImageEntry, delta: int) -> None:
         for digest, desc in entry.digests.items():

@@ -63,6 +63,7 @@ from click.testing import CliRunner
 
 from spegeld.cli import cli as cli_main
 from spegeld.mirrorconfig._render import TALOS_CRI_CONTENT
+from tests._components import component_binary
 
 pytestmark = pytest.mark.slow
 
@@ -446,6 +447,27 @@ def test_image_layer_follows_talos_rules(built: Any, image_layer: Path) -> None:
     assert "rootfs/etc/cri/conf.d/10-spegeld.part" in names
     unpacked = sum(m.size for m in members if m.name.startswith(f"rootfs/{SERVICE_ROOT}/"))
     print(f"\nservice rootfs: {unpacked / 1e6:.1f} MB unpacked")
+
+
+@pytest.mark.talos
+def test_image_layer_passes_talos_extension_validation(image_layer: Path, tmp_path: Path) -> None:
+    """The layer as Talos unpacks it, checked by Talos's own extensions.Load/Validate and
+    services.Spec.Validate (talosvalidate; see tests/test_talos_validate.py)."""
+    root = tmp_path / "extension"
+    with tarfile.open(image_layer, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    proc = subprocess.run(
+        [str(component_binary("talosvalidate")), "extension", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "extension spegeld 0.1.0 valid for Talos 1.13.0",
+        "service spegeld.yaml valid",
+    ]
 
 
 def test_layer_is_deterministic(build_module: ModuleType, built: Any, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ replace github.com/mdlayher/ethtool => github.com/siderolabs/ethtool v0.4.0-side
 
 require (
 	github.com/blang/semver/v4 v4.0.0
+	github.com/pelletier/go-toml/v2 v2.2.4
 	github.com/siderolabs/talos/pkg/machinery v1.13.0
 	go.yaml.in/yaml/v4 v4.0.0-rc.4
 )

@@ -10,6 +10,9 @@
 //	    load a system extension directory (manifest.yaml and rootfs/ only, as in the image),
 //	    check its compatibility constraint and its contents, and validate every extension
 //	    service spec under rootfs/usr/local/etc/containers/
+//	talosvalidate cripart PART...
+//	    decode and merge CRI config parts as Talos merges /etc/cri/conf.d/*.part, in file
+//	    name order, and print the merged TOML (cripart.go)
 //
 // Exit status: 0 valid, 1 invalid (one line per problem on stderr), 2 usage error.
 package main
@@ -83,6 +86,7 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `  talosvalidate generate [-type worker|controlplane] [-o FILE]
   talosvalidate config [-mode metal|cloud|container] [-strict] [-patch FILE]... (CONFIG | -generate TYPE)
   talosvalidate extension [-talos-version vX.Y.Z] DIR
+  talosvalidate cripart PART...
   talosvalidate version
 
 Exit status: 0 valid, 1 invalid, 2 usage error.
@@ -109,6 +113,8 @@ func run(args []string, stdout io.Writer) error {
 		return cmdConfig(args[1:], stdout)
 	case "extension":
 		return cmdExtension(args[1:], stdout)
+	case "cripart":
+		return cmdCRIPart(args[1:], stdout)
 	default:
 		return usageError{fmt.Sprintf("unknown command %q", args[0])}
 	}

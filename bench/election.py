@@ -5,8 +5,12 @@ Run from the repository root (no root needed; loopback only)::
     .venv/bin/python bench/election.py                   # N = 5, 20, 50; 30 s windows
     .venv/bin/python bench/election.py --quick           # smoke run: N = 5, 10 s windows
 
-One API test server (``tests.kubeapi``, a child process on 127.0.0.1) logs every request
-it handles. For each N, N nodes run in this one trio process: for each node the daemon's
+A real etcd + kube-apiserver (tests/realkube, built by scripts/build-components; on
+127.0.0.1, RBAC from deploy/rbac.yaml, one ServiceAccount and TokenRequest token per node)
+is the ground truth: Lease requests are counted by the apiserver's own
+``apiserver_request_total`` (GET /metrics as the admin, before and after each window),
+and its audit log gives each request's user (how many nodes called). For each N, N
+nodes run in this one trio process: for each node the daemon's
 real election and gossip code, without containerd and the registry (the election uses
 neither). A node is a ``GossipCore`` + ``GossipRouter`` on its own loopback address
 (127.0.0.20 upwards) with a real UDP socket and a shared cluster key, node 0 being the
@@ -15,8 +19,9 @@ with its own ServiceAccount kubeconfig. Each round has a Lease of its own.
 
 A round starts all N nodes, waits until exactly one leads, every other node's gossip
 names it as a live coordinator and gossip has every member; it then waits ``--settle``
-seconds and counts the requests in the server's log during a ``--window`` of steady
-state: requests per second cluster-wide, by method, and how many nodes made any.
+seconds and counts the requests during a ``--window`` of steady state: Lease requests
+per second cluster-wide from ``apiserver_request_total``, by method and by caller from
+the audit log.
 
 Modes, same code, same setup, one after the other for each N:
 
@@ -38,7 +43,8 @@ seconds (longer than the 15 s lease duration, so a second read would show).
 
 The verdict fits requests/s against N by least squares and extrapolates to N = 1000,
 the target's cluster size: ≤ 1 req/s there meets the target. CPU columns are this
-process (all N nodes) and the API server, in % of one core over the window.
+process (all N nodes) and the API server (kube-apiserver + etcd), in % of one core over
+the window.
 
 Options: ``--sizes 5,20,50``, ``--window S``, ``--settle S``, ``--join-window S``,
 ``--timeout S`` (bound on each convergence wait), ``--modes spegeld,polling``,
@@ -66,7 +72,7 @@ from typing import Any
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the API test server lives in tests.kubeapi
+sys.path.insert(0, str(REPO))  # the real-apiserver launcher lives in tests.realkube
 
 from spegeld.app import Coordination  # noqa: E402
 from spegeld.config import ContainerdConfig, LeaseSettings, NodeConfig  # noqa: E402
@@ -75,11 +81,9 @@ from spegeld.gossip._shell import GossipRouter  # noqa: E402
 from spegeld.harness import free_port  # noqa: E402
 from spegeld.kube import load_kubeconfig  # noqa: E402
 from spegeld.metrics import MetricsRegistry  # noqa: E402
-from tests.kubeapi._process import (  # noqa: E402
-    KubeApiProcess,
-    lease_account,
-    service_account_jwt,
-)
+from tests.kubeapi._process import write_kubeconfig  # noqa: E402
+from tests.realkube._accounts import follow_readme  # noqa: E402
+from tests.realkube._apiserver import RealKubeApi  # noqa: E402
 
 TARGET_RPS = 1.0  # DESIGN §11, cluster-wide, at N = 1000
 TARGET_N = 1000
@@ -128,6 +132,7 @@ class Round:
     callers: int = 0
     elector_count: int = 0  # the same window, as the electors counted their own requests
     non_lease: int = 0
+    lease_metric: dict[str, float] = field(default_factory=dict)  # apiserver_request_total
     cpu_self: float = 0.0
     cpu_server: float = 0.0
     join: dict[str, Any] | None = None
@@ -137,7 +142,9 @@ class Round:
         return sum(self.methods.values())
 
     def rate(self, method: str | None = None) -> float:
-        count = self.total if method is None else self.methods[method]
+        """Lease requests per second in the window, as apiserver_request_total counted."""
+        metric = self.lease_metric
+        count = sum(metric.values()) if method is None else metric.get(method, 0.0)
         return count / self.window_s if self.window_s else 0.0
 
 
@@ -147,25 +154,49 @@ class Bench:
         self.args = args
         self.keyring = Keyring([(1, secrets.token_bytes(32))])
         names = [f"node-{i}" for i in range(max_nodes)] + [JOINER]
-        tokens = {name: service_account_jwt(name, time.time() + 7200) for name in names}
-        self.api = KubeApiProcess(
-            base / "api",
-            "127.0.0.1",
-            free_port("127.0.0.1"),
-            [lease_account(name, token) for name, token in tokens.items()],
-        )
+        self.api = RealKubeApi(base / "api")
+        self.api.start()
+        print(f"etcd + kube-apiserver ready in {self.api.start_seconds:.1f} s; RSS MiB "
+              f"{ {k: round(v) for k, v in self.api.rss_mib().items()} }", flush=True)  # fmt: skip
+        follow_readme(self.api, base / "readme")  # the namespace, Role and RoleBinding
+        # One ServiceAccount per node (so the audit log tells callers apart), all bound
+        # to deploy/rbac.yaml's Role.
+        self.api.kubectl("apply", "-f", "-", stdin="\n---\n".join(
+            [f"apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: spegeld}}"
+             for name in names]
+            + ["apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n"
+               "metadata: {name: bench-nodes, namespace: spegeld}\n"
+               "roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: spegeld-leases}\n"
+               "subjects:\n" + "".join(
+                   f"- {{kind: ServiceAccount, name: {name}, namespace: spegeld}}\n"
+                   for name in names)]))  # fmt: skip
         self.kubeconfigs = {
-            name: self.api.kubeconfig(base / f"kubeconfig-{name}", token)
-            for name, token in tokens.items()
-        }
+            name: write_kubeconfig(
+                base / f"kubeconfig-{name}", self.api.url, self.api.ca_pem,
+                self.api.kubectl("-n", "spegeld", "create", "token", name).strip(),
+            )
+            for name in names
+        }  # fmt: skip
         self._round = 0
 
     def requests(self, start: float, end: float) -> list[dict[str, Any]]:
         return [r for r in self.api.requests() if start <= r["at"] < end]
 
+    async def lease_counts(self) -> dict[str, float]:
+        """apiserver_request_total for Leases, by verb (kubectl in a thread: trio runs on)."""
+        counts = await trio.to_thread.run_sync(self.api.request_counts)
+        by_verb: Counter[str] = Counter()
+        for (verb, _code), value in counts.items():
+            by_verb[verb] += value
+        return dict(by_verb)
+
     def server_cpu(self) -> float:
-        fields = Path(f"/proc/{self.api.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for child in (self.api.apiserver, self.api.etcd):
+            assert child is not None
+            fields = Path(f"/proc/{child.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def make_node(
         self, name: str, host: str, seeds: tuple[tuple[str, int], ...], lease: str, blind: bool
@@ -225,10 +256,15 @@ class Bench:
             result.converge_s = converged - first
             result.start_election = _elector_requests(nodes)
             await trio.sleep(self.args.settle)
+            metric0 = await self.lease_counts()
             start, cpu0, server0 = time.time(), _self_cpu(), self.server_cpu()
             counted = _elector_requests(nodes)
             await trio.sleep(self.args.window)
             end, cpu1, server1 = time.time(), _self_cpu(), self.server_cpu()
+            metric1 = await self.lease_counts()
+            result.lease_metric = {
+                verb: metric1[verb] - metric0.get(verb, 0.0) for verb in metric1
+            }  # fmt: skip
             result.elector_count = _elector_requests(nodes) - counted
             result.window_s = end - start
             result.cpu_self = 100 * (cpu1 - cpu0) / result.window_s
@@ -238,7 +274,9 @@ class Bench:
             await trio.sleep(0.5)  # let the server log the window's last answers
             window = self.requests(start, end)
             result.start_requests = len(self.requests(first, converged))
-            result.methods = Counter(r["method"] for r in window)
+            result.methods = Counter(
+                r["method"] for r in window if r["path"].startswith(LEASE_PREFIX)
+            )
             result.callers = len({r["user"] for r in window})
             result.non_lease = sum(not r["path"].startswith(LEASE_PREFIX) for r in window)
             if mode == "spegeld" and self.args.join_window > 0:
@@ -345,11 +383,12 @@ def report(results: list[Round], args: argparse.Namespace, wall: float) -> None:
     anchors = {r.n: r for r in results if r.mode == "polling"}
     print()
     print(
-        "| N | mode | steady req/s | GET/s | PUT/s | POST/s | nodes calling | model | x anchor "
+        "| N | mode | steady Lease req/s (apiserver_request_total) | GET/s | PUT/s | POST/s "
+        "| audit log: Lease requests in window | nodes calling | model | x anchor "
         "| electors' count | requests until converged (election) | converged in "
         "| CPU bench / server | ≤ 1 req/s |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         anchor = anchors.get(r.n)
         ratio = f"{r.rate() / anchor.rate():.3f}" if anchor and anchor.rate() else "-"
@@ -357,8 +396,9 @@ def report(results: list[Round], args: argparse.Namespace, wall: float) -> None:
         extra = f" (+{r.non_lease} not Lease)" if r.non_lease else ""
         print(
             f"| {r.n} | {r.mode} | {r.rate():.2f}{extra} | {r.rate('GET'):.2f} "
-            f"| {r.rate('PUT'):.2f} | {r.rate('POST'):.2f} | {r.callers} of {r.n} | {model} "
-            f"| {ratio} | {r.elector_count} of {r.total} "
+            f"| {r.rate('PUT'):.2f} | {r.rate('POST'):.2f} | {r.total} "
+            f"| {r.callers} of {r.n} | {model} "
+            f"| {ratio} | {r.elector_count} of {sum(r.lease_metric.values()):.0f} "
             f"| {r.start_requests} ({r.start_election}) "
             f"| {r.converge_s:.1f} s "
             f"| {r.cpu_self:.0f} % / {r.cpu_server:.0f} % "

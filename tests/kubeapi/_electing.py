@@ -5,7 +5,7 @@ Shared by tests/test_election_daemons.py and bench/failover.py. etcd and kube-ap
 kubeconfig is minted by following deploy/README.md (TokenRequest). Each node is a private
 containerd plus ``spegeld run`` on its own loopback address, all holding one cluster key
 and that kubeconfig; node 0 is the others' gossip seed. ``api.requests()`` lists every
-Lease request from the apiserver's audit log.
+request the ServiceAccount made, from the apiserver's audit log.
 """
 
 from __future__ import annotations

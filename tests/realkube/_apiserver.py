@@ -38,7 +38,8 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"  # what kubeadm sets
 # The apiserver's own identity Lease (kube-system) would be renewed every 10 s and show in
 # apiserver_request_total beside spegeld's; off, the Lease counters are spegeld's alone.
 FEATURE_GATES = "APIServerIdentity=false,UnknownVersionInteroperabilityProxy=false"
-# Every Lease request, one JSON line each (the log backend writes each event as it ends):
+# Every request a spegeld-namespace ServiceAccount makes (Lease calls, and the preflight's
+# /readyz, /version and access reviews), one JSON line each, written as each ends:
 # per-request records with the user, which apiserver_request_total cannot give.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
@@ -46,7 +47,7 @@ kind: Policy
 omitStages: ["RequestReceived"]
 rules:
   - level: Metadata
-    resources: [{group: "coordination.k8s.io", resources: ["leases"]}]
+    userGroups: ["system:serviceaccounts:spegeld"]
   - level: None
 """
 METHODS = {"get": "GET", "list": "GET", "watch": "GET", "create": "POST", "update": "PUT",
@@ -266,7 +267,8 @@ class RealKubeApi:
         return done.stdout
 
     def requests(self) -> list[dict[str, Any]]:
-        """Every Lease request so far, from the audit log: method, path, code, user, at."""
+        """Every request by a spegeld ServiceAccount so far, from the audit log: method,
+        path, code, user, at (wall time)."""
         if not self.audit_log.exists():
             return []
         records = []
@@ -276,8 +278,11 @@ class RealKubeApi:
             except ValueError:
                 continue  # a line being written this instant
             received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"])
+            verb = event["verb"]
+            if "objectRef" not in event:  # a non-resource URL: the verb is the HTTP method's
+                verb = {"post": "create", "put": "update"}.get(verb, verb)
             records.append({
-                "method": METHODS.get(event["verb"], event["verb"].upper()),
+                "method": METHODS.get(verb, verb.upper()),
                 "path": event["requestURI"],
                 "code": event.get("responseStatus", {}).get("code"),
                 "user": event.get("user", {}).get("username"),

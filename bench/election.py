@@ -133,6 +133,7 @@ class Round:
     elector_count: int = 0  # the same window, as the electors counted their own requests
     non_lease: int = 0
     lease_metric: dict[str, float] = field(default_factory=dict)  # apiserver_request_total
+    metric_window_s: float = 0.0  # between the midpoints of the two /metrics scrapes
     cpu_self: float = 0.0
     cpu_server: float = 0.0
     join: dict[str, Any] | None = None
@@ -145,7 +146,7 @@ class Round:
         """Lease requests per second in the window, as apiserver_request_total counted."""
         metric = self.lease_metric
         count = sum(metric.values()) if method is None else metric.get(method, 0.0)
-        return count / self.window_s if self.window_s else 0.0
+        return count / self.metric_window_s if self.metric_window_s else 0.0
 
 
 class Bench:
@@ -256,12 +257,16 @@ class Bench:
             result.converge_s = converged - first
             result.start_election = _elector_requests(nodes)
             await trio.sleep(self.args.settle)
+            scrape0 = time.time()
             metric0 = await self.lease_counts()
+            scrape0 = (scrape0 + time.time()) / 2
             start, cpu0, server0 = time.time(), _self_cpu(), self.server_cpu()
             counted = _elector_requests(nodes)
             await trio.sleep(self.args.window)
             end, cpu1, server1 = time.time(), _self_cpu(), self.server_cpu()
+            scrape1 = time.time()
             metric1 = await self.lease_counts()
+            result.metric_window_s = (scrape1 + time.time()) / 2 - scrape0
             result.lease_metric = {
                 verb: metric1[verb] - metric0.get(verb, 0.0) for verb in metric1
             }  # fmt: skip

@@ -24,6 +24,7 @@ from spegeld.containerd._gen import content_events_pb2
 from spegeld.harness import PrivateContainerd, build_image
 from spegeld.oci import Digest
 from spegeld.store import ContainerdStore, KeysChanged
+from spegeld.store._containerd import IMAGE_RECHECK_DELAY
 
 from ._support import expected_keys, import_image, remove_image, wait_until
 
@@ -221,3 +222,38 @@ async def test_containerd_16_holds_nothing_before_an_image_names_it(
             await wait_until(
                 lambda: expected_keys(image) <= store.list().keys(), EVENT_BOUND, "the image"
             )
+
+
+class _SlowRefresh(ContainerdStore):
+    """Walks one image slowly, as a containerd under load answers: a stand-in for a delay
+    real containerd cannot be made to take at a chosen moment."""
+
+    slow_name = ""
+
+    async def _refresh_image(self, name: str) -> None:
+        if name == self.slow_name:
+            await trio.sleep(IMAGE_RECHECK_DELAY + 1)  # a timer falls due meanwhile
+        await super()._refresh_image(name)
+
+
+async def test_an_event_applied_while_a_timer_falls_due_is_not_lost(
+    containerd: PrivateContainerd, tmp_path: Path
+) -> None:
+    first = build_image("example.com/team/first:v1", [1000], seed=34)
+    second = build_image("example.com/team/second:v1", [1000], seed=35)
+    async with open_containerd(containerd.socket, containerd.namespace) as client:
+        store = _SlowRefresh(client, containerd.content_path, resync_interval=3600)
+        store.slow_name = second.name
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                await nursery.start(store.run)
+                await import_image(containerd, first, trio.Path(tmp_path))
+                await wait_until(lambda: expected_keys(first) <= store.list().keys(), 5, "first")
+                # The first image's rechecks are pending while the second is walked.
+                await import_image(containerd, second, trio.Path(tmp_path))
+                await wait_until(
+                    lambda: expected_keys(second) <= store.list().keys(),
+                    IMAGE_RECHECK_DELAY + 1 + EVENT_BOUND,
+                    "the second image, walked across a timer",
+                )
+            nursery.cancel_scope.cancel()

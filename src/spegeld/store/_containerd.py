@@ -241,19 +241,22 @@ class ContainerdStore:
         rechecks: dict[str, float] = {}  # image name → when to walk it again
         loose_soon = loose_late = math.inf  # when to look for loose blobs the GC took
         while True:
+            event: ContainerdEvent | None = None
+            # Only the wait is under the deadline: an event being applied when a timer
+            # falls due must not be cancelled half-way (it would be lost until a resync).
             with trio.move_on_at(min([next_resync, loose_soon, loose_late, *rechecks.values()])):
                 try:
                     event = await events.receive()
                 except trio.EndOfChannel:
                     return  # subscribe() raises the reason on exit
-                now = trio.current_time()
+            now = trio.current_time()
+            if event is not None:
                 await self._apply(event)
                 if isinstance(event, ImageChanged):
                     rechecks[event.name] = now + IMAGE_RECHECK_DELAY
                     loose_soon = min(loose_soon, now + LOOSE_RECHECK_DELAY)
                     loose_late = now + IMAGE_RECHECK_DELAY
-                continue
-            now = trio.current_time()
+            # Timers run after an event too, so a steady stream of events cannot starve them.
             if now >= next_resync:
                 rechecks.clear()
                 loose_soon = loose_late = math.inf

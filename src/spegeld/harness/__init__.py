@@ -1,7 +1,8 @@
 """Reusable harness for tests, the demo and benchmarks.
 
-* :class:`PrivateContainerd` runs a private containerd (Debian's 1.6, CRI disabled) per
-  simulated node, with its own root, state, sockets and log; stopped by PID.
+* :class:`PrivateContainerd` runs a private containerd (Debian's 1.6, or a 2.x build with
+  ``bin_dir``; CRI off unless ``cri=True``) per simulated node, with its own root, state,
+  sockets and log; stopped by PID.
 * :func:`build_image` builds real OCI / Docker images (single platform or multi-platform
   index) with random layers, writable as OCI image-layout archives for ``ctr images import``
   and ``skopeo copy oci-archive:...``.

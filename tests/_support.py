@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -54,6 +54,7 @@ async def serving_registry(
     router: Router,
     *,
     host: str = "127.0.0.1",
+    discard_partial: Callable[[Digest], Awaitable[object]] | None = None,
     **settings: Any,
 ) -> AsyncIterator[tuple[Registry, str]]:
     """A real Registry on a free loopback port, with its base URL; shut down on exit."""
@@ -64,6 +65,7 @@ async def serving_registry(
         RegistrySettings(host=host, port=0, **settings),
         ready=lambda: True,
         status=lambda: {"node": "test"},
+        discard_partial=discard_partial,
     )
     async with trio.open_nursery() as nursery:
         ((bound_host, port), *_) = await nursery.start(registry.run)

@@ -58,8 +58,11 @@ async def fake_peer(
         ]
         if start:
             headers.append(b"Content-Range: bytes %d-%d/%d" % (start, len(body) - 1, len(body)))
-        await stream.send_all(b"\r\n".join(headers) + b"\r\n\r\n")
-        await stream.send_all(part if cut_after is None else part[:cut_after])
+        try:
+            await stream.send_all(b"\r\n".join(headers) + b"\r\n\r\n")
+            await stream.send_all(part if cut_after is None else part[:cut_after])
+        except trio.BrokenResourceError:
+            pass  # the proxy hung up: it had what it needed (or refused the rest)
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -237,3 +240,44 @@ async def test_a_peer_that_does_not_answer_is_skipped_for_a_while(
     assert 0.4 <= first_took <= 1.0  # the connect timeout, once
     assert second_took < 0.05  # skipped: straight to 404
     assert 'spegeld_proxy_errors_total{reason="unreachable"} 1\n' in metrics
+
+
+async def test_a_resume_is_checked_against_the_whole_blob() -> None:
+    # containerd resumes with Range: bytes=N-. The proxy fetches the whole blob, hashes
+    # the first N bytes without sending them, and checks the digest at the end.
+    with trio.fail_after(10):
+        async with fake_peer(LAYER_BYTES) as (honest, seen):
+            router = StaticRouter([Peer(NodeId("honest"), honest)])
+            async with serving_registry(MemoryStore(), router) as (_, url):
+                async with httpx.AsyncClient(base_url=url) as client:
+                    response = await client.get(BLOB_PATH, headers={"range": "bytes=700000-"})
+                    beyond = await client.get(
+                        BLOB_PATH, headers={"range": f"bytes={len(LAYER_BYTES)}-"}
+                    )
+    assert response.status_code == 206
+    assert response.content == LAYER_BYTES[700000:]
+    size = len(LAYER_BYTES)
+    assert response.headers["content-range"] == f"bytes 700000-{size - 1}/{size}"
+    assert all(b"range:" not in head.lower() for head in seen)
+    assert beyond.status_code == 416
+
+
+async def test_a_lie_discards_every_partial_write_the_liar_fed() -> None:
+    corrupt = bytes([LAYER_BYTES[0] ^ 0xFF]) + LAYER_BYTES[1:]
+    discarded: list[str] = []
+
+    async def discard(digest: str) -> list[str]:
+        discarded.append(digest)
+        return [f"layer-{digest}"]
+
+    with trio.fail_after(10):
+        async with fake_peer(corrupt) as (liar, _):
+            router = StaticRouter([Peer(NodeId("liar"), liar)])
+            async with serving_registry(MemoryStore(), router, discard_partial=discard) as (
+                _,
+                url,
+            ):
+                async with httpx.AsyncClient(base_url=url) as client:
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        await client.get(BLOB_PATH, headers={"range": "bytes=10-"})
+    assert discarded == [LAYER]

@@ -128,6 +128,7 @@ async def run_node(
                 settings,
                 ready=lambda: store.statistics().synced and router.ready(),
                 status=lambda: _status(cfg, store, registry, gossip, coordination),
+                discard_partial=client.abort_ingests,
             )
             registry_done = trio.Event()
 

@@ -19,7 +19,7 @@ import trio
 from google.protobuf import empty_pb2
 from grpclib.config import Configuration
 
-from spegeld.errors import ContainerdError, ContainerdUnavailable, RemoteProtocolError
+from spegeld.errors import ContainerdError, ContainerdUnavailable, NotFound, RemoteProtocolError
 from spegeld.oci import Descriptor, Digest, parse_digest
 
 from ._bridge import AioBridge, open_bridge
@@ -177,6 +177,40 @@ class ContainerdClient:
                 answer_within=CALL_TIMEOUT,
             )
         return ContentInfo(digest=parse_digest(reply.info.digest), size=reply.info.size)
+
+    async def abort_ingests(self, digest: Digest) -> list[str]:
+        """Discard every ingest (a partial write, e.g. a pull's download) of ``digest``.
+
+        containerd resumes an ingest from its offset and never re-checks the bytes
+        already in it, so bytes that turned out not to match their digest would make
+        every later pull of that blob fail its commit. Returns the refs aborted.
+        """
+        with map_containerd_errors(self._socket, f"Content.ListStatuses {digest}"):
+            reply = await self._bridge.call(
+                self._content.ListStatuses,
+                content_pb2.ListStatusesRequest(),
+                metadata=self._md,
+                answer_within=CALL_TIMEOUT,
+            )
+        aborted: list[str] = []
+        for status in reply.statuses:
+            # The content store does not keep an ingest's expected digest (``expected`` is
+            # empty in the reply); pulls name their ingests ``<kind>-[name@]<digest>``
+            # (containerd's remotes.MakeRefKey, 1.6 to 2.x, CRI and ctr alike).
+            if status.expected != digest and not status.ref.endswith(digest):
+                continue
+            try:
+                with map_containerd_errors(self._socket, f"Content.Abort {status.ref}"):
+                    await self._bridge.call(
+                        self._content.Abort,
+                        content_pb2.AbortRequest(ref=status.ref),
+                        metadata=self._md,
+                        answer_within=CALL_TIMEOUT,
+                    )
+            except NotFound:
+                continue  # committed or aborted meanwhile
+            aborted.append(status.ref)
+        return aborted
 
     async def list_content(self) -> list[ContentInfo]:
         found: list[ContentInfo] = []

@@ -15,11 +15,13 @@ import contextlib
 import hashlib
 import logging
 import queue
-from collections.abc import AsyncIterator, Sequence
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from spegeld.errors import SpegeldError
 from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 
@@ -28,7 +30,8 @@ from ._hedge import LatencyTracker, first_success
 from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
 from ._metrics import RegistryMetrics
 from ._peer import BadPeerAddress, PeerFailed, PeerResponse, fetch
-from ._ranges import ByteRange, parse_range
+from ._ranges import ByteRange, parse_range, unsatisfiable
+from ._unproven import UnprovenBytes
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,10 @@ MAX_FORWARDED_HEADER = 2048
 MAX_REMEMBERED_PEERS = 1024
 HASH_IN_THREAD_MIN = 1024 * 1024  # bytes; smaller blobs are hashed inline, no thread hop
 HASH_BACKLOG = 8 * 1024 * 1024  # bytes handed to the hashing thread, not yet hashed
+# Seconds to discard containerd's partial write of a blob whose bytes were wrong; the
+# client waits that long at most for its response to be cut (two local gRPC calls).
+DISCARD_TIMEOUT = 2.0
+_OPEN_ENDED = re.compile(rb"\s*bytes\s*=\s*([0-9]{1,19})\s*-\s*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +80,22 @@ class ProxySettings:
     unreachable_ttl: float = 5.0
 
 
+DiscardPartial = Callable[[Digest], Awaitable[object]]
+
+
 class Proxy:
-    def __init__(self, router: Router, metrics: RegistryMetrics, settings: ProxySettings) -> None:
+    def __init__(
+        self,
+        router: Router,
+        metrics: RegistryMetrics,
+        settings: ProxySettings,
+        discard_partial: DiscardPartial | None = None,
+    ) -> None:
+        # Called with a digest whose proxied bytes did not match it, before the response is
+        # cut: the client (containerd on this node) holds them in a partial write it would
+        # resume from, and never re-check, on every later pull of that blob.
+        self._discard_partial = discard_partial
+        self._unproven = UnprovenBytes(settings.bad_peer_ttl)
         self._router = router
         self._metrics = metrics
         self._settings = settings
@@ -88,6 +109,25 @@ class Proxy:
         )
         self._metrics.bad_peers.inc()
         _remember(self._bad, peer, trio.current_time() + self._settings.bad_peer_ttl)
+
+    async def _caught_lying(self, peers: Sequence[Peer]) -> None:
+        """Mark ``peers`` bad, and discard the client's partial writes of every blob they
+        sent unchecked bytes of: any of them may hold the lie."""
+        now = trio.current_time()
+        digests: set[Digest] = set()
+        for peer in peers:
+            self.mark_bad(peer)
+            digests.update(self._unproven.take(peer, now))
+        if self._discard_partial is None or not digests:
+            return
+        with trio.move_on_after(DISCARD_TIMEOUT):
+            for digest in sorted(digests):
+                try:
+                    discarded = await self._discard_partial(digest)
+                except SpegeldError as exc:
+                    logger.warning("could not discard the partial write of %s: %s", digest, exc)
+                else:
+                    logger.warning("discarded the partial write of %s: %s", digest, discarded)
 
     def holders(self, key: str) -> list[Peer]:
         start = trio.current_time()
@@ -124,7 +164,7 @@ class Proxy:
             actual = "sha256:" + hashlib.sha256(body).hexdigest()
             claimed = (response.header(b"docker-content-digest") or b"").decode("latin-1")
             if actual != (digest or claimed):
-                self.mark_bad(peer)
+                await self._caught_lying([peer])
                 return None
             return response, body
 
@@ -154,15 +194,23 @@ class Proxy:
         wanted: ByteRange | None,
         range_header: bytes | None,
     ) -> Response | None:
+        # containerd resumes a download with ``Range: bytes=N-``. Bytes a peer sends for such
+        # a range cannot be checked against the digest alone, and wrong ones would stick in
+        # containerd's partial write: fetch the whole blob, hash the first N bytes without
+        # sending them, and check the rest as for a whole blob. The extra N bytes cross the
+        # local network once, for a request that only a broken download makes.
+        skip = _open_ended_start(range_header) if request.method == b"GET" else None
+        peer_range = None if skip is not None else range_header
+
         async def attempt(peer: Peer) -> PeerResponse | None:
-            response = await self._open(peer, request, target, range_header)
-            if response is None or response.status != 206 or range_header is None:
+            response = await self._open(peer, request, target, peer_range)
+            if response is None or response.status != 206 or peer_range is None:
                 return response
-            if _answers_range(response, range_header, check_length=request.method != b"HEAD"):
+            if _answers_range(response, peer_range, check_length=request.method != b"HEAD"):
                 return response
             self._metrics.proxy_errors.labels(reason="bad_range").inc()
             logger.info("peer %s answered %r with Content-Range %r", peer.registry,
-                        range_header[:100], response.header(b"content-range"))  # fmt: skip
+                        peer_range[:100], response.header(b"content-range"))  # fmt: skip
             await response.aclose()
             return None
 
@@ -189,6 +237,18 @@ class Proxy:
             (b"accept-ranges", b"bytes"),
         ]
         status = first.status
+        if skip is not None and status == 200:
+            if skip >= first.length:
+                await first.aclose()
+                raise unsatisfiable(first.length)
+            headers.append(
+                (b"content-range", f"bytes {skip}-{first.length - 1}/{first.length}".encode())
+            )
+            others = [p for p in holders if p != first.peer]
+            chunks = self._stream(
+                first, others, request, target, 0, first.length, digest, verify=True, skip=skip
+            )
+            return Response(206, headers, StreamBody(chunks, first.length - skip, first.aclose))
         if status == 206:
             content_range = first.header(b"content-range")
             if content_range is None:
@@ -196,11 +256,12 @@ class Proxy:
                 raise RegistryError(502, "UNKNOWN", "peer answered a range without Content-Range")
             headers.append((b"content-range", content_range))
         offset = _range_start(first) if status == 206 else 0
-        verify = digest if status == 200 else None
         if request.method == b"HEAD":
             return Response(status, headers, StreamBody(_no_chunks(), first.length))
         others = [p for p in holders if p != first.peer]
-        chunks = self._stream(first, others, request, target, offset, first.length, verify)
+        chunks = self._stream(
+            first, others, request, target, offset, first.length, digest, verify=status == 200
+        )
         return Response(status, headers, StreamBody(chunks, first.length, first.aclose))
 
     async def _open(
@@ -255,23 +316,32 @@ class Proxy:
         target: bytes,
         offset: int,
         length: int,
-        verify: Digest | None,
+        digest: Digest,
+        *,
+        verify: bool,
+        skip: int = 0,
     ) -> AsyncIterator[bytes]:
+        """The peer's bytes from ``offset``, hashed when ``verify``, the first ``skip`` bytes
+        hashed but not sent, the last chunk held back until the digest checks out."""
         hasher = _hasher(length) if verify else None
         received = 0
         held: bytes | None = None
         served_by = [current.peer]
+        self._unproven.sent(current.peer, digest, trio.current_time())
         try:
             while True:
                 try:
                     async for chunk in current.body():
                         if hasher is not None:
                             await hasher.update(chunk)
+                        before = received
                         received += len(chunk)
+                        if received <= skip:
+                            continue
                         if held is not None:
                             self._metrics.bytes_served.labels(source="peer").inc(len(held))
                             yield held
-                        held = chunk
+                        held = chunk[skip - before :] if before < skip else chunk
                     break
                 except PeerFailed as exc:
                     self._metrics.proxy_errors.labels(reason="broken").inc()
@@ -286,11 +356,13 @@ class Proxy:
                         raise AbortResponse("no holder could resume the blob") from exc
                     current = resumed
                     served_by.append(current.peer)
+                    self._unproven.sent(current.peer, digest, trio.current_time())
                     others = [p for p in others if p != current.peer]
-            if hasher is not None and "sha256:" + await hasher.hexdigest() != verify:
-                for peer in served_by:
-                    self.mark_bad(peer)
-                raise AbortResponse(f"bytes for {verify} do not match it")
+            if hasher is not None:
+                if "sha256:" + await hasher.hexdigest() != digest:
+                    await self._caught_lying(served_by)
+                    raise AbortResponse(f"bytes for {digest} do not match it")
+                self._unproven.proven(digest)
             if held is not None:
                 self._metrics.bytes_served.labels(source="peer").inc(len(held))
                 yield held
@@ -459,3 +531,11 @@ def _hasher(length: int) -> _InlineSha256 | _ThreadedSha256:
 
 def _ignore(_: object) -> None:
     pass
+
+
+def _open_ended_start(range_header: bytes | None) -> int | None:
+    """N for ``Range: bytes=N-`` (from N to the end), else None."""
+    if range_header is None:
+        return None
+    match = _OPEN_ENDED.fullmatch(range_header)
+    return int(match.group(1)) if match else None

@@ -32,7 +32,7 @@ from ._http import (
 from ._labels import RegistryLabels
 from ._metrics import RegistryMetrics
 from ._peer import MIRRORED_HEADER
-from ._proxy import Proxy, ProxySettings
+from ._proxy import DiscardPartial, Proxy, ProxySettings
 from ._ranges import parse_range
 from ._routes import Kind, Route, parse_target
 
@@ -66,6 +66,7 @@ class Registry:
         *,
         ready: Callable[[], bool],
         status: Callable[[], dict[str, Any]],
+        discard_partial: DiscardPartial | None = None,
     ) -> None:
         self._store = store
         self._router = router
@@ -74,7 +75,7 @@ class Registry:
         self._settings = settings
         self._ready = ready
         self._status = status
-        self._proxy = Proxy(router, self._metrics, settings.proxy)
+        self._proxy = Proxy(router, self._metrics, settings.proxy, discard_partial)
         self._labels = RegistryLabels(settings.mirrored_registries)
         errors = {kind: self._metrics.http_errors.labels(kind=kind) for kind in ERROR_KINDS}
         self._server = HttpServer(

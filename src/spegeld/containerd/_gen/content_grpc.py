@@ -9,6 +9,7 @@ import grpclib.client
 if typing.TYPE_CHECKING:
     import grpclib.server
 
+import google.protobuf.empty_pb2
 import google.protobuf.timestamp_pb2
 import spegeld.containerd._gen.content_pb2
 
@@ -25,6 +26,14 @@ class ContentBase(abc.ABC):
 
     @abc.abstractmethod
     async def Read(self, stream: 'grpclib.server.Stream[spegeld.containerd._gen.content_pb2.ReadContentRequest, spegeld.containerd._gen.content_pb2.ReadContentResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ListStatuses(self, stream: 'grpclib.server.Stream[spegeld.containerd._gen.content_pb2.ListStatusesRequest, spegeld.containerd._gen.content_pb2.ListStatusesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def Abort(self, stream: 'grpclib.server.Stream[spegeld.containerd._gen.content_pb2.AbortRequest, google.protobuf.empty_pb2.Empty]') -> None:
         pass
 
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
@@ -46,6 +55,18 @@ class ContentBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 spegeld.containerd._gen.content_pb2.ReadContentRequest,
                 spegeld.containerd._gen.content_pb2.ReadContentResponse,
+            ),
+            '/containerd.services.content.v1.Content/ListStatuses': grpclib.const.Handler(
+                self.ListStatuses,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                spegeld.containerd._gen.content_pb2.ListStatusesRequest,
+                spegeld.containerd._gen.content_pb2.ListStatusesResponse,
+            ),
+            '/containerd.services.content.v1.Content/Abort': grpclib.const.Handler(
+                self.Abort,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                spegeld.containerd._gen.content_pb2.AbortRequest,
+                google.protobuf.empty_pb2.Empty,
             ),
         }
 
@@ -70,4 +91,16 @@ class ContentStub:
             '/containerd.services.content.v1.Content/Read',
             spegeld.containerd._gen.content_pb2.ReadContentRequest,
             spegeld.containerd._gen.content_pb2.ReadContentResponse,
+        )
+        self.ListStatuses = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/containerd.services.content.v1.Content/ListStatuses',
+            spegeld.containerd._gen.content_pb2.ListStatusesRequest,
+            spegeld.containerd._gen.content_pb2.ListStatusesResponse,
+        )
+        self.Abort = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/containerd.services.content.v1.Content/Abort',
+            spegeld.containerd._gen.content_pb2.AbortRequest,
+            google.protobuf.empty_pb2.Empty,
         )

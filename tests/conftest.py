@@ -10,6 +10,9 @@ import pytest
 
 from spegeld.harness import PrivateContainerd, containerd_unavailable_reason
 from tests._components import component_dir
+from tests._realsummary import pytest_runtest_logreport, pytest_terminal_summary
+
+__all__ = ["pytest_runtest_logreport", "pytest_terminal_summary"]  # hooks, re-exported
 
 # The fixtures that start a real containerd; a test using one is marked `containerd`.
 _CONTAINERD_FIXTURES = frozenset({"containerd", "containerd2", "any_containerd"})

@@ -58,6 +58,9 @@ def test_the_doctors_role_yaml_is_valid(subject: tuple[str, str, str | None]) ->
         _validate(document)
     assert documents[0]["rules"][0]["verbs"] == list(LEASE_VERBS)
     assert documents[1]["subjects"][0]["name"] == subject[1]
+    # Another subject's binding never replaces deploy/rbac.yaml's (spegeld's) binding.
+    own = subject[:2] == ("ServiceAccount", "spegeld")
+    assert (documents[1]["metadata"]["name"] == "spegeld-leases") is own
 
 
 def test_a_bad_manifest_is_caught_by_the_same_validation() -> None:

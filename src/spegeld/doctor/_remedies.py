@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 LEASE_VERBS = ("get", "create", "update")
@@ -65,9 +66,19 @@ def unauthorized(source: str) -> str:
     )
 
 
+def _binding_name(kind: str, name: str) -> str:
+    """deploy/rbac.yaml's binding for its own ServiceAccount; one of its own for any other
+    subject, so applying this never moves rbac.yaml's binding away from ``spegeld``."""
+    if (kind, name) == ("ServiceAccount", "spegeld"):
+        return "spegeld-leases"
+    slug = re.sub(r"[^a-z0-9.-]+", "-", f"{kind}-{name}".lower()).strip("-.")
+    return f"spegeld-leases-{slug}"[:253].rstrip("-.")
+
+
 def forbidden(namespace: str, subject: tuple[str, str, str | None]) -> str:
     kind, name, subject_ns = subject
     ns_line = f"\n  namespace: {subject_ns}" if subject_ns else ""
+    binding = _binding_name(kind, name)
     return f"""\
 Grant the Lease verbs (kubectl apply -f - <<'EOF', or deploy/rbac.yaml):
 apiVersion: rbac.authorization.k8s.io/v1
@@ -83,7 +94,7 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
 metadata:
-  name: spegeld-leases
+  name: {binding}
   namespace: {namespace}
 roleRef:
   apiGroup: rbac.authorization.k8s.io

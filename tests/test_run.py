@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image
+from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 
 pytestmark = pytest.mark.containerd
 
@@ -70,6 +70,7 @@ def test_ready_only_once_containerd_is_synced_and_survives_restarts(tmp_path: Pa
         ("--grace-period", "-1", "grace-period"),
         ("--peer", "nope", "is not HOST:PORT"),
         ("--gossip-addr", "1.2.3.4", "is not HOST:PORT"),
+        ("--gossip-addr", "127.0.0.1:0", "needs a fixed port"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flag: str, value: str, needle: str) -> None:
@@ -110,7 +111,7 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "spegeld", "run", "--registry-addr", f"127.0.0.1:{port}",
              "--containerd-sock", str(tmp_path / "none.sock"), "--log-format", "text",
-             "--insecure-gossip", "--gossip-addr", "127.0.0.1:0"],
+             "--insecure-gossip", "--gossip-addr", f"127.0.0.1:{free_port('127.0.0.1')}"],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
     assert result.returncode == 1

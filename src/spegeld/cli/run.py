@@ -20,7 +20,7 @@ from spegeld.cli._options import (
     registry_addr_option,
     state_dir_option,
 )
-from spegeld.errors import SpegeldError
+from spegeld.errors import ConfigError, SpegeldError
 
 
 def default_advertise_addr() -> str:
@@ -128,6 +128,9 @@ def node_config(
 
     host, port = config.parse_host_port(registry_addr, "--registry-addr")
     gossip_host, gossip_port = config.parse_host_port(gossip_addr, "--gossip-addr")
+    if gossip_port == 0 and not static_peers:
+        # Peers reach this node at the port it advertises, before any datagram is sent.
+        raise ConfigError(f"--gossip-addr {gossip_addr}: gossip needs a fixed port, not 0")
     seeds = tuple(config.parse_host_port(peer, "--peer") for peer in peers)
     for peer in static_peers:
         config.parse_host_port(peer, "--static-peer")

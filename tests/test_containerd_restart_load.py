@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,9 @@ async def busy(client: ContainerdClient, kind: str, layer: Digest, counts: Count
     while True:
         try:
             if kind == "read":
-                async for _ in client.read(layer):
-                    await trio.lowlevel.checkpoint()
+                async with aclosing(client.read(layer)) as chunks:  # closed when cancelled
+                    async for _ in chunks:
+                        await trio.lowlevel.checkpoint()
             elif kind == "read_all":
                 await client.read_all(layer, limit=8 * MiB)
             elif kind == "list":

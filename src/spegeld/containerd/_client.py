@@ -232,7 +232,9 @@ class ContainerdClient:
                             logger.debug("skipping content with digest %r", info.digest)
         return found
 
-    async def read(self, digest: Digest, offset: int = 0, size: int = 0) -> AsyncIterator[bytes]:
+    async def read(
+        self, digest: Digest, offset: int = 0, size: int = 0
+    ) -> AsyncGenerator[bytes, None]:
         """Stream a blob from ``offset``; ``size`` 0 reads to the end.
 
         One Content.Read per ``READ_RANGE`` bytes, so what a slow reader holds is bounded;
@@ -287,11 +289,12 @@ class ContainerdClient:
         """Read a small blob whole; refuse one larger than ``limit`` bytes."""
         parts: list[bytes] = []
         total = 0
-        async for chunk in self.read(digest):
-            total += len(chunk)
-            if total > limit:
-                raise ContainerdError(f"{digest} is larger than {limit} bytes")
-            parts.append(chunk)
+        async with aclosing(self.read(digest)) as chunks:  # closed on the early raise too
+            async for chunk in chunks:
+                total += len(chunk)
+                if total > limit:
+                    raise ContainerdError(f"{digest} is larger than {limit} bytes")
+                parts.append(chunk)
         return b"".join(parts)
 
     @asynccontextmanager

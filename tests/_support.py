@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -96,3 +99,13 @@ def wait_for(
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
     return time.monotonic() - start
+
+
+def configure_hosts(hosts_dir: Path, mirror: str, upstream: str) -> None:
+    """``spegeld configure containerd`` (the real CLI): ``upstream`` mirrored by ``mirror``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "spegeld", "configure", "containerd", "--config-path", str(hosts_dir),
+         "--mirror-target", mirror, "--mirrored-registries", upstream],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spegeld.harness import PrivateContainerd, containerd_unavailable_reason
+from spegeld.harness import PrivateContainerd, UpstreamRegistry, containerd_unavailable_reason
 from tests._components import component_dir
 from tests._realsummary import pytest_runtest_logreport, pytest_terminal_summary
 
@@ -97,3 +97,14 @@ def any_containerd(tmp_path: Path, containerd_bin_dir: Path | None) -> Iterator[
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
+    """A real Distribution registry on loopback, the upstream containerd falls back to."""
+    registry = UpstreamRegistry(tmp_path / "upstream")
+    try:
+        registry.start()
+        yield registry
+    finally:
+        registry.close()

@@ -17,8 +17,6 @@ the upstream, a ``spegeld run`` process.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +32,8 @@ from spegeld.harness import (
     free_port,
     host_platform,
 )
+
+from ._support import configure_hosts
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -95,16 +95,6 @@ def liar() -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
-    registry = UpstreamRegistry(tmp_path / "upstream")
-    try:
-        registry.start()
-        yield registry
-    finally:
-        registry.close()
-
-
 def test_a_lying_peer_costs_one_pull_not_every_pull(
     tmp_path: Path,
     any_containerd: PrivateContainerd,
@@ -120,11 +110,7 @@ def test_a_lying_peer_costs_one_pull_not_every_pull(
     )  # fmt: skip
     hosts = tmp_path / "hosts"
     with node:
-        subprocess.run(
-            [sys.executable, "-m", "spegeld", "configure", "containerd", "--config-path",
-             str(hosts), "--mirror-target", node.url, "--mirrored-registries", upstream.url],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
+        configure_hosts(hosts, node.url, upstream.url)
         pull = ["images", "pull", "--hosts-dir", str(hosts), ref]
         try:
             any_containerd.ctr(*pull)

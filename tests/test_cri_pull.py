@@ -33,7 +33,7 @@ from spegeld.harness import (
 )
 from tests._components import component_binary
 
-from ._support import wait_for
+from ._support import configure_hosts, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -60,25 +60,6 @@ def crictl(node: PrivateContainerd, *args: str) -> str:
         f"{' '.join(argv)} exited {result.returncode}: {result.stderr}\n{node.log_tail()}"
     )
     return result.stdout
-
-
-def configure_hosts(hosts_dir: Path, mirror: str, upstream: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "spegeld", "configure", "containerd", "--config-path", str(hosts_dir),
-         "--mirror-target", mirror, "--mirrored-registries", upstream],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
-    registry = UpstreamRegistry(tmp_path / "upstream")
-    try:
-        registry.start()
-        yield registry
-    finally:
-        registry.close()
 
 
 @pytest.fixture

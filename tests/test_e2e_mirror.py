@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,29 +29,12 @@ from spegeld.harness import (
     write_cluster_key,
 )
 
+from ._support import configure_hosts
+
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
 IMAGE = build_image("example.com/team/app:v1", [3_000_000, 1_000_000, 500_000], seed=61)
 HOST = host_platform()
-
-
-def configure_hosts(hosts_dir: Path, mirror: str, upstream: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "spegeld", "configure", "containerd", "--config-path", str(hosts_dir),
-         "--mirror-target", mirror, "--mirrored-registries", upstream],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[UpstreamRegistry]:
-    registry = UpstreamRegistry(tmp_path / "upstream")
-    try:
-        registry.start()
-        yield registry
-    finally:
-        registry.close()
 
 
 @pytest.fixture

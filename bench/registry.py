@@ -39,6 +39,18 @@ per server with recv_into and with curl hashes the bytes and checks the sha256. 
 reference for the proxy, which must hash every byte, it also times hashlib's SHA-256 over
 the blob in memory on one core.
 
+**Spegel v0.7.4** (``bench/_spegel.py``) runs in the same run when its binary is built
+(``scripts/build-components --print-path spegel``; ``--no-spegel`` leaves it out): two
+``spegel registry`` nodes, Spegel 1 over containerd 1 (which holds the blob) and Spegel 2 over
+containerd 2 (empty), bootstrapped statically. Containerd 1 and 2 are then the built 2.3 and
+serve spegeld's nodes 1 and 2 too, so both systems read the very same files. Spegel ignores
+loopback addresses for its peers, so the whole benchmark then runs in a private network
+namespace whose ``lo`` also carries two ``10.253.0.x`` addresses for Spegel's nodes (still
+loopback traffic). It adds: Spegel's local and proxied blob GET, its manifest HEAD hit, its
+proxied hit, and its miss, both for one repeated unknown digest (Spegel caches a lookup for
+5 s) and for a new unknown digest on every request (a DHT lookup each time; Spegel waits at
+most ``--mirror-resolve-timeout`` 20 ms for a peer).
+
 ``--baseline-ref REF`` (repeatable) adds a proxy node that runs the ``src/`` of a git ref
 (e.g. ``HEAD``), or of a directory holding a ``spegeld`` package, next to the working tree's,
 so a change to the proxy path is measured in the same run.
@@ -73,6 +85,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import _spegel  # bench/_spegel.py, beside this script
 
 from spegeld.harness import (
     PrivateContainerd,
@@ -420,17 +434,26 @@ CLIENTS: dict[str, Callable[..., Download]] = {
 VERIFYING_CLIENTS = ("recv_into", "curl")
 
 
-def head_latencies(url: str, count: int, warmup: int, expect: int) -> list[float]:
-    """Seconds per ``HEAD`` over one keep-alive HTTP/1.1 connection (raw socket)."""
+def head_latencies(
+    url: str, count: int, warmup: int, expect: int, *, fresh: bool = False
+) -> list[float]:
+    """Seconds per ``HEAD`` over one keep-alive HTTP/1.1 connection (raw socket). With
+    ``fresh``, ``url`` holds ``{digest}``, replaced by a new random digest on every request."""
     host, port, target = split_url(url)
-    request = (
-        f"HEAD {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: {ACCEPT}\r\n"
-        "User-Agent: spegeld-bench\r\n\r\n"
-    ).encode()
+
+    def request_for(target: str) -> bytes:
+        return (
+            f"HEAD {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: {ACCEPT}\r\n"
+            "User-Agent: spegeld-bench\r\n\r\n"
+        ).encode()
+
+    request = request_for(target)
     times = []
     with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(warmup + count):
+            if fresh:
+                request = request_for(target.format(digest="sha256:" + secrets.token_hex(32)))
             t0 = time.perf_counter_ns()
             sock.sendall(request)
             pending = b""
@@ -490,6 +513,7 @@ class Latency:
     url: str
     expect: int
     count: int
+    fresh: bool = False  # a new unknown digest per request (url holds "{digest}")
     seconds: list[float] = field(default_factory=list)
 
     def ms(self, p: float) -> float:
@@ -518,6 +542,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
     stack = contextlib.ExitStack()
     processes: list[Process] = []
     info: dict[str, Any] = {"profiles": {}}
+    if args.spegel is not None:
+        info["spegel"] = f"{_spegel.VERSION} ({args.spegel})"
     info["busy_before"] = wait_quiet(args.wait_quiet, args.quiet_below)
     try:
         print(f"   building a {args.blob_mib} MiB layer...", flush=True)
@@ -529,14 +555,16 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
         info.update(layer=layer, size=size)
         archive = image.write_oci_archive(work / "image.tar")
 
-        node1_cd = stack.enter_context(PrivateContainerd(work / "containerd-1"))
+        spegel_cd = args.spegel_containerd  # the built 2.3 when Spegel runs, else Debian's
+        node1_cd = stack.enter_context(PrivateContainerd(work / "containerd-1", bin_dir=spegel_cd))
+        info["containerd_1_2"] = node1_cd.version
         t0 = time.perf_counter()
         node1_cd.import_image(archive)
         print(f"   imported into containerd 1 in {time.perf_counter() - t0:.1f}s", flush=True)
         blob_file = node1_cd.blob_path(layer)
         if not blob_file.is_file():
             raise SystemExit(f"{layer} is not in containerd 1's content directory")
-        node2_cd = stack.enter_context(PrivateContainerd(work / "containerd-2"))
+        node2_cd = stack.enter_context(PrivateContainerd(work / "containerd-2", bin_dir=spegel_cd))
 
         upstream = stack.enter_context(UpstreamRegistry(work / "distribution", log_level="warn"))
         t0 = time.perf_counter()
@@ -544,6 +572,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
         print(f"   pushed to Distribution in {time.perf_counter() - t0:.1f}s", flush=True)
         repo = default_repository(image)
         assert upstream.pid is not None
+        if args.spegel is not None:  # as a pull would have labelled them (bench/_spegel.py)
+            _spegel.label_sources(node1_cd, REGISTRY, repo, list(image.blobs))
 
         bare: dict[str, tuple[Process, str]] = {}
         for key, extra in (("sendfile", []), ("sendfile-plain", ["--plain"])):
@@ -589,6 +619,24 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             proc, address = start_spegeld(f"node-b{i}", work, cd, host, [node1_addr], src=src)
             processes.append(proc)
             baselines.append((ref, proc, address))
+        spegel_nodes: tuple[_spegel.SpegelNode, _spegel.SpegelNode] | None = None
+        if args.spegel is not None:
+            spegel_nodes = _spegel.start_pair(
+                args.spegel,
+                work,
+                (node1_cd, _spegel.NODE_ADDRS[0]),
+                (node2_cd, _spegel.NODE_ADDRS[1]),
+                mirrored=[f"http://{REGISTRY}"],
+            )
+            stack.callback(spegel_nodes[1].stop)
+            stack.callback(spegel_nodes[0].stop)
+            info["spegel_argv"] = " ".join(spegel_nodes[1].argv)
+            print(
+                f"   Spegel 1 {spegel_nodes[0].registry_addr} (pid {spegel_nodes[0].pid}),"
+                f" Spegel 2 {spegel_nodes[1].registry_addr} (pid {spegel_nodes[1].pid}),"
+                f" containerd {info['containerd_1_2']}",
+                flush=True,
+            )
         for proc, address in bare.values():
             wait_http(proc, f"http://{address}/")
         print(
@@ -647,6 +695,25 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                     f"spegeld proxied, {Path(ref).name or ref} code",
                     f"http://{address}{mirror_blob}",
                     {"server": proc.pid, "peer": node1.pid},
+                )
+            )
+
+        if spegel_nodes is not None:
+            sp1, sp2 = spegel_nodes
+            servers.append(
+                Server(
+                    "spegel-local",
+                    f"Spegel {_spegel.VERSION} local",
+                    f"http://{sp1.registry_addr}{mirror_blob}",
+                    {"server": sp1.pid},
+                )
+            )
+            servers.append(
+                Server(
+                    "spegel-proxied",
+                    f"Spegel {_spegel.VERSION} proxied from a peer",
+                    f"http://{sp2.registry_addr}{mirror_blob}",
+                    {"server": sp2.pid, "peer": sp1.pid},
                 )
             )
 
@@ -710,9 +777,41 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                 max(50, n // 4),
             ),
         ]
+        fresh = f"/v2/{repo}/manifests/{{digest}}?ns={REGISTRY}"
+        latencies.append(
+            Latency(
+                "spegeld miss (new unknown digest each)",
+                f"http://{node1_addr}{fresh}",
+                404,
+                n,
+                True,
+            )
+        )
+        if spegel_nodes is not None:
+            sp1_url, sp2_url = (f"http://{node.registry_addr}" for node in spegel_nodes)
+            latencies += [
+                Latency(
+                    "Spegel hit (HEAD manifest by tag)", f"{sp1_url}{tag}?ns={REGISTRY}", 200, n
+                ),
+                Latency(
+                    "Spegel miss (unknown digest, 1 peer)",
+                    f"{sp1_url}{unknown}?ns={REGISTRY}",
+                    404,
+                    n,
+                ),
+                Latency("Spegel miss (new unknown digest each)", f"{sp1_url}{fresh}", 404, n, True),
+                Latency(
+                    "Spegel proxied hit (2 asks 1)",
+                    f"{sp2_url}{tag}?ns={REGISTRY}",
+                    200,
+                    max(50, n // 4),
+                ),
+            ]
         print(f"   latency: {n} HEADs per case...", flush=True)
         for lat in latencies:
-            lat.seconds = head_latencies(lat.url, lat.count, max(10, lat.count // 10), lat.expect)
+            lat.seconds = head_latencies(
+                lat.url, lat.count, max(10, lat.count // 10), lat.expect, fresh=lat.fresh
+            )
 
         # Stop the spegeld nodes gracefully, so cProfile writes its output.
         for proc in processes:
@@ -794,6 +893,14 @@ def report(
         ("proxied / Distribution", "proxied", "distribution", 0.6),
         ("bare sendfile / Distribution", "sendfile", "distribution", 0.0),
     ]
+    if "spegel-local" in by_key:
+        ratios += [
+            ("spegeld local / Spegel local", "local", "spegel-local", 0.0),
+            ("spegeld proxied / Spegel proxied", "proxied", "spegel-proxied", 0.0),
+            ("Spegel local / Distribution", "spegel-local", "distribution", 0.0),
+            ("Spegel local / bare sendfile", "spegel-local", "sendfile", 0.0),
+            ("Spegel proxied / Distribution", "spegel-proxied", "distribution", 0.0),
+        ]
     for i, ref in enumerate(args.baseline_ref):
         name = Path(ref).name or ref
         key = f"baseline-{i}"
@@ -832,7 +939,29 @@ def report(
             ok = (p50_max is None or p50 <= p50_max) and p99 <= p99_max
             line += f"  {text}: {verdict(ok)}"
         print(line)
+    by_label = {lat.label.split(" (")[0]: lat for lat in latencies}
+    pairs = [
+        ("hit", "spegeld hit", "Spegel hit"),
+        ("proxied hit", "spegeld proxied hit", "Spegel proxied hit"),
+    ]
+    if "Spegel hit" in by_label:
+        same = [
+            lat
+            for lat in latencies
+            if lat.label.startswith(("spegeld miss (unknown", "Spegel miss (unknown"))
+        ]
+        new = [lat for lat in latencies if "new unknown digest" in lat.label]
+        print()
+        print(f"{'spegeld / Spegel latency':<42} {'p50':>7} {'p99':>7}")
+        for what, a, b in pairs:
+            la, lb = by_label[a], by_label[b]
+            print(f"{what:<42} {la.ms(50) / lb.ms(50):7.2f} {la.ms(99) / lb.ms(99):7.2f}")
+        for what, (la, lb) in (("miss, same digest", same), ("miss, new digest each", new)):
+            print(f"{what:<42} {la.ms(50) / lb.ms(50):7.2f} {la.ms(99) / lb.ms(99):7.2f}")
     print()
+    print(f"containerd 1 and 2: {info['containerd_1_2']}; Spegel: {info.get('spegel', 'not run')}")
+    if "spegel_argv" in info:
+        print(f"Spegel 2 ran: {info['spegel_argv']}")
     print(
         "CPU s/GB: CPU time per GB delivered, of the serving process (server), of node 1 when"
         " it feeds the proxy (peer), of the client, and of everything else on the machine"
@@ -887,6 +1016,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile-lines", type=int, default=30, help="lines of each profile")
     parser.add_argument(
+        "--no-spegel",
+        action="store_true",
+        help="leave Spegel out (skipped anyway when scripts/build-components has not built it)",
+    )
+    parser.add_argument(
         "--serve-sendfile", nargs=2, metavar=("FILE", "ADDR"), help=argparse.SUPPRESS
     )
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -918,6 +1052,15 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("curl") is None:
         print("cannot run: curl not found (apt-get install -y curl)", file=sys.stderr)
         return 2
+    args.spegel, args.spegel_containerd = None, None
+    if not args.no_spegel:
+        binary, why = _spegel.spegel_binary()
+        cd_dir, cd_why = _spegel.component_path("containerd")
+        if binary is None or cd_dir is None:
+            print(f"Spegel skipped: {why or 'containerd 2.3 not built: ' + cd_why}", flush=True)
+        else:
+            _spegel.enter_private_netns()  # before any thread or child process
+            args.spegel, args.spegel_containerd = binary, cd_dir
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=False)
     print(
         f"spegeld registry benchmark: {time.strftime('%Y-%m-%d %H:%M:%S %Z')},"

@@ -812,6 +812,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             lat.seconds = head_latencies(
                 lat.url, lat.count, max(10, lat.count // 10), lat.expect, fresh=lat.fresh
             )
+        if spegel_nodes is not None:  # Spegel's 20 ms resolve wait: its only peer stopped
+            latencies.append(spegel_stopped_peer_misses(spegel_nodes, f"{fresh}", n))
 
         # Stop the spegeld nodes gracefully, so cProfile writes its output.
         for proc in processes:
@@ -825,6 +827,28 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             with contextlib.suppress(Exception):
                 proc.stop()
         stack.close()
+
+
+def spegel_stopped_peer_misses(
+    nodes: tuple[_spegel.SpegelNode, _spegel.SpegelNode], fresh: str, n: int
+) -> Latency:
+    """Misses on Spegel 1 (a new unknown digest each) while Spegel 2, its only DHT peer, is
+    stopped (SIGSTOP): the lookup never ends, so Spegel answers when its resolve timeout
+    (20 ms) expires. The count is smaller: each request takes that long."""
+    one, two = nodes
+    lat = Latency(
+        "Spegel miss (new digest, peer stopped)",
+        f"http://{one.registry_addr}{fresh}",
+        404,
+        max(50, n // 10),
+        True,
+    )
+    os.kill(two.pid, signal.SIGSTOP)
+    try:
+        lat.seconds = head_latencies(lat.url, lat.count, 10, lat.expect, fresh=True)
+    finally:
+        os.kill(two.pid, signal.SIGCONT)
+    return lat
 
 
 def sha256_speed(path: Path, repeat: int) -> float:
@@ -956,7 +980,10 @@ def report(
         for what, a, b in pairs:
             la, lb = by_label[a], by_label[b]
             print(f"{what:<42} {la.ms(50) / lb.ms(50):7.2f} {la.ms(99) / lb.ms(99):7.2f}")
-        for what, (la, lb) in (("miss, same digest", same), ("miss, new digest each", new)):
+        stopped = [new[0], next(lat for lat in latencies if "peer stopped" in lat.label)]
+        cases = [("miss, same digest", same), ("miss, new digest each", new)]
+        cases.append(("miss, new digest; Spegel's peer stopped", stopped))
+        for what, (la, lb) in cases:
             print(f"{what:<42} {la.ms(50) / lb.ms(50):7.2f} {la.ms(99) / lb.ms(99):7.2f}")
     print()
     print(f"containerd 1 and 2: {info['containerd_1_2']}; Spegel: {info.get('spegel', 'not run')}")

@@ -3,6 +3,8 @@ namespace with its own containerd and spegeld, the upstream a Distribution regis
 behind a 100 Mbit/s tc tbf link. Each pull is a real ``ctr images pull`` inside the node's
 namespace, through the hosts.toml ``spegeld configure containerd`` wrote.
 
+- a second node pulls the image from its peer, not the upstream (on containerd 1.6 and 2.3:
+  the one cluster test run on both; the fault runs below stay on 1.6);
 - the serving peer is killed mid-pull: the pull completes and the image verifies;
 - a node partitioned from its peers falls back to the upstream with < 1 s added;
 - with spegeld stopped, containerd pulls from the upstream as fast as without a mirror;
@@ -48,6 +50,29 @@ def verify(cluster: Cluster, node: Node, image: BuiltImage) -> None:
 
 def served_locally(node: Node) -> float:
     return node.metric('spegeld_bytes_served_total{source="local"}')
+
+
+def test_a_second_node_pulls_from_its_peer_on_each_containerd(
+    tmp_path: Path, containerd_bin_dir: Path | None
+) -> None:
+    image = build_image("faults.local/peer:v1", [2 * MiB] * 2, seed=706)
+    layers = sum(image.blobs[d].size for d in image.platforms[0].layers)
+    with Cluster(
+        nodes_wanted=2, base_dir=tmp_path, containerd_bin_dir=containerd_bin_dir
+    ) as cluster:
+        version = cluster.containerd_version
+        assert version.startswith("1.6." if containerd_bin_dir is None else "2.3.")
+        ref = cluster.push(image, "faults/peer", "v1")
+        first, second = cluster.nodes
+        direct = cluster.pull(first, ref)
+        assert direct.from_peers == 0 and direct.from_upstream >= layers
+        cluster.wait_findable(ref, image, [second])
+        pulled = cluster.pull(second, ref)
+        print(f"\n[cluster] containerd {version}: upstream pull {direct.seconds:.2f} s, "
+              f"peer pull {pulled.seconds:.2f} s")  # fmt: skip
+        assert pulled.from_upstream == 0
+        assert pulled.from_peers >= layers
+        verify(cluster, second, image)
 
 
 def test_the_serving_peer_killed_mid_pull(tmp_path: Path) -> None:
@@ -183,13 +208,16 @@ def _alive(pid: int) -> bool:
 
 
 def test_without_root_or_tools_the_cluster_says_what_is_missing(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import shutil
 
     from spegeld.harness import missing_requirement
 
     assert missing_requirement() is None  # this machine has everything (scripts/setup)
+    assert missing_requirement(tmp_path) == (  # nodes on a containerd that is not built
+        f"containerd and ctr not found in {tmp_path}: run scripts/build-components containerd"
+    )
     monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "tc" else "/usr/bin/x")
     assert missing_requirement() == "missing tools: apt-get install -y iproute2"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

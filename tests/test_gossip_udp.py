@@ -2,7 +2,10 @@
 
 Every node is a private containerd plus ``spegeld run`` on its own loopback
 address (127.0.0.2 … 127.0.0.6), all holding one generated cluster key; node 0
-is the seed the others name with ``--peer``. Nothing is mocked: the datagrams,
+is the seed the others name with ``--peer``. The two tests that follow an image
+through the cluster (an import spreading, a killed node's keys leaving and coming
+back from its content store) run on containerd 1.6 and on 2.3 (``any_cluster``);
+the rest, about datagrams and membership, on 1.6 only. Nothing is mocked: the datagrams,
 tags, tables and the registry proxy are the daemons' own, and everything is
 observed from outside, through ``/status`` and HTTP.
 
@@ -124,8 +127,9 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, containerd_bin_dir: Path | None = None) -> None:
         self.base = base
+        self.containerd_bin_dir = containerd_bin_dir  # None: Debian's 1.6 from PATH
         self.key = write_cluster_key(base / "cluster.key")
         self.nodes: list[Node] = []
         self._all: list[Node] = []  # everything started, for close()
@@ -139,7 +143,9 @@ class Cluster:
         peers: Sequence[str],
         live_only: bool = False,
     ) -> Node:
-        containerd = PrivateContainerd(self.base / f"{name}-containerd")
+        containerd = PrivateContainerd(
+            self.base / f"{name}-containerd", bin_dir=self.containerd_bin_dir
+        )
         kind = LiveOnlySpegeld if live_only else SpegeldProcess
         spegeld = kind(self.base / name, containerd, host=host, key_file=key_file, peers=peers)
         node = Node(containerd, spegeld)
@@ -161,10 +167,12 @@ class Cluster:
             node.containerd.close()
 
 
-def start_cluster(base: Path, count: int) -> tuple[Cluster, float]:
+def start_cluster(
+    base: Path, count: int, containerd_bin_dir: Path | None = None
+) -> tuple[Cluster, float]:
     """``count`` members seeded through node 0; returns it once every node sees every
     other alive, and how long that took after the last daemon was ready."""
-    cluster = Cluster(base)
+    cluster = Cluster(base, containerd_bin_dir)
     seed = cluster.node("node-0", HOSTS[0], key_file=cluster.key, peers=())
     cluster.nodes.append(seed)
     for i in range(1, count):
@@ -186,18 +194,30 @@ def start_cluster(base: Path, count: int) -> tuple[Cluster, float]:
     return cluster, converged
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def five_nodes(base: Path, containerd_bin_dir: Path | None) -> Iterator[Cluster]:
     started = time.monotonic()
-    cluster, converged = start_cluster(tmp_path, len(HOSTS))
+    cluster, converged = start_cluster(base, len(HOSTS), containerd_bin_dir)
     print(
-        f"\n[gossip] {len(HOSTS)} nodes: converged {converged:.2f} s after the last was ready"
-        f" ({time.monotonic() - started:.2f} s from the first start)"
+        f"\n[gossip] {len(HOSTS)} nodes on containerd "
+        f"{cluster.nodes[0].containerd.version}: converged {converged:.2f} s after the last "
+        f"was ready ({time.monotonic() - started:.2f} s from the first start)"
     )
     try:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Five nodes on Debian's containerd 1.6."""
+    yield from five_nodes(tmp_path, None)
+
+
+@pytest.fixture
+def any_cluster(tmp_path: Path, containerd_bin_dir: Path | None) -> Iterator[Cluster]:
+    """Five nodes, once on containerd 1.6 and once on 2.3 (marked ``containerd2``)."""
+    yield from five_nodes(tmp_path, containerd_bin_dir)
 
 
 # -- observations ---------------------------------------------------------------------------------
@@ -285,9 +305,9 @@ def time_until_pullable(nodes: Sequence[Node], image: BuiltImage, since: float) 
 
 
 def test_five_daemons_converge_and_an_import_is_pullable_through_every_mirror_within_3s(
-    cluster: Cluster, tmp_path: Path
+    any_cluster: Cluster, tmp_path: Path
 ) -> None:
-    nodes = cluster.nodes
+    nodes = any_cluster.nodes
     incarnations = {n.name: n.gossip()["incarnation"] for n in nodes}
     for node in nodes:
         gossip = node.gossip()
@@ -320,15 +340,26 @@ def test_five_daemons_converge_and_an_import_is_pullable_through_every_mirror_wi
     total = sum(image.blobs[d].size for d in image.digests())
     for node in others:
         assert node.spegeld.metric('spegeld_bytes_served_total{source="peer"}') >= total
-    for node in others:
-        entry = node.view()[source.name]
-        assert entry["keys"] == len(image.digests()) + 1  # the blobs and the tag key
-    assert source.gossip()["own_keys"] == len(image.digests()) + 1
+    # The blobs and the tag key, and nothing else once the import's leftovers are gone:
+    # containerd 2.x's import also writes the archive's index.json into the content store
+    # (a /content/create event, so advertised) and its GC deletes it a moment later (so
+    # withdrawn); 1.6 announces only the image. Wait for that, within the spreading bound.
+    wanted = len(image.digests()) + 1
+    settled = wait_for(
+        lambda: (
+            source.gossip()["own_keys"] == wanted
+            and all(node.view()[source.name]["keys"] == wanted for node in others)
+        ),
+        PULLABLE_WITHIN,
+        f"{source.name}'s {wanted} keys, exactly, everywhere",
+    )
+    print(f"[gossip] keys settled everywhere {settled:.2f} s after the mirrors served the image")
 
 
 def test_a_killed_node_goes_dead_everywhere_its_keys_leave_and_it_rejoins_higher(
-    cluster: Cluster, tmp_path: Path
+    any_cluster: Cluster, tmp_path: Path
 ) -> None:
+    cluster = any_cluster
     victim = cluster.nodes[4]
     survivors = cluster.nodes[:4]
     image = build_image("example.com/team/victim:v1", [100_000], seed=502)

@@ -56,11 +56,22 @@ TOOLS = {
 }
 
 
-def missing_requirement() -> str | None:
-    """One line naming what is missing to build a cluster here, or None."""
+def missing_requirement(containerd_bin_dir: Path | None = None) -> str | None:
+    """One line naming what is missing to build a cluster here, or None.
+
+    ``containerd_bin_dir``: the nodes run that directory's containerd and ctr (a 2.x
+    build), so those two must be there instead of on PATH.
+    """
     if os.geteuid() != 0:
         return "a cluster needs root (network namespaces, tc, containerd): run it as root"
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    tools = dict(TOOLS)
+    if containerd_bin_dir is not None:
+        del tools["containerd"], tools["ctr"]
+        absent = [b for b in ("containerd", "ctr") if not (containerd_bin_dir / b).is_file()]
+        if absent:
+            return (f"{' and '.join(absent)} not found in {containerd_bin_dir}: "
+                    "run scripts/build-components containerd")  # fmt: skip
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if missing:
         return f"missing tools: apt-get install -y {' '.join(missing)}"
     return None
@@ -105,6 +116,9 @@ class Cluster:
     subnet: str = "10.231.0"  # a /24 that exists only inside the namespaces
     base_dir: Path | None = None
     keep: bool = False  # leave everything up at close() (the demo's --keep)
+    # Every node runs this directory's containerd and ctr (e.g. the 2.3 that
+    # scripts/build-components builds); None: Debian's 1.6 from PATH.
+    containerd_bin_dir: Path | None = None
     progress: Callable[[str], None] = field(default=lambda message: None)
     nodes: list[Node] = field(default_factory=list)
 
@@ -134,11 +148,18 @@ class Cluster:
         self.close(force=exc is not None)
 
     @property
+    def containerd_version(self) -> str:
+        """The nodes' containerd version, e.g. ``"1.6.20"`` or ``"2.3.7"``."""
+        if not self.nodes:
+            raise RuntimeError("the cluster has no nodes yet: start() it first")
+        return self.nodes[0].containerd.version
+
+    @property
     def upstream_address(self) -> str:
         return f"{self.network.address(0)}:{UPSTREAM_PORT}"
 
     def start(self) -> None:
-        problem = missing_requirement()
+        problem = missing_requirement(self.containerd_bin_dir)
         if problem is not None:
             raise HarnessUnavailable(problem)
         clean_leftovers()
@@ -171,12 +192,14 @@ class Cluster:
                 for done in [pool.submit(self._start_spegeld, n) for n in self.nodes]:
                     done.result()
         mode = ", gossiping" if self.with_spegeld else " (baseline: no spegeld)"
-        self.progress(f"{len(self.nodes)} nodes up{mode}")
+        self.progress(f"{len(self.nodes)} nodes up on containerd {self.containerd_version}{mode}")
 
     def _node(self, i: int, netns: str, key: Path) -> Node:
         address = self.network.address(i)
         name = f"node-{i}"
-        containerd = NetnsContainerd(self.base / f"{name}-containerd", netns)
+        containerd = NetnsContainerd(
+            self.base / f"{name}-containerd", netns, bin_dir=self.containerd_bin_dir
+        )
         hosts_dir = self.base / f"{name}-certs.d"
         spegeld = None
         if self.with_spegeld:
@@ -289,19 +312,30 @@ class Cluster:
     def wait_findable(
         self, reference: str, image: BuiltImage, nodes: Sequence[Node], timeout: float = 30
     ) -> None:
-        """Until each of ``nodes``' mirrors finds the image's last layer (locally or at a
-        peer): gossip has spread the holders' keys."""
-        repository = reference.split("/", 1)[1].rsplit(":", 1)[0]
-        layer = image.platforms[0].layers[-1]
-        path = f"/v2/{repository}/blobs/{layer}?ns={self.upstream_address}"
+        """Until each of ``nodes``' mirrors finds the image's tag, config and every layer
+        (locally or at a peer): gossip has spread the holders' keys.
+
+        Every one, not just the last layer: containerd 2.x announces each blob as it lands
+        (a /content/create event per blob, in the order the parallel downloads finish), so
+        its keys spread one by one; 1.6 announces the whole image when the pull ends.
+        """
+        repository, tag = reference.split("/", 1)[1].rsplit(":", 1)
+        platform = image.platforms[0]
+        ns = f"?ns={self.upstream_address}"
+        paths = [f"/v2/{repository}/manifests/{tag}{ns}"] + [
+            f"/v2/{repository}/blobs/{digest}{ns}" for digest in (platform.config, *platform.layers)
+        ]
         deadline = time.monotonic() + timeout
         for node in nodes:
             if node.spegeld is None:
                 continue
-            while node.spegeld.get(path, method="HEAD")[0] != 200:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{node.name} does not find {reference} at any peer")
-                time.sleep(0.1)
+            for path in paths:
+                while node.spegeld.get(path, method="HEAD")[0] != 200:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{node.name} does not find {reference} at any peer ({path})"
+                        )
+                    time.sleep(0.1)
 
     def describe(self) -> list[dict[str, Any]]:
         """How to poke at each node by hand (for ``spegeld demo --keep``)."""

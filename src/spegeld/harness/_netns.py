@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -133,13 +134,22 @@ def in_netns_wrapper(path: Path, netns: str, program: str) -> Path:
 
 
 class NetnsContainerd(PrivateContainerd):
-    def __init__(self, base_dir: Path, netns: str) -> None:
+    """A private containerd inside ``netns``; its ctr runs there too. ``bin_dir``: the
+    ``containerd`` and ``ctr`` of that directory (a 2.x build), else Debian's from PATH."""
+
+    def __init__(self, base_dir: Path, netns: str, bin_dir: Path | None = None) -> None:
         base_dir.mkdir(parents=True, exist_ok=True)
+        containerd, ctr = "containerd", "ctr"
+        if bin_dir is not None:
+            # One version for both: a 1.6 ctr against a 2.x daemon (or back) is not the
+            # pairing either release is tested with.
+            containerd = shlex.quote(str(Path(bin_dir) / "containerd"))
+            ctr = shlex.quote(str(Path(bin_dir) / "ctr"))
         super().__init__(
             base_dir,
             containerd_bin=str(in_netns_wrapper(base_dir / "containerd-in-netns", netns,
-                                                "containerd")),
-            ctr_bin=str(in_netns_wrapper(base_dir / "ctr-in-netns", netns, "ctr")),
+                                                containerd)),
+            ctr_bin=str(in_netns_wrapper(base_dir / "ctr-in-netns", netns, ctr)),
         )  # fmt: skip
         self.netns = netns
 

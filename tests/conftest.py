@@ -50,25 +50,13 @@ def containerd(tmp_path: Path) -> Iterator[PrivateContainerd]:
     them, and a skipped real-component test would pass while proving nothing. Set
     SPEGELD_ALLOW_SKIP=1 to skip instead on a machine where that is understood.
     """
-    _require_containerd()
-    c = PrivateContainerd(tmp_path / "containerd")
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+    yield from _started(tmp_path / "containerd", None)
 
 
 @pytest.fixture
 def containerd2(tmp_path: Path) -> Iterator[PrivateContainerd]:
     """Like ``containerd``, on the containerd 2.3 built by scripts/build-components."""
-    _require_containerd()
-    c = PrivateContainerd(tmp_path / "containerd2", bin_dir=component_dir("containerd"))
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+    yield from _started(tmp_path / "containerd2", component_dir("containerd"))
 
 
 @pytest.fixture(
@@ -90,8 +78,12 @@ def containerd_bin_dir(request: pytest.FixtureRequest) -> Path | None:
 @pytest.fixture
 def any_containerd(tmp_path: Path, containerd_bin_dir: Path | None) -> Iterator[PrivateContainerd]:
     """A started private containerd, once on 1.6 (id "1.6") and once on 2.3 (id "2.3")."""
+    yield from _started(tmp_path / "containerd", containerd_bin_dir)
+
+
+def _started(base: Path, bin_dir: Path | None) -> Iterator[PrivateContainerd]:
     _require_containerd()
-    c = PrivateContainerd(tmp_path / "containerd", bin_dir=containerd_bin_dir)
+    c = PrivateContainerd(base, bin_dir=bin_dir)
     try:
         c.start()
         yield c

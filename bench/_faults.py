@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spegeld.harness import Cluster, Node
+from spegeld_harness import Cluster, Node
 
 AGENT = Path(__file__).with_name("_soak_agent.py")
-REGISTRY_PORT = 5000  # the harness's (spegeld.harness._cluster.REGISTRY_PORT)
+REGISTRY_PORT = 5000  # the harness's (spegeld_harness._cluster.REGISTRY_PORT)
 GOSSIP_PORT = 7946
 CORRUPT_PROXY_PORT = 5999  # where nft redirects peers' connections to the corrupt node
 START_ATTEMPTS = 3  # a daemon that cannot be restarted three times running is a finding

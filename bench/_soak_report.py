@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from _faults import Injected
-
-from spegeld.harness import Cluster, Node
+from spegeld_harness import Cluster, Node
 
 MiB = 1 << 20
 HASH_CHUNK = 4 * MiB

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spegeld.harness import (
+from spegeld_harness import (
     PrivateContainerd,
     SpegeldProcess,
     UpstreamRegistry,

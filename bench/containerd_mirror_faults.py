@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from spegeld.harness import CtrError, PrivateContainerd, UpstreamRegistry, build_image
+from spegeld_harness import CtrError, PrivateContainerd, UpstreamRegistry, build_image
 
 BUILD = Path(__file__).resolve().parent.parent / "scripts" / "build-components"
 PULL_LIMIT = 600.0  # seconds; a pull that waits longer is reported as such

@@ -74,11 +74,12 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the real-apiserver launcher lives in tests.realkube
 
+from spegeld_harness import free_port  # noqa: E402
+
 from spegeld.app import Coordination  # noqa: E402
 from spegeld.config import ContainerdConfig, LeaseSettings, NodeConfig  # noqa: E402
 from spegeld.gossip import CoordinatorState, GossipConfig, GossipCore, Keyring  # noqa: E402
 from spegeld.gossip._shell import GossipRouter  # noqa: E402
-from spegeld.harness import free_port  # noqa: E402
 from spegeld.kube import load_kubeconfig  # noqa: E402
 from spegeld.metrics import MetricsRegistry  # noqa: E402
 from tests.kubeapi._process import write_kubeconfig  # noqa: E402

@@ -87,8 +87,7 @@ from pathlib import Path
 from typing import Any
 
 import _spegel  # bench/_spegel.py, beside this script
-
-from spegeld.harness import (
+from spegeld_harness import (
     PrivateContainerd,
     UpstreamRegistry,
     build_image,

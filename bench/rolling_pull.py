@@ -9,7 +9,7 @@ Run as root (network namespaces, tc, containerd)::
 Spegel (spegel.dev/docs/benchmark) creates a DaemonSet with image v1 on every node, then
 updates it to v2, a different image with no layer in common, and reports the pull time of
 each pod, with and without Spegel. Here each node is a network namespace with its own
-containerd (``spegeld.harness.Cluster``); the upstream is a Distribution registry behind
+containerd (``spegeld_harness.Cluster``); the upstream is a Distribution registry behind
 a ``tc tbf`` link (100 Mbit/s by default). For every image (size x layers) and mode:
 
 * **baseline**: a fresh cluster without spegeld: containerd pulls straight from the upstream;
@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spegeld.harness import (
+from spegeld_harness import (
     BuiltImage,
     Cluster,
     HarnessUnavailable,

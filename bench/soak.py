@@ -5,7 +5,7 @@ Run as root (network namespaces, nft, tc, containerd)::
     .venv/bin/python bench/soak.py --duration 900               # 5 nodes, 20 images
     .venv/bin/python bench/soak.py --quick --json-out soak.json # 4 nodes, about 90 s
 
-The cluster is ``spegeld.harness.Cluster``: every node a network namespace with its own
+The cluster is ``spegeld_harness.Cluster``: every node a network namespace with its own
 containerd and ``spegeld run``, the upstream a Distribution registry behind a 100 Mbit/s
 ``tc tbf`` link. Images of mixed sizes (1-64 MiB, 1-5 layers; ``--quick``: 1-4 MiB) are
 pushed to the upstream, then rolled out one after the other: a random first node pulls
@@ -59,8 +59,7 @@ from _soak_report import (
     pull_times,
     render,
 )
-
-from spegeld.harness import (
+from spegeld_harness import (
     BuiltImage,
     Cluster,
     CtrError,

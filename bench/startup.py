@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, containerd_unavailable_reason
+from spegeld_harness import PrivateContainerd, SpegeldProcess, containerd_unavailable_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 from store_index import NAMESPACE, generate_images, time_ctr, write_many_archive

@@ -50,15 +50,15 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
-from spegeld.containerd import ContainerdClient, open_containerd
-from spegeld.harness import (
+from spegeld_harness import (
     ANNOTATION_IMAGE_NAME,
     ANNOTATION_REF_NAME,
     PrivateContainerd,
     build_image,
     containerd_unavailable_reason,
 )
+
+from spegeld.containerd import ContainerdClient, open_containerd
 from spegeld.oci import Digest, parse_digest
 from spegeld.store import ContainerdStore
 

@@ -66,7 +66,18 @@ HIDDEN_PACKAGES = (
     "httpcore",
     "grpclib",
 )
-EXCLUDES = ("tkinter", "setuptools", "pkg_resources", "distutils", "pip", "readline", "lib2to3")
+# spegeld_harness (the demo's and tests' private clusters) is a separate distribution that
+# the build venv never installs; excluded by name too, so a node never carries it.
+EXCLUDES = (
+    "spegeld_harness",
+    "tkinter",
+    "setuptools",
+    "pkg_resources",
+    "distutils",
+    "pip",
+    "readline",
+    "lib2to3",
+)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from spegeld_harness import BuiltImage, PrivateContainerd
 
-from spegeld.harness import BuiltImage, PrivateContainerd
 from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Digest, parse_reference
 from spegeld.registry import Registry, RegistrySettings

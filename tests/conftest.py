@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from spegeld_harness import PrivateContainerd, UpstreamRegistry, containerd_unavailable_reason
 
-from spegeld.harness import PrivateContainerd, UpstreamRegistry, containerd_unavailable_reason
 from tests._components import component_dir
 from tests._realsummary import pytest_runtest_logreport, pytest_terminal_summary
 

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import PrivateContainerd, build_image
+from spegeld_harness import PrivateContainerd, build_image
 
 SPEGELD = [sys.executable, "-m", "spegeld"]
 

@@ -1,4 +1,4 @@
-"""Fault runs on a real cluster (spegeld.harness.Cluster): every node in its own network
+"""Fault runs on a real cluster (spegeld_harness.Cluster): every node in its own network
 namespace with its own containerd and spegeld, the upstream a Distribution registry
 behind a 100 Mbit/s tc tbf link. Each pull is a real ``ctr images pull`` inside the node's
 namespace, through the hosts.toml ``spegeld configure containerd`` wrote.
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     BuiltImage,
     Cluster,
     Node,
@@ -34,7 +33,7 @@ from spegeld.harness import (
     clean_leftovers,
     host_platform,
 )
-from spegeld.harness._cluster import STATE_DIR
+from spegeld_harness._cluster import STATE_DIR
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -169,7 +168,7 @@ def test_a_stopped_spegeld_leaves_containerd_pulling_from_the_upstream(tmp_path:
 def test_a_crashed_run_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
-        "from spegeld.harness import Cluster\n"
+        "from spegeld_harness import Cluster\n"
         "c = Cluster(nodes_wanted=1)\n"
         "c.start()\n"
         "print(c.network.bridge, *c.network.nodes, c.base, flush=True)\n"
@@ -212,7 +211,7 @@ def test_without_root_or_tools_the_cluster_says_what_is_missing(
 ) -> None:
     import shutil
 
-    from spegeld.harness import missing_requirement
+    from spegeld_harness import missing_requirement
 
     assert missing_requirement() is None  # this machine has everything (scripts/setup)
     assert missing_requirement(tmp_path) == (  # nodes on a containerd that is not built

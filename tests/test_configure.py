@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from spegeld_harness import CtrError, PrivateContainerd
 
 from spegeld.cli import cli
 from spegeld.errors import ConfigError
-from spegeld.harness import CtrError, PrivateContainerd
 from spegeld.mirrorconfig import (
     BACKUP_NAME,
     MARKER,

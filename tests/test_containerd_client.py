@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from spegeld_harness import PrivateContainerd, build_image
 
 from spegeld.containerd import TOPIC_FILTERS, ImageChanged, ImageDeleted, open_containerd
 from spegeld.errors import ContainerdPermission, ContainerdUnavailable, NotFound
-from spegeld.harness import PrivateContainerd, build_image
 from spegeld.oci import Digest
 
 from ._support import import_image, remove_image

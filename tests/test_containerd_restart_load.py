@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+from spegeld_harness import PrivateContainerd, build_image
 
 from spegeld.containerd import TOPIC_FILTERS, ContainerdClient, open_containerd
 from spegeld.errors import ContainerdError, NotFound
-from spegeld.harness import PrivateContainerd, build_image
 from spegeld.oci import Digest
 
 from ._support import import_image

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+from spegeld_harness import PrivateContainerd, build_image
 
 from spegeld.containerd import ContentCreated, ContentDeleted, open_containerd
 from spegeld.containerd._events import decode_envelope
 from spegeld.containerd._gen import content_events_pb2
-from spegeld.harness import PrivateContainerd, build_image
 from spegeld.oci import Digest
 from spegeld.store import ContainerdStore, KeysChanged
 from spegeld.store._containerd import IMAGE_RECHECK_DELAY

@@ -23,8 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     PrivateContainerd,
     SpegeldProcess,
     UpstreamRegistry,

@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     PrivateContainerd,
     SpegeldProcess,
     UpstreamRegistry,
@@ -31,6 +30,7 @@ from spegeld.harness import (
     free_port,
     host_platform,
 )
+
 from tests._components import component_binary
 
 from ._support import configure_hosts, wait_for

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner
+from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 
 from spegeld.cli import cli
 from spegeld.config import ContainerdConfig
@@ -34,7 +35,6 @@ from spegeld.doctor import (
 )
 from spegeld.gossip import GossipConfig, GossipCore, Keyring
 from spegeld.gossip._shell import GossipRouter
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 from spegeld.kube import Credentials
 
 IMAGE = build_image("example.com/doctor/app:v1", [200_000, 50_000], seed=5)

@@ -39,8 +39,8 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from spegeld_harness import HarnessUnavailable, Network
 
-from spegeld.harness import HarnessUnavailable, Network
 from tests.kubeapi._process import (
     KubeApiProcess,
     lease_account,

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     PrivateContainerd,
     SpegeldProcess,
     UpstreamRegistry,

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     HarnessUnavailable,
     NetnsContainerd,
     NetnsSpegeld,
@@ -37,6 +36,7 @@ from spegeld.harness import (
     host_platform,
     write_cluster_key,
 )
+
 from tests._support import wait_for
 from tests.realkube._accounts import follow_readme
 from tests.realkube._apiserver import RealKubeApi

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     CtrError,
     HarnessUnavailable,
     NetnsContainerd,
@@ -46,6 +45,7 @@ from spegeld.harness import (
     host_platform,
     write_cluster_key,
 )
+
 from tests._support import wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]

@@ -32,6 +32,13 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from spegeld_harness import (
+    BuiltImage,
+    PrivateContainerd,
+    SpegeldProcess,
+    build_image,
+    write_cluster_key,
+)
 
 from spegeld.errors import RemoteProtocolError
 from spegeld.gossip import Keyring, Timings
@@ -43,13 +50,6 @@ from spegeld.gossip._security import (
     DroppedPacket,
     open_datagram,
     seal,
-)
-from spegeld.harness import (
-    BuiltImage,
-    PrivateContainerd,
-    SpegeldProcess,
-    build_image,
-    write_cluster_key,
 )
 from tests._support import wait_for
 

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image
+from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image
 
 from ._support import wait_for
 

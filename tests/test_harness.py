@@ -12,8 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     ANNOTATION_IMAGE_NAME,
     ANNOTATION_REF_NAME,
     DOCKER_MEDIA_TYPES,

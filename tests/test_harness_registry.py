@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import (
+from spegeld_harness import (
     BuiltImage,
     PrivateContainerd,
     RegistryError,

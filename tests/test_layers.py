@@ -24,7 +24,6 @@ RANKS = {
     "election": 5,
     "kube": 2,
     "systemd": 5,
-    "harness": 5,
     "doctor": 6,  # checks every layer below: kube, containerd, gossip
     "app": 7,
     "cli": 8,
@@ -91,3 +90,23 @@ def _module_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def test_the_product_leaves_the_harness_out() -> None:
+    """spegeld_harness is a separate distribution: only `spegeld demo` reaches for it."""
+    users = sorted(
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if "_gen" not in p.parts and "spegeld_harness" in _top_level_imports(p)
+    )
+    assert users == ["cli/demo.py"]
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found

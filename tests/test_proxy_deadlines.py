@@ -19,8 +19,8 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import trio
+from spegeld_harness import build_image
 
-from spegeld.harness import build_image
 from spegeld.routing import NodeId, Peer, StaticRouter
 from spegeld.store import MemoryStore
 

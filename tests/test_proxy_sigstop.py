@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 from spegeld.registry import ProxySettings
 
 from ._support import wait_for

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image
 from spegeld.routing import StaticRouter
 from spegeld.store import MemoryStore
 

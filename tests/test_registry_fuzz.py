@@ -34,9 +34,9 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spegeld_harness import build_image
 
 from spegeld.containerd import ContainerdClient
-from spegeld.harness import build_image
 from spegeld.oci import Descriptor, Digest, digest_hex
 from spegeld.registry import Registry
 from spegeld.registry._errors import RegistryError

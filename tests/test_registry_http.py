@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 import trio
+from spegeld_harness import build_image
 
-from spegeld.harness import build_image
 from spegeld.routing import MemoryCluster, NodeId, StaticRouter
 from spegeld.store import MemoryStore
 

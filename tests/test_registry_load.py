@@ -18,9 +18,9 @@ from typing import Any
 import h11
 import pytest
 import trio
+from spegeld_harness import PrivateContainerd, build_image
 
 from spegeld.containerd import open_containerd
-from spegeld.harness import PrivateContainerd, build_image
 from spegeld.oci import Descriptor, Digest
 from spegeld.registry import Limits, Registry, _http
 from spegeld.routing import StaticRouter

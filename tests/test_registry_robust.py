@@ -19,9 +19,9 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+from spegeld_harness import build_image
 
 from spegeld.errors import ContainerdUnavailable
-from spegeld.harness import build_image
 from spegeld.oci import Descriptor, Digest, parse_reference
 from spegeld.registry import Limits
 from spegeld.registry._http import HttpServer, Request, Response, StreamBody

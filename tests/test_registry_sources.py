@@ -27,8 +27,8 @@ from typing import TypeVar
 
 import pytest
 import trio
+from spegeld_harness import HarnessUnavailable, Network, build_image
 
-from spegeld.harness import HarnessUnavailable, Network, build_image
 from spegeld.routing import StaticRouter
 
 from ._support import image_in_memory, serving_registry

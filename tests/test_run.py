@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image, free_port
+from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 
 pytestmark = pytest.mark.containerd
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from spegeld.harness import clean_leftovers
+from spegeld_harness import clean_leftovers
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 

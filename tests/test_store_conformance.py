@@ -10,10 +10,10 @@ from typing import Protocol
 
 import pytest
 import trio
+from spegeld_harness import BuiltImage, PrivateContainerd, build_image
 
 from spegeld.containerd import open_containerd
 from spegeld.errors import NotFound
-from spegeld.harness import BuiltImage, PrivateContainerd, build_image
 from spegeld.oci import Digest, parse_reference
 from spegeld.store import ContainerdStore, KeysChanged, MemoryStore, Store
 

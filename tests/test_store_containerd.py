@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from spegeld_harness import PrivateContainerd, build_image, host_platform
 
 from spegeld.containerd import open_containerd
-from spegeld.harness import PrivateContainerd, build_image, host_platform
 from spegeld.oci import DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Digest
 from spegeld.store import ContainerdStore
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image
 
 from spegeld.containerd import open_containerd
-from spegeld.harness import PrivateContainerd, SpegeldProcess, build_image
 from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Digest
 from spegeld.registry import _http

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from spegeld.harness import PrivateContainerd, SpegeldProcess, write_cluster_key
+from spegeld_harness import PrivateContainerd, SpegeldProcess, write_cluster_key
 
 pytestmark = [pytest.mark.containerd]
 

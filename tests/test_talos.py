@@ -593,6 +593,21 @@ def test_standalone_binary_runs_without_python(built: Any) -> None:
     print(f"\nstandalone version: {seconds:.2f} s, {built.standalone.stat().st_size / 1e6:.1f} MB")
 
 
+def test_standalone_binary_leaves_the_harness_out(built: Any) -> None:
+    """The demo's cluster harness is not part of a node: the binary says how to get it."""
+    proc = subprocess.run(
+        [str(built.standalone), "demo", "--nodes", "1"],
+        env={},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "needs the spegeld-harness package" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_build_refuses_a_python_without_shared_libpython(
     build_module: ModuleType, tmp_path: Path
 ) -> None:

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from spegeld.harness import PrivateContainerd, SpegeldProcess, write_cluster_key
+from spegeld_harness import PrivateContainerd, SpegeldProcess, write_cluster_key
+
 from tests.realkube._accounts import follow_readme
 from tests.realkube._apiserver import RealKubeApi
 

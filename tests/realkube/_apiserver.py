@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from spegeld_harness import free_port
 
-from spegeld.harness import free_port
 from tests._components import component_binary
 
 from ._pki import Pki, make_pki

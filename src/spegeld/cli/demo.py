@@ -14,6 +14,12 @@ import click
 from spegeld.cli._options import option
 
 MiB = 1 << 20
+# The harness is a separate distribution: a node (the Talos image, the standalone binary,
+# `pip install spegeld`) does not carry it.
+HARNESS_MISSING = (
+    "spegeld demo needs the spegeld-harness package, which a node install leaves out; "
+    "install it with: pip install 'spegeld[demo]' (from a source tree: pip install ./harness)"
+)
 
 
 def _parse_size(text: str) -> int:
@@ -47,7 +53,12 @@ def demo(
     from rich.console import Console
 
     from spegeld.cli._root import fail
-    from spegeld.harness import HarnessUnavailable, clean_leftovers, missing_requirement
+
+    try:
+        from spegeld_harness import HarnessUnavailable, clean_leftovers, missing_requirement
+    except ImportError:
+        fail(HARNESS_MISSING)
+        return
 
     size = _parse_size(image_size)
     console = Console(markup=False, highlight=False)
@@ -72,8 +83,7 @@ def _run(
     console: Any, nodes: int, size: int, layers: int, rate: str, keep: bool
 ) -> tuple[list[Any], Any]:
     from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-
-    from spegeld.harness import Cluster, build_image
+    from spegeld_harness import Cluster, build_image
 
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from spegeld.harness._containerd_config import ContainerdLayout, containerd_config
+from spegeld_harness._containerd_config import ContainerdLayout, containerd_config
 
 __all__ = [
     "CtrError",

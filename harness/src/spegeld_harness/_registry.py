@@ -12,7 +12,7 @@ tests alike.  Layout: ``base_dir`` (given, or a fresh ``/tmp/spg-reg-*``) holds 
 Images are pushed with the registry's own API (:meth:`UpstreamRegistry.push`: monolithic blob
 uploads streamed from disk, then manifests by digest, then the top object by tag) or with
 ``skopeo copy --all --preserve-digests`` (:meth:`UpstreamRegistry.push_with_skopeo`).  Either
-way every digest stays identical to the :class:`~spegeld.harness.BuiltImage`.
+way every digest stays identical to the :class:`~spegeld_harness.BuiltImage`.
 
 **Request log.**  Distribution writes two lines per request into ``registry.log``:
 
@@ -60,7 +60,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self, TypeVar
 
-from spegeld.harness._images import BuiltImage
+from spegeld_harness._images import BuiltImage
 
 __all__ = [
     "RegistryError",

@@ -32,11 +32,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from spegeld.harness._containerd import HarnessUnavailable
-from spegeld.harness._images import BuiltImage
-from spegeld.harness._netns import NetnsContainerd, NetnsSpegeld, Network, run
-from spegeld.harness._registry import UpstreamRegistry
-from spegeld.harness._spegeld import write_cluster_key
+from spegeld_harness._containerd import HarnessUnavailable
+from spegeld_harness._images import BuiltImage
+from spegeld_harness._netns import NetnsContainerd, NetnsSpegeld, Network, run
+from spegeld_harness._registry import UpstreamRegistry
+from spegeld_harness._spegeld import write_cluster_key
 
 STATE_DIR = Path("/run/spegeld-harness")  # tmpfs: emptied by a reboot, like namespaces
 REGISTRY_PORT = 5000

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from spegeld.harness._containerd import PrivateContainerd
+from spegeld_harness._containerd import PrivateContainerd
 
 _LIVE: set[SpegeldProcess] = set()
 

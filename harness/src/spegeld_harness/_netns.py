@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spegeld.harness._containerd import HarnessUnavailable, PrivateContainerd
-from spegeld.harness._spegeld import SpegeldProcess
+from spegeld_harness._containerd import HarnessUnavailable, PrivateContainerd
+from spegeld_harness._spegeld import SpegeldProcess
 
 COMMAND_TIMEOUT = 30.0
 

@@ -10,20 +10,20 @@
 Plain synchronous stdlib code, usable from sync fixtures, scripts and trio tests alike.
 """
 
-from spegeld.harness._cluster import (
+from spegeld_harness._cluster import (
     Cluster,
     Node,
     PullResult,
     clean_leftovers,
     missing_requirement,
 )
-from spegeld.harness._containerd import (
+from spegeld_harness._containerd import (
     CtrError,
     HarnessUnavailable,
     PrivateContainerd,
     containerd_unavailable_reason,
 )
-from spegeld.harness._images import (
+from spegeld_harness._images import (
     ANNOTATION_IMAGE_NAME,
     ANNOTATION_REF_NAME,
     DOCKER_MEDIA_TYPES,
@@ -36,13 +36,13 @@ from spegeld.harness._images import (
     host_platform,
     split_name,
 )
-from spegeld.harness._netns import (
+from spegeld_harness._netns import (
     NetnsContainerd,
     NetnsSpegeld,
     Network,
     in_netns_wrapper,
 )
-from spegeld.harness._registry import (
+from spegeld_harness._registry import (
     RegistryError,
     RegistryRequest,
     RegistryResponse,
@@ -51,7 +51,7 @@ from spegeld.harness._registry import (
     parse_access_log,
     registry_unavailable_reason,
 )
-from spegeld.harness._spegeld import SpegeldProcess, free_port, write_cluster_key
+from spegeld_harness._spegeld import SpegeldProcess, free_port, write_cluster_key
 
 __all__ = [
     "Cluster",

@@ -109,3 +109,18 @@ def configure_hosts(hosts_dir: Path, mirror: str, upstream: str) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def count_sendfile(monkeypatch: Any) -> list[int]:
+    """The registry's sendfile bodies, one entry (its length) per body sent."""
+    from spegeld.registry import _http
+
+    calls: list[int] = []
+    original = _http.sendfile
+
+    async def counting(stream: trio.SocketStream, body: _http.FileBody, timeout: float) -> None:
+        calls.append(body.length)
+        await original(stream, body, timeout)
+
+    monkeypatch.setattr(_http, "sendfile", counting)
+    return calls

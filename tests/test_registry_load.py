@@ -22,11 +22,11 @@ from spegeld_harness import PrivateContainerd, build_image
 
 from spegeld.containerd import open_containerd
 from spegeld.oci import Descriptor, Digest
-from spegeld.registry import Limits, Registry, _http
+from spegeld.registry import Limits, Registry
 from spegeld.routing import StaticRouter
 from spegeld.store import ContainerdStore, KeysChanged, MemoryStore, OpenBlob, Snapshot
 
-from ._support import image_in_memory, import_image, serving_registry
+from ._support import count_sendfile, image_in_memory, import_image, serving_registry
 
 MiB = 1024 * 1024
 CLIENTS = 200
@@ -144,19 +144,6 @@ async def burst(registry: Registry, url: str, target: str, clients: int) -> Burs
     return Burst(results, seconds, peaks["in_flight"], peaks["connections"])
 
 
-def count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the registry's sendfile bodies (one call per FileBody sent)."""
-    calls: list[int] = []
-    original = _http._sendfile
-
-    async def counting(stream: trio.SocketStream, body: _http.FileBody, timeout: float) -> None:
-        calls.append(body.length)
-        await original(stream, body, timeout)
-
-    monkeypatch.setattr(_http, "_sendfile", counting)
-    return calls
-
-
 # -- 200 concurrent GETs through a real ContainerdStore -----------------------------------
 
 
@@ -222,7 +209,7 @@ async def test_200_concurrent_gets_over_sendfile(
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sent = count_calls(monkeypatch)
+    sent = count_sendfile(monkeypatch)
     with trio.fail_after(120):
         async with containerd_store(containerd, tmp_path, 2 * MiB, readable=True) as (
             store,
@@ -246,7 +233,7 @@ async def test_200_concurrent_gets_over_the_grpc_stream(
     by ~150 MiB alike), so 2 MiB blobs would not fit the bound; smaller ones show that the
     rest of the path stays flat.
     """
-    sent = count_calls(monkeypatch)
+    sent = count_sendfile(monkeypatch)
     with trio.fail_after(120):
         async with containerd_store(containerd, tmp_path, MiB // 4, readable=False) as (
             store,

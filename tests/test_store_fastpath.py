@@ -18,28 +18,14 @@ from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image
 from spegeld.containerd import open_containerd
 from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Digest
-from spegeld.registry import _http
 from spegeld.routing import StaticRouter
 from spegeld.store import ContainerdStore
 
-from ._support import import_image, serving_registry, wait_for, wait_until
+from ._support import count_sendfile, import_image, serving_registry, wait_for, wait_until
 
 pytestmark = pytest.mark.containerd
 
 MiB = 1024 * 1024
-
-
-def count_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The registry's sendfile bodies, one entry (its length) per body sent."""
-    calls: list[int] = []
-    original = _http._sendfile
-
-    async def counting(stream: trio.SocketStream, body: _http.FileBody, timeout: float) -> None:
-        calls.append(body.length)
-        await original(stream, body, timeout)
-
-    monkeypatch.setattr(_http, "_sendfile", counting)
-    return calls
 
 
 async def fetch(url: str) -> tuple[int, bytes]:

@@ -14,9 +14,21 @@ from spegeld.oci._media import (
     is_index,
     is_manifest,
 )
-from spegeld.oci._reference import Reference, parse_reference, tag_key
+from spegeld.oci._reference import (
+    MAX_NAME_LENGTH,
+    NAME_RE,
+    REGISTRY_RE,
+    TAG_RE,
+    Reference,
+    parse_reference,
+    tag_key,
+)
 
 __all__ = [
+    "MAX_NAME_LENGTH",
+    "NAME_RE",
+    "REGISTRY_RE",
+    "TAG_RE",
     "DOCKER_CONFIG",
     "DOCKER_LAYER_GZIP",
     "DOCKER_MANIFEST",

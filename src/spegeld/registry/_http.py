@@ -38,6 +38,7 @@ from ._messages import (
     Response,
     StreamBody,
 )
+from ._sendfile import BodyFailed, SentLength, WriteTimeout, sendfile
 from ._slots import Slots, Source, source_of
 
 __all__ = [
@@ -60,34 +61,11 @@ logger = logging.getLogger(__name__)
 RECEIVE_SIZE = 64 * 1024
 # h11 accepts any HTTP/d.d and would treat HTTP/7.3 as 1.1: answer 505 instead.
 SUPPORTED_VERSIONS = frozenset({b"1.0", b"1.1"})
-SENDFILE_CHUNK = 8 * 1024 * 1024  # large enough to amortise the syscall, small enough to be fair
 # accept() failing for want of file descriptors or memory: wait this long and try again
 # (trio's serve_listeners does the same); the listen backlog holds clients meanwhile.
 ACCEPT_RETRY = 0.1
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 REFUSED_LOG_INTERVAL = 60.0  # seconds between warnings of a flood (refused or failed accepts)
-# sendfile errors that mean the client went away, not that the file failed us.
-CLIENT_GONE_ERRNOS = frozenset(
-    {errno.EPIPE, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
-)
-
-
-class _Length:
-    """Stands in for a body h11 must count but we send ourselves (sendfile)."""
-
-    def __init__(self, n: int) -> None:
-        self._n = n
-
-    def __len__(self) -> int:
-        return self._n
-
-
-class _WriteTimeout(Exception):
-    """The client accepted no byte for ``Limits.write_timeout`` seconds."""
-
-
-class _BodyFailed(Exception):
-    """The body's source (a stream, a file) raised: the response cannot be finished."""
 
 
 class _HandlerFailed(Exception):
@@ -248,7 +226,7 @@ class HttpServer:
         except h11.RemoteProtocolError as exc:
             self.stats.bad_requests += 1
             await self._send_error(conn, stream, exc.error_status_hint, f"bad request: {exc}")
-        except _WriteTimeout:
+        except WriteTimeout:
             self.record_error("write_timeout")
             logger.debug("%s accepted nothing for %g s: cut", source.key, self._write_timeout)
         except _HandlerFailed as exc:
@@ -262,7 +240,7 @@ class HttpServer:
         except _BodyTimeout:
             logger.warning("a response body stalled for %g s: cut", self._limits.body_timeout)
             self.record_error("body_timeout")
-        except _BodyFailed as exc:
+        except BodyFailed as exc:
             self._log_failure("a response body", exc.__cause__)
             self.record_error("body")
         except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse, OSError):
@@ -375,8 +353,8 @@ class HttpServer:
                 return
             await self._write(stream, head)
             if isinstance(body, FileBody):
-                await _sendfile(stream, body, self._write_timeout)
-                conn.send_with_data_passthrough(h11.Data(data=_Length(body.length)))  # type: ignore[arg-type]
+                await sendfile(stream, body, self._write_timeout)
+                conn.send_with_data_passthrough(h11.Data(data=SentLength(body.length)))  # type: ignore[arg-type]
             else:
                 chunks = body.chunks
                 while True:
@@ -389,7 +367,7 @@ class HttpServer:
         except (AbortResponse, h11.LocalProtocolError):
             self.stats.aborted += 1
             raise AbortResponse from None
-        except (_BodyFailed, _BodyTimeout, _WriteTimeout):
+        except (BodyFailed, _BodyTimeout, WriteTimeout):
             self.stats.aborted += 1
             raise
         finally:
@@ -405,7 +383,7 @@ class HttpServer:
         except AbortResponse:
             raise
         except Exception as exc:
-            raise _BodyFailed from exc
+            raise BodyFailed from exc
         raise _BodyTimeout
 
     async def _write(self, stream: trio.SocketStream, data: bytes) -> None:
@@ -418,7 +396,7 @@ class HttpServer:
             with trio.move_on_after(self._write_timeout):
                 sent += await sock.send(view[sent:])
                 continue
-            raise _WriteTimeout
+            raise WriteTimeout
 
     async def _close_body(self, body: Body) -> None:
         if not isinstance(body, StreamBody):
@@ -455,7 +433,7 @@ class HttpServer:
             await self._write(stream, (head or b"") + _data(conn, body) + _end(conn))
         except (
             h11.LocalProtocolError,
-            _WriteTimeout,
+            WriteTimeout,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
             OSError,
@@ -469,34 +447,3 @@ def _data(conn: h11.Connection, data: bytes) -> bytes:
 
 def _end(conn: h11.Connection) -> bytes:
     return conn.send(h11.EndOfMessage()) or b""
-
-
-async def _sendfile(stream: trio.SocketStream, body: FileBody, write_timeout: float) -> None:
-    """Zero-copy send of a file region. A file that cannot be opened or read is a
-    _BodyFailed; a client that accepts nothing for ``write_timeout`` s a _WriteTimeout."""
-    sock = stream.socket
-    try:
-        fd = os.open(body.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _BodyFailed from exc
-    try:
-        offset, remaining = body.offset, body.length
-        while remaining > 0:
-            await trio.lowlevel.checkpoint()
-            try:
-                sent = os.sendfile(sock.fileno(), fd, offset, min(remaining, SENDFILE_CHUNK))
-            except BlockingIOError:
-                with trio.move_on_after(write_timeout):
-                    await trio.lowlevel.wait_writable(sock)
-                    continue
-                raise _WriteTimeout from None
-            except OSError as exc:
-                if exc.errno in CLIENT_GONE_ERRNOS:
-                    raise
-                raise _BodyFailed from exc
-            if sent == 0:
-                raise AbortResponse(f"{body.path} ended {remaining} bytes early")
-            offset += sent
-            remaining -= sent
-    finally:
-        os.close(fd)

@@ -5,16 +5,13 @@ request. Blob bytes are hashed as they stream; when a peer breaks off, the
 rest comes from the next holder with a Range request from the byte already
 received, so the client sees one intact response. The last chunk is held back
 until the digest checks out: on a mismatch the response is cut and the peer
-is marked bad. A large blob is hashed in a worker thread, beside the socket
-work of the trio thread: SHA-256 is the largest single cost of the proxy path.
+is marked bad. A large blob is hashed in a worker thread (``_hashing``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import queue
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 
 from ._errors import RegistryError
+from ._hashing import stream_hasher
 from ._hedge import LatencyTracker, first_success
 from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
 from ._metrics import RegistryMetrics
@@ -43,8 +41,6 @@ MAX_FORWARDED_HEADER = 2048
 # Peers remembered as bad or unreachable; past this, expired entries are dropped. Peers
 # come from the router, so this only matters in a cluster whose members churn for weeks.
 MAX_REMEMBERED_PEERS = 1024
-HASH_IN_THREAD_MIN = 1024 * 1024  # bytes; smaller blobs are hashed inline, no thread hop
-HASH_BACKLOG = 8 * 1024 * 1024  # bytes handed to the hashing thread, not yet hashed
 # Seconds to discard containerd's partial write of a blob whose bytes were wrong; the
 # client waits that long at most for its response to be cut (two local gRPC calls).
 DISCARD_TIMEOUT = 2.0
@@ -323,7 +319,7 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """The peer's bytes from ``offset``, hashed when ``verify``, the first ``skip`` bytes
         hashed but not sent, the last chunk held back until the digest checks out."""
-        hasher = _hasher(length) if verify else None
+        hasher = stream_hasher(length) if verify else None
         received = 0
         held: bytes | None = None
         served_by = [current.peer]
@@ -452,85 +448,6 @@ async def _release(response: PeerResponse) -> None:
 
 async def _release_pair(pair: tuple[PeerResponse, bytes]) -> None:
     await pair[0].aclose()
-
-
-class _InlineSha256:
-    """SHA-256 in the trio thread: for blobs too small to be worth a thread hop."""
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-
-    async def update(self, chunk: bytes) -> None:
-        self._sha.update(chunk)
-
-    async def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        pass
-
-
-class _ThreadedSha256:
-    """SHA-256 of a stream, computed in a worker thread while the trio thread moves bytes.
-
-    hashlib releases the GIL while it hashes a large buffer, so hashing and socket work
-    overlap on two cores. One worker per stream keeps the chunks in order; ``update``
-    waits while more than ``backlog`` bytes are queued, which bounds memory when the
-    hashing falls behind. ``close`` (idempotent) lets the worker end.
-    """
-
-    def __init__(self, backlog: int) -> None:
-        self._sha = hashlib.sha256()
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._backlog = backlog
-        self._queued = 0  # bytes given to the worker and not yet hashed (trio thread only)
-        self._finished = False  # the worker has hashed everything and stopped
-        self._closed = False
-        self._lot = trio.lowlevel.ParkingLot()
-        self._token = trio.lowlevel.current_trio_token()
-        trio.lowlevel.start_thread_soon(self._work, _ignore, name="spegeld-sha256")
-
-    def _work(self) -> None:  # worker thread
-        with contextlib.suppress(trio.RunFinishedError):
-            try:
-                while (chunk := self._queue.get()) is not None:
-                    self._sha.update(chunk)
-                    self._token.run_sync_soon(self._hashed, len(chunk))
-            finally:
-                self._token.run_sync_soon(self._finish)
-
-    def _hashed(self, size: int) -> None:
-        self._queued -= size
-        self._lot.unpark_all()
-
-    def _finish(self) -> None:
-        self._finished = True
-        self._lot.unpark_all()
-
-    async def update(self, chunk: bytes) -> None:
-        self._queued += len(chunk)
-        self._queue.put(chunk)
-        while self._queued > self._backlog and not self._finished:
-            await self._lot.park()
-
-    async def hexdigest(self) -> str:
-        self.close()
-        while not self._finished:
-            await self._lot.park()
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-
-
-def _hasher(length: int) -> _InlineSha256 | _ThreadedSha256:
-    return _ThreadedSha256(HASH_BACKLOG) if length >= HASH_IN_THREAD_MIN else _InlineSha256()
-
-
-def _ignore(_: object) -> None:
-    pass
 
 
 def _open_ended_start(range_header: bytes | None) -> int | None:

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote
 
 from spegeld.errors import RemoteProtocolError
-from spegeld.oci import Digest, is_digest, parse_digest
-from spegeld.oci._reference import MAX_NAME_LENGTH, NAME_RE, REGISTRY_RE, TAG_RE
+from spegeld.oci import (
+    MAX_NAME_LENGTH,
+    NAME_RE,
+    REGISTRY_RE,
+    TAG_RE,
+    Digest,
+    is_digest,
+    parse_digest,
+)
 
 from ._errors import RegistryError, digest_invalid, name_invalid, not_found, unsupported
 

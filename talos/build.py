@@ -328,6 +328,9 @@ def ensure_venv(cache: Path, python: str) -> Path:
         "-q",
         "--disable-pip-version-check",
     ]
+    # setuptools builds the wheel through REPO/build/lib and never prunes it: a module
+    # deleted from src/ would ride along into the image from an earlier build.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     if not stamp.is_file() or stamp.read_text() != stamp_text:
         shutil.rmtree(venv, ignore_errors=True)
         _run([python, "-m", "venv", str(venv)], "creating the build venv (needs python3-venv)")

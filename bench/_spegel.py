@@ -29,6 +29,11 @@ What running Spegel off Kubernetes, on loopback, takes (read from v0.7.4's ``mai
 * Readiness: ``GET /readyz`` on the registry address is 200 only once the DHT routing table
   has a peer, so a lone node is never ready.
 * Spegel mirrors requests with ``?ns=<registry>`` (containerd's mirror form), like spegeld.
+
+``bench/rolling_pull.py`` runs one Spegel per node of ``spegeld_harness.Cluster`` instead:
+inside the node's network namespace (``netns=``), on the node's own bridge address (not
+loopback, so no private namespace is needed there), with every HTTP request made by curl
+from inside that namespace, and containerd's hosts.toml written by ``spegel configuration``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from spegeld_harness import PrivateContainerd
+from spegeld_harness import Cluster, PrivateContainerd
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "scripts" / "build-components"
@@ -64,6 +69,8 @@ SOURCE_LABEL = "containerd.io/distribution.source."
 # Spegel's two nodes, on the private namespace's lo: not loopback addresses to libp2p (see
 # the module docstring), and never routed anywhere (the namespace has no other interface).
 NODE_ADDRS = ("10.253.0.2", "10.253.0.3")
+# On a cluster node every port is free (its namespace is its own): Spegel's defaults.
+CLUSTER_PORTS = {"registry": 5000, "router": 5001, "metrics": 9090}
 CLONE_NEWNET = 0x40000000  # <sched.h>; os.unshare arrives only in Python 3.12
 
 
@@ -146,6 +153,7 @@ class SpegelNode:
     router_addr: str
     metrics_addr: str
     argv: list[str]
+    netns: str | None = None  # the node's network namespace (rolling_pull's cluster)
 
     @property
     def pid(self) -> int:
@@ -181,6 +189,50 @@ class SpegelNode:
         host, _, port = self.router_addr.rpartition(":")
         return f"/ip4/{host}/tcp/{port}/p2p/{self.peer_id()}"
 
+    def request(self, url: str, *, head: bool = False) -> tuple[int, str]:
+        """Status and body of a GET (or HEAD) of ``url``; status 0 when it cannot connect.
+        In a namespace, curl from inside it (the host cannot reach the node's address)."""
+        if self.netns is None:
+            req = urllib.request.Request(url, method="HEAD" if head else "GET")
+            try:
+                with urllib.request.urlopen(req, timeout=2) as resp:
+                    return resp.status, resp.read().decode(errors="replace")
+            except urllib.error.HTTPError as exc:
+                return exc.code, ""
+            except (urllib.error.URLError, OSError):
+                return 0, ""
+        argv = ["ip", "netns", "exec", self.netns, "curl", "--silent", "--noproxy", "*",
+                "--max-time", "5", "--write-out", "\n%{http_code}"]  # fmt: skip
+        if head:
+            argv.append("--head")
+        try:
+            result = subprocess.run(
+                [*argv, url], capture_output=True, text=True, timeout=15, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return 0, ""
+        body, _, code = result.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body
+
+    def head(self, path: str) -> int:
+        """HEAD ``path`` on this node's registry: the status (0: no connection)."""
+        return self.request(f"http://{self.registry_addr}{path}", head=True)[0]
+
+    def metric_sum(self, name: str, *label_values: str) -> float:
+        """The sum of the samples of ``name`` whose labels contain every ``label_values``
+        (e.g. ``'cache="hit"'``) in this node's /metrics; 0 if it cannot be read."""
+        status, text = self.request(f"http://{self.metrics_addr}/metrics")
+        total = 0.0
+        if status != 200:
+            return total
+        for line in text.splitlines():
+            if line.startswith(name) and all(v in line for v in label_values):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                except (IndexError, ValueError):
+                    continue
+        return total
+
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> float:
         """Wait for ``/readyz`` 200 (a peer in the routing table); seconds waited."""
         t0 = time.monotonic()
@@ -188,12 +240,8 @@ class SpegelNode:
         while True:
             if not self.alive():
                 raise SystemExit(f"{self.name} exited during start-up:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return time.monotonic() - t0
-            except (urllib.error.URLError, OSError):
-                pass
+            if self.request(url)[0] == 200:
+                return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise SystemExit(
                     f"{self.name} not ready at {url} after {timeout}s:\n{self.log_tail()}"
@@ -221,6 +269,7 @@ def spegel_argv(
     data_dir: Path,
     mirrored: list[str],
     bootstrap: list[str],
+    resolve_timeout: str = RESOLVE_TIMEOUT,
 ) -> list[str]:
     argv = [str(binary), "--log-level", "INFO", "registry"]
     argv += ["--containerd-sock", str(cd.socket), "--containerd-namespace", cd.namespace]
@@ -230,7 +279,7 @@ def spegel_argv(
     argv += ["--bootstrap-kind", "static"]
     if bootstrap:
         argv += ["--static-bootstrap-peers", *bootstrap]
-    argv += ["--mirror-resolve-timeout", RESOLVE_TIMEOUT]
+    argv += ["--mirror-resolve-timeout", resolve_timeout]
     argv += ["--mirror-resolve-retries", str(RESOLVE_RETRIES)]
     if mirrored:
         argv += ["--mirrored-registries", *mirrored]
@@ -247,10 +296,18 @@ def start_spegel(
     *,
     mirrored: list[str],
     bootstrap: list[str],
+    netns: str | None = None,
+    ports: tuple[int, int] | None = None,
+    resolve_timeout: str = RESOLVE_TIMEOUT,
 ) -> SpegelNode:
-    """Start ``spegel registry`` for one node on ``host`` (not waiting for readiness)."""
-    router_port = common_free_port([host])
-    metrics_port = common_free_port([host])
+    """Start ``spegel registry`` for one node on ``host`` (not waiting for readiness).
+
+    ``netns``: run it inside that network namespace (``host`` is its address there), with
+    ``ports`` (router, metrics), which this process cannot probe from outside."""
+    if ports is None:
+        router_port, metrics_port = common_free_port([host]), common_free_port([host])
+    else:
+        router_port, metrics_port = ports
     data_dir = work / f"{name}-data"
     data_dir.mkdir()
     registry_addr = f"{host}:{registry_port}"
@@ -265,19 +322,36 @@ def start_spegel(
         data_dir=data_dir,
         mirrored=mirrored,
         bootstrap=bootstrap,
+        resolve_timeout=resolve_timeout,
     )
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
     log = work / f"{name}.log"
+    # ip netns exec execs the program: the PID is Spegel's own, and stop() signals it.
+    prefix = [] if netns is None else ["ip", "netns", "exec", netns]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv,
+            [*prefix, *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
-    return SpegelNode(name, proc, log, registry_addr, router_addr, metrics_addr, argv)
+    return SpegelNode(name, proc, log, registry_addr, router_addr, metrics_addr, argv, netns)
+
+
+def configure_hosts(binary: Path, hosts_dir: Path, registry: str, mirror: str) -> str:
+    """``spegel configuration``: containerd's hosts.toml for ``registry`` under ``hosts_dir``,
+    Spegel at ``mirror`` first, the registry itself as the fall-back server (Spegel's own
+    template: ``dial_timeout = '200ms'``, tags resolved). The file's text."""
+    argv = [str(binary), "configuration", "--containerd-registry-config-path", str(hosts_dir),
+            "--mirrored-registries", registry, "--mirror-targets", mirror]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"spegel configuration failed: {result.stderr.strip()[-500:]}")
+    host = registry.split("://", 1)[-1]
+    return (hosts_dir / host / "hosts.toml").read_text()
 
 
 def start_pair(
@@ -315,3 +389,59 @@ def start_pair(
             node.stop()
         raise
     return one, two
+
+
+def start_on_cluster(
+    binary: Path, cluster: Cluster, work: Path, *, resolve_timeout: str = RESOLVE_TIMEOUT
+) -> list[SpegelNode]:
+    """One Spegel per node of ``cluster`` (started without spegeld), inside the node's
+    namespace on its bridge address, node 1 alone and every other node bootstrapping from
+    it; each node's hosts.toml rewritten by ``spegel configuration`` to ask its own Spegel
+    first. Returns once all answer ``/readyz``; stops what it started if that fails.
+
+    No ``--mirrored-registries`` (the Helm chart's default, every registry): containerd
+    drops the port from its ``distribution.source.<host>`` label (``10.231.0.1``), while
+    the whitelist would hold ``10.231.0.1:5000``, so every layer would be filtered out.
+    """
+    upstream = f"http://{cluster.upstream_address}"
+    ports = (CLUSTER_PORTS["router"], CLUSTER_PORTS["metrics"])
+    started: list[SpegelNode] = []
+    try:
+        for node in cluster.nodes:
+            bootstrap = [started[0].bootstrap_addr()] if started else []
+            spegel = start_spegel(
+                binary, f"spegel-{node.index}", work, node.containerd, node.address,
+                CLUSTER_PORTS["registry"], mirrored=[], bootstrap=bootstrap, netns=node.netns,
+                ports=ports, resolve_timeout=resolve_timeout,
+            )  # fmt: skip
+            started.append(spegel)
+            cluster.track(spegel.pid)
+            configure_hosts(binary, node.hosts_dir, upstream, f"http://{spegel.registry_addr}")
+        for spegel in started:
+            spegel.wait_ready()
+    except BaseException:
+        for spegel in reversed(started):
+            spegel.stop()
+        raise
+    return started
+
+
+def wait_findable(nodes: list[SpegelNode], reference: str, timeout: float = 60) -> None:
+    """Until each node's Spegel answers 200 to a HEAD of the reference's tag (found in the
+    DHT: the holder advertises the tag when its image is complete, after every blob).
+
+    The tag only, where ``Cluster.wait_findable`` also asks for every blob: with v0.7.4 a
+    HEAD of a blob made shortly before containerd's GET of it often turned that GET into a
+    miss on a node with two providers ("waited too long for new peer with no inflight
+    fetches", at a 20 ms and a 200 ms resolve timeout alike), sending the layer to the
+    upstream. containerd itself HEADs only the manifest, so a blob HEAD is no real client's.
+    """
+    host, _, rest = reference.partition("/")
+    repository, _, tag = rest.rpartition(":")
+    path = f"/v2/{repository}/manifests/{tag}?ns={host}"
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while node.head(path) != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node.name} does not find {reference} ({path})")
+            time.sleep(0.1)

@@ -5,6 +5,8 @@ Run as root (network namespaces, tc, containerd)::
     .venv/bin/python bench/rolling_pull.py                       # 10 MB and 100 MB, 1 and 4 layers
     .venv/bin/python bench/rolling_pull.py --sizes 100M --layers 4 --nodes 10 --v1 import
     .venv/bin/python bench/rolling_pull.py --sizes 1G --layers 1 --v1 import
+    .venv/bin/python bench/rolling_pull.py --sizes 100M --layers 4 --nodes 5  # with Spegel
+    .venv/bin/python bench/rolling_pull.py --containerd 1.6 --modes baseline,spegeld
 
 Spegel (spegel.dev/docs/benchmark) creates a DaemonSet with image v1 on every node, then
 updates it to v2, a different image with no layer in common, and reports the pull time of
@@ -14,7 +16,13 @@ a ``tc tbf`` link (100 Mbit/s by default). For every image (size x layers) and m
 
 * **baseline**: a fresh cluster without spegeld: containerd pulls straight from the upstream;
 * **spegeld**: a fresh cluster with a spegeld per node, hosts.toml from
-  ``spegeld configure containerd``.
+  ``spegeld configure containerd``;
+* **spegel**: a fresh cluster with Spegel v0.7.4 per node (``bench/_spegel.py``: in the
+  node's namespace, static bootstrap from node 1, hosts.toml from ``spegel configuration``).
+  Skipped, with one line saying why, when its binary is not built or the nodes run 1.6.
+
+Every node runs ``--containerd`` 2.3 (the build of ``scripts/build-components``; default)
+or Debian's 1.6, the same in every mode of the run.
 
 Each run pushes v1 and v2 (different seeds), then
 
@@ -23,16 +31,20 @@ Each run pushes v1 and v2 (different seeds), then
    does not change v2's timing: no shared layers). v1 figures are for information.
 2. **v2**: a rolling update, ``--batch`` nodes at a time (1: maxUnavailable 20 % of 5 nodes),
    each batch's pulls at once; the next batch starts when the batch has pulled. With
-   spegeld, before the next batch starts the script waits until the next batch's mirrors
-   find v2's last layer (gossip has spread the holders' keys). That wait is reported apart
-   (``gossip wait``) and not counted as pull time: in a real rollout it overlaps the pod's
-   start-up and readiness, which take longer.
+   spegeld (and Spegel), before the next batch starts the script waits until the next
+   batch's mirrors find v2's tag, config and every layer (gossip, or Spegel's DHT, has
+   spread the holders' keys). That wait is reported apart (``wait before batch``) and not
+   counted as pull time: in a real rollout it overlaps the pod's start-up and readiness,
+   which take longer.
 
-Every pull is a real ``ctr images pull`` in the node's namespace; its time, the bytes the
-upstream served (its access log) and the bytes the node's mirror got from peers (its
-/metrics) are recorded. The table gives per image: average v2 pull time, baseline vs
-spegeld, improvement = 1 - spegeld / baseline, upstream bytes of the v2 rollout (in copies
-of the image), and the v1 averages. ``--json-out`` writes every pull.
+Every pull is a real ``ctr images pull`` in the node's namespace (2.3: through the
+transfer service, which labels content with its distribution source as CRI does); its time,
+the bytes the upstream served (its access log) and the bytes the node's mirror got from
+peers (spegeld's /metrics; Spegel counts requests only: its mirror hits) are recorded.
+The table gives per image and mode: average v2 pull time, its ratio to the baseline of the
+same run, improvement = 1 - mode / baseline, the v2 pull time per batch, upstream bytes of
+the v2 rollout (in copies of the image), and the v1 average. ``--json-out`` writes every
+pull.
 
 With a rollout of one node at a time, the first node's pull has nobody to ask and takes as
 long as the baseline's, so the improvement cannot exceed 1 - 1/N (80 % for N = 5). With
@@ -45,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -56,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _spegel  # bench/_spegel.py, beside this script
 from spegeld_harness import (
     BuiltImage,
     Cluster,
@@ -75,6 +89,14 @@ SPEGEL = {  # spegel.dev/docs/benchmark, v2 average pull time vs baseline (50 no
 }
 SPEGEL_ANCHOR_100MB_4 = "62-68 %"  # DESIGN.md section 11
 TARGET = 0.85
+MODES = ("baseline", "spegeld", "spegel")  # and spegel@<duration>: another resolve timeout
+
+
+def spegel_timeout(mode: str) -> str | None:
+    """Spegel's ``--mirror-resolve-timeout`` for ``mode`` (None: not a Spegel mode)."""
+    if mode == "spegel":
+        return _spegel.RESOLVE_TIMEOUT
+    return mode.removeprefix("spegel@") if mode.startswith("spegel@") else None
 
 
 @dataclass
@@ -83,15 +105,19 @@ class Pull:
     seconds: float
     from_peers: int
     from_upstream: int
+    # Spegel's spegel_mirror_requests_total{cache="hit"|"miss"} during the pull
+    mirror_hits: int = 0
+    mirror_misses: int = 0
 
     @classmethod
-    def of(cls, result: PullResult) -> Pull:
-        return cls(result.node, round(result.seconds, 3), result.from_peers, result.from_upstream)
+    def of(cls, result: PullResult, hits: tuple[int, int] = (0, 0)) -> Pull:
+        return cls(result.node, round(result.seconds, 3), result.from_peers,
+                   result.from_upstream, *hits)  # fmt: skip
 
 
 @dataclass
 class Run:
-    mode: str  # "baseline" or "spegeld"
+    mode: str  # one of MODES, or spegel@<timeout>
     v1_mode: str  # "pull" or "import"
     v1: list[Pull] = field(default_factory=list)
     v1_seconds: float = 0.0  # wall time of the v1 phase
@@ -140,9 +166,9 @@ class Case:
         runs = self.runs_of(mode)
         return statistics.fmean(r.v2_avg() for r in runs) if runs else None
 
-    def improvement(self) -> float | None:
-        base, spg = self.avg("baseline"), self.avg("spegeld")
-        return None if base is None or spg is None else 1 - spg / base
+    def improvement(self, mode: str = "spegeld") -> float | None:
+        base, other = self.avg("baseline"), self.avg(mode)
+        return None if base is None or other is None else 1 - other / base
 
     def ceiling(self) -> float:
         """The best improvement possible if peer pulls took no time at all.
@@ -196,48 +222,116 @@ def run_mode(
         upstream_rate=args.upstream_rate,
         with_spegeld=mode == "spegeld",
         base_dir=tmp / f"cluster-{mode}",
+        containerd_bin_dir=args.containerd_dir,
     ) as cluster:
-        ref1 = cluster.push(v1, "bench/app", "v1")
-        ref2 = cluster.push(v2, "bench/app", "v2")
-        run.setup_seconds = round(time.monotonic() - started, 1)
-        nodes = cluster.nodes
-        upstream = cluster.upstream
-        assert upstream is not None
-        mark = upstream.log_position()
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            if args.v1 == "pull":
-                run.v1 = [Pull.of(r) for r in pool.map(lambda n: cluster.pull(n, ref1), nodes)]
-            else:
-                archive = tmp / "v1.tar"
-                if not archive.exists():
-                    v1.write_oci_archive(archive)
-                list(pool.map(lambda n: n.containerd.import_image(archive), nodes))
-        run.v1_seconds = round(time.monotonic() - t0, 2)
-        run.v1_upstream = upstream.blob_bytes_served(mark)
-        if mode == "spegeld":
-            t0 = time.monotonic()
-            cluster.wait_findable(ref1, v1, nodes, timeout=60)
-            run.v1_findable_seconds = round(time.monotonic() - t0, 2)
-        batches = [nodes[i : i + case.batch] for i in range(0, len(nodes), case.batch)]
-        t_first = time.monotonic()
-        for i, batch in enumerate(batches):
-            if i and mode == "spegeld":
-                t0 = time.monotonic()
-                cluster.wait_findable(ref2, v2, batch, timeout=60)
-                run.gossip_waits.append(round(time.monotonic() - t0, 2))
-            mark = upstream.log_position()
-            with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-                pulled = [Pull.of(r) for r in pool.map(lambda n: cluster.pull(n, ref2), batch)]
-            run.v2.append(pulled)
-            run.v2_upstream_per_batch.append(upstream.blob_bytes_served(mark))
-            for node in batch:
-                check_pulled(node, v2)
-            say("    v2 " + ", ".join(_describe(p) for p in pulled))
-        run.v2_wall_seconds = round(time.monotonic() - t_first, 2)
+        spegels: list[_spegel.SpegelNode] = []
+        try:
+            timeout = spegel_timeout(mode)
+            if timeout is not None:
+                (tmp / "spegel").mkdir(exist_ok=True)
+                spegels = _spegel.start_on_cluster(
+                    args.spegel, cluster, tmp / "spegel", resolve_timeout=timeout
+                )
+            _rollout(args, case, cluster, spegels, run, (v1, v2), tmp, started)
+        finally:
+            for spegel in spegels:
+                spegel.stop()
+            if spegels:
+                say(f"    Spegel errors logged: {_spegel_errors(spegels)}")
     run.load_after = os.getloadavg()
     shutil.rmtree(tmp / f"cluster-{mode}", ignore_errors=True)
+    shutil.rmtree(tmp / "spegel", ignore_errors=True)
     return run
+
+
+def _rollout(
+    args: argparse.Namespace,
+    case: Case,
+    cluster: Cluster,
+    spegels: list[_spegel.SpegelNode],
+    run: Run,
+    images: tuple[BuiltImage, BuiltImage],
+    tmp: Path,
+    started: float,
+) -> None:
+    """v1 everywhere, then v2 batch by batch (with ``spegels``: Spegel's mirrors)."""
+    v1, v2 = images
+    ref1 = cluster.push(v1, "bench/app", "v1")
+    ref2 = cluster.push(v2, "bench/app", "v2")
+    run.setup_seconds = round(time.monotonic() - started, 1)
+    nodes = cluster.nodes
+    upstream = cluster.upstream
+    assert upstream is not None
+    spegel_of = {n.name: s for n, s in zip(nodes, spegels, strict=False)}
+
+    def hits(node: Node) -> tuple[int, int]:
+        spegel = spegel_of.get(node.name)
+        if spegel is None:
+            return 0, 0
+        name = "spegel_mirror_requests_total"
+        return int(spegel.metric_sum(name, 'cache="hit"')), int(
+            spegel.metric_sum(name, 'cache="miss"')
+        )
+
+    def pull(node: Node, ref: str) -> Pull:
+        hits0, misses0 = hits(node)
+        result = cluster.pull(node, ref)
+        hits1, misses1 = hits(node)
+        return Pull.of(result, (hits1 - hits0, misses1 - misses0))
+
+    def wait_findable(ref: str, image: BuiltImage, batch: list[Node]) -> None:
+        if run.mode == "spegeld":
+            cluster.wait_findable(ref, image, batch, timeout=60)
+        elif spegels:  # the tag only: see _spegel.wait_findable
+            _spegel.wait_findable([spegel_of[n.name] for n in batch], ref, timeout=60)
+
+    mark = upstream.log_position()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        if args.v1 == "pull":
+            run.v1 = list(pool.map(lambda n: pull(n, ref1), nodes))
+        else:
+            archive = tmp / "v1.tar"
+            if not archive.exists():
+                v1.write_oci_archive(archive)
+            list(pool.map(lambda n: n.containerd.import_image(archive), nodes))
+    run.v1_seconds = round(time.monotonic() - t0, 2)
+    run.v1_upstream = upstream.blob_bytes_served(mark)
+    if run.mode != "baseline":
+        t0 = time.monotonic()
+        wait_findable(ref1, v1, nodes)
+        run.v1_findable_seconds = round(time.monotonic() - t0, 2)
+    batches = [nodes[i : i + case.batch] for i in range(0, len(nodes), case.batch)]
+    t_first = time.monotonic()
+    for i, batch in enumerate(batches):
+        if i and run.mode != "baseline":
+            t0 = time.monotonic()
+            wait_findable(ref2, v2, batch)
+            run.gossip_waits.append(round(time.monotonic() - t0, 2))
+        mark = upstream.log_position()
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            pulled = list(pool.map(lambda n: pull(n, ref2), batch))
+        run.v2.append(pulled)
+        run.v2_upstream_per_batch.append(upstream.blob_bytes_served(mark))
+        for node in batch:
+            check_pulled(node, v2)
+        say("    v2 " + ", ".join(_describe(p) for p in pulled))
+    run.v2_wall_seconds = round(time.monotonic() - t_first, 2)
+
+
+def _spegel_errors(spegels: list[_spegel.SpegelNode]) -> str:
+    """Spegel's ERROR log lines, counted by node and message: why a pull missed."""
+    found: dict[str, int] = {}
+    for spegel in spegels:
+        for line in spegel.log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") == "ERROR":
+                key = f"{spegel.name}: {entry.get('msg')} ({str(entry.get('err'))[:80]})"
+                found[key] = found.get(key, 0) + 1
+    return "; ".join(f"{n} x {key}" for key, n in sorted(found.items())) or "none"
 
 
 def run_case(args: argparse.Namespace, size: int, layers: int, work: Path) -> Case:
@@ -267,8 +361,9 @@ def run_case(args: argparse.Namespace, size: int, layers: int, work: Path) -> Ca
 
 
 def _describe(p: Pull) -> str:
+    hits = f", Spegel hits {p.mirror_hits} misses {p.mirror_misses}" if p.mirror_hits else ""
     return (f"{p.node} {p.seconds:.2f} s (up {p.from_upstream / MiB:.1f} MiB, "
-            f"peers {p.from_peers / MiB:.1f} MiB)")  # fmt: skip
+            f"peers {p.from_peers / MiB:.1f} MiB{hits})")  # fmt: skip
 
 
 def _load() -> str:
@@ -284,48 +379,55 @@ def _secs(x: float | None) -> str:
 
 
 def table(cases: list[Case], args: argparse.Namespace) -> str:
-    v1_note = "v1 imported" if args.v1 == "import" else "v1 pulled"
-    head = ("| Image | v2 avg baseline | v2 avg spegeld | Improvement | Ceiling | Spegel "
-            "published | v2 upstream baseline | v2 upstream spegeld | v2 from peers | "
-            "spegeld first batch / peer pulls | "
-            f"gossip wait (avg, max) | v1 avg baseline | v1 avg spegeld ({v1_note}) |")  # fmt: skip
-    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per image and mode; ratios against the baseline of the same run."""
+    v1_note = "imported" if args.v1 == "import" else "pulled"
+    rows = [
+        "| Image | Mode | v2 avg | / baseline | Improvement | Ceiling | v2 pull per batch | "
+        f"v2 upstream | v2 from peers | wait before batch (avg, max) | v1 avg ({v1_note}) |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for c in cases:
-        base, spg = c.runs_of("baseline"), c.runs_of("spegeld")
-        waits = [w for r in spg for w in r.gossip_waits]
-        wait = f"{statistics.fmean(waits):.2f} s, {max(waits):.2f} s" if waits else "-"
-
-        def up(runs: list[Run], c: Case = c) -> str:
-            if not runs:
-                return "-"
-            copies = statistics.fmean(r.v2_upstream() for r in runs) / c.image_bytes
-            return (
-                f"{statistics.fmean(r.v2_upstream() for r in runs) / MiB:.1f} MiB ({copies:.2f}x)"
-            )
-
-        def v1avg(runs: list[Run]) -> str:
-            vals = [a for r in runs if (a := r.v1_avg()) is not None]
-            return _secs(statistics.fmean(vals)) if vals else "imported"
-
-        def split(runs: list[Run]) -> str:
-            first = [p.seconds for r in runs for p in r.v2[0]]
-            rest = [p.seconds for r in runs for b in r.v2[1:] for p in b]
-            if not first or not rest:
-                return "-"
-            return f"{statistics.fmean(first):.2f} s / {statistics.fmean(rest):.2f} s"
-
-        peers = statistics.fmean(r.v2_peers() for r in spg) / MiB if spg else None
         name = f"{size_label(c.size)}, {c.layers} layer{'s' if c.layers > 1 else ''}"
-        spegel = SPEGEL.get(c.size, "-")
-        if c.size == 100 * MB and c.layers == 4:
-            spegel += f" (anchor {SPEGEL_ANCHOR_100MB_4})"
-        rows.append(
-            f"| {name} | {_secs(c.avg('baseline'))} | {_secs(c.avg('spegeld'))} | "
-            f"{_pct(c.improvement())} | {_pct(c.ceiling())} | {spegel} | {up(base)} | {up(spg)} | "
-            f"{'-' if peers is None else f'{peers:.1f} MiB'} | {split(spg)} | {wait} | "
-            f"{v1avg(base)} | {v1avg(spg)} |"
-        )
-    return "\n".join(rows)
+        base = c.avg("baseline")
+        for mode in args.modes:
+            runs = c.runs_of(mode)
+            if not runs:
+                continue
+            avg = c.avg(mode)
+            ratio = "-" if base is None or avg is None else f"{avg / base:.2f}"
+            imp = "-" if mode == "baseline" else _pct(c.improvement(mode))
+            per_batch = ", ".join(
+                f"{statistics.fmean(p.seconds for r in runs for p in r.v2[i]):.2f}"
+                for i in range(len(runs[0].v2))
+            )
+            up = statistics.fmean(r.v2_upstream() for r in runs)
+            upstream = f"{up / MiB:.1f} MiB ({up / c.image_bytes:.2f}x)"
+            if mode == "spegeld":
+                peers = f"{statistics.fmean(r.v2_peers() for r in runs) / MiB:.1f} MiB"
+            elif spegel_timeout(mode) is not None:
+                hits = statistics.fmean(sum(p.mirror_hits for p in r.v2_pulls) for r in runs)
+                miss = statistics.fmean(sum(p.mirror_misses for p in r.v2_pulls) for r in runs)
+                peers = f"{hits:.0f} hits, {miss:.0f} misses"
+            else:
+                peers = "-"
+            waits = [w for r in runs for w in r.gossip_waits]
+            wait = f"{statistics.fmean(waits):.2f} s, {max(waits):.2f} s" if waits else "-"
+            v1s = [a for r in runs if (a := r.v1_avg()) is not None]
+            v1 = _secs(statistics.fmean(v1s)) if v1s else "imported"
+            rows.append(
+                f"| {name} | {mode} | {_secs(avg)} | {ratio} | {imp} | {_pct(c.ceiling())} | "
+                f"{per_batch} s | {upstream} | {peers} | {wait} | {v1} |"
+            )
+    notes = []
+    for c in cases:
+        spg = c.avg("spegeld")
+        for mode in args.modes:
+            spl = c.avg(mode) if spegel_timeout(mode) is not None else None
+            if spg is not None and spl is not None:
+                published = SPEGEL.get(c.size, "-")
+                notes.append(f"{size_label(c.size)} / {c.layers}: spegeld / {mode} v2 avg "
+                             f"{spg / spl:.2f} (Spegel published {published})")  # fmt: skip
+    return "\n".join(rows + (["", *notes] if notes else []))
 
 
 def verdict(cases: list[Case]) -> str:
@@ -359,7 +461,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1, help="v2 nodes per rollout step")
     parser.add_argument("--v1", choices=("pull", "import"), default="pull",
                         help="how v1 gets onto the nodes (import: ctr images import)")  # fmt: skip
-    parser.add_argument("--modes", default="baseline,spegeld")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="baseline, spegeld, spegel, spegel@200ms (its timeout)")  # fmt: skip
+    parser.add_argument("--containerd", choices=("2.3", "1.6"), default="2.3",
+                        help="every node's containerd: the 2.3 build, or Debian's 1.6")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode and image")
     parser.add_argument("--upstream-rate", default="100mbit")
     parser.add_argument("--json-out", type=Path, help="write every pull here")
@@ -373,11 +478,30 @@ def main() -> int:
         parser.error("--layers takes layer counts from 1 to 16, e.g. 1,4")
     layers = [int(n) for n in args.layers.split(",")]
     args.modes = args.modes.split(",")
-    if not set(args.modes) <= {"baseline", "spegeld"} or not args.modes:
-        parser.error("--modes takes baseline and/or spegeld")
+    spegels = [m for m in args.modes if spegel_timeout(m) is not None]
+    if not args.modes or not all(
+        m in MODES or re.fullmatch(r"spegel@\d+m?s", m) for m in args.modes
+    ):
+        parser.error("--modes takes some of baseline, spegeld, spegel, spegel@200ms")
     if not 1 <= args.batch <= args.nodes or not 2 <= args.nodes <= 20:
         parser.error("need 2 <= nodes <= 20 and 1 <= batch <= nodes")
-    problem = missing_requirement()
+    args.containerd_dir = None
+    if args.containerd == "2.3":
+        args.containerd_dir, why = _spegel.component_path("containerd")
+        if args.containerd_dir is None:
+            print(f"rolling_pull: no containerd 2.3 ({why}); --containerd 1.6", file=sys.stderr)
+            return 2
+    args.spegel = None
+    if spegels:
+        args.spegel, why = _spegel.spegel_binary()
+        if args.containerd == "1.6":
+            why = "Spegel v0.7.4 is tested on containerd 2.x only; not run on 1.6 here"
+        if args.spegel is None or args.containerd == "1.6":
+            say(f"rolling_pull: Spegel skipped: {why}")
+            args.modes = [m for m in args.modes if m not in spegels]
+            if not args.modes:
+                return 2
+    problem = missing_requirement(args.containerd_dir)
     if problem is not None:
         print(f"rolling_pull: {problem}", file=sys.stderr)
         return 2
@@ -386,7 +510,9 @@ def main() -> int:
     say(f"start: {uptime.strip()}")
     say(f"machine: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
         f"{platform.python_version()}; N = {args.nodes}, batch {args.batch}, "
-        f"upstream {args.upstream_rate}, v1 {args.v1}")  # fmt: skip
+        f"upstream {args.upstream_rate}, v1 {args.v1}, containerd {args.containerd} "
+        f"({args.containerd_dir or 'Debian, PATH'}), modes {', '.join(args.modes)}"
+        + (f", Spegel {_spegel.VERSION} ({args.spegel})" if args.spegel else ""))  # fmt: skip
     disk = shutil.disk_usage(args.work_dir)
     say(f"disk free in {args.work_dir}: {disk.free / (1 << 30):.0f} GiB")
     wall = time.monotonic()
@@ -414,9 +540,9 @@ def main() -> int:
                 "cases": [
                     {
                         **asdict(c),
-                        "improvement": c.improvement(),
+                        "improvement": {m: c.improvement(m) for m in args.modes},
                         "ceiling": c.ceiling(),
-                        "v2_avg": {m: c.avg(m) for m in ("baseline", "spegeld")},
+                        "v2_avg": {m: c.avg(m) for m in args.modes},
                     }
                     for c in cases
                 ],

@@ -3,6 +3,9 @@
 * :class:`PrivateContainerd` runs a private containerd (Debian's 1.6, or a 2.x build with
   ``bin_dir``; CRI off unless ``cri=True``) per simulated node, with its own root, state,
   sockets and log; stopped by PID.
+* :class:`ManagedProcess` is the lifecycle they all share (log file, readiness deadline,
+  stop by PID, nothing left behind at exit); :class:`UpstreamRegistry` and
+  :class:`SpegeldProcess` are the others.
 * :func:`build_image` builds real OCI / Docker images (single platform or multi-platform
   index) with random layers, writable as OCI image-layout archives for ``ctr images import``
   and ``skopeo copy oci-archive:...``.
@@ -42,6 +45,7 @@ from spegeld_harness._netns import (
     Network,
     in_netns_wrapper,
 )
+from spegeld_harness._process import ManagedProcess
 from spegeld_harness._registry import (
     RegistryError,
     RegistryRequest,
@@ -63,6 +67,7 @@ __all__ = [
     "NetnsSpegeld",
     "Network",
     "in_netns_wrapper",
+    "ManagedProcess",
     "SpegeldProcess",
     "free_port",
     "write_cluster_key",

@@ -12,22 +12,18 @@ unless ``cri=True``; on, every host path it would touch points into ``base_dir``
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from spegeld_harness._containerd_config import ContainerdLayout, containerd_config
+from spegeld_harness._process import ManagedProcess
 
 __all__ = [
     "CtrError",
@@ -74,27 +70,14 @@ def containerd_unavailable_reason(
     return None
 
 
-# Instances with a live process, stopped at interpreter exit so a crashed test run or an
-# interrupted script doesn't leave containerds behind.
-_LIVE: set[PrivateContainerd] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for c in live:
-        with contextlib.suppress(Exception):
-            c.close()
-
-
-class PrivateContainerd:
+class PrivateContainerd(ManagedProcess):
     """One private containerd: own root, state, sockets, log; stopped by PID.
 
     ``with PrivateContainerd(tmp_path) as c:`` starts it and, on exit, stops it and removes
     any temp dirs it created itself (a given ``base_dir`` is left in place).
     """
+
+    kind = "containerd"
 
     def __init__(
         self,
@@ -113,20 +96,17 @@ class PrivateContainerd:
         """``bin_dir``: run ``bin_dir/containerd`` and ``bin_dir/ctr`` (a 2.x build, say)
         instead of ``containerd_bin``/``ctr_bin`` (Debian's 1.6 from PATH).  ``cri``: enable
         the CRI plugin, its registry ``config_path`` at :attr:`hosts_dir`."""
+        super().__init__(ready_timeout=ready_timeout, stop_timeout=stop_timeout)
         if bin_dir is not None:
             containerd_bin = str(Path(bin_dir) / "containerd")
             ctr_bin = str(Path(bin_dir) / "ctr")
-        self._owned_dirs: list[Path] = []
         if base_dir is None:
-            base = Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp"))
-            self._owned_dirs.append(base)
+            base = self._own_dir(Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp")))
         else:
             base = Path(base_dir).absolute()
             base.mkdir(parents=True, exist_ok=True)
         self.base_dir: Final = base
         self.namespace = namespace
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
         self.log_level = log_level
         self.extra_config = extra_config
         self._containerd_bin = containerd_bin
@@ -134,9 +114,6 @@ class PrivateContainerd:
         self.cri = cri
         self._version: str | None = None
         self._sock_dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._closed = False
-        self.last_start_seconds: float | None = None
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -212,32 +189,28 @@ class PrivateContainerd:
     def address(self) -> str:
         return str(self.socket)
 
-    @property
-    def pid(self) -> int | None:
-        """PID of the running containerd, or None."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.pid is not None
-
     def _socket_dir(self) -> Path:
         if self._sock_dir is None:
             if len(str(self.base_dir / "containerd.sock.ttrpc")) <= _MAX_SOCKET_PATH:
                 self._sock_dir = self.base_dir
             else:
-                self._sock_dir = Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp"))
-                self._owned_dirs.append(self._sock_dir)
+                self._sock_dir = self._own_dir(Path(tempfile.mkdtemp(prefix="spg-", dir="/tmp")))
         return self._sock_dir
 
-    # -- lifecycle --------------------------------------------------------------------------
+    # -- lifecycle (the rest is ManagedProcess) ---------------------------------------------
 
-    def _check_available(self) -> None:
+    def argv(self) -> list[str]:
+        return [self._containerd_bin, "--config", str(self.config_path)]
+
+    def _prepare(self) -> None:
         reason = containerd_unavailable_reason(self._containerd_bin, self._ctr_bin)
         if reason is not None:
             raise HarnessUnavailable(reason)
+        self._write_config()
+        # A SIGKILLed containerd leaves its sockets behind; containerd replaces them anyway,
+        # but removing them first means a connect can only succeed against the new process.
+        for stale in (self.socket, Path(str(self.socket) + ".ttrpc")):
+            stale.unlink(missing_ok=True)
 
     def _write_config(self) -> None:
         layout = ContainerdLayout(
@@ -255,151 +228,17 @@ class PrivateContainerd:
             containerd_config(layout, major=self.major, cri=self.cri, extra=self.extra_config)
         )
 
-    def start(self) -> Self:
-        """Start containerd and wait until its gRPC socket accepts connections."""
-        if self._closed:
-            raise RuntimeError("PrivateContainerd is closed")
-        if self.running:
-            return self
-        self._check_available()
-        self._write_config()
-        # A SIGKILLed containerd leaves its sockets behind; containerd replaces them anyway,
-        # but removing them first means a connect can only succeed against the new process.
-        for stale in (self.socket, Path(str(self.socket) + ".ttrpc")):
-            stale.unlink(missing_ok=True)
-        t0 = time.monotonic()
-        with self.log_path.open("ab") as log:
-            log.write(f"--- spegeld harness: starting containerd at {time.ctime()}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [self._containerd_bin, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a terminal's Ctrl-C doesn't half-kill nodes; we stop them.
-                start_new_session=True,
-            )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
-        try:
-            self._wait_ready(t0)
-        except BaseException:
-            self.kill()
-            raise
-        self.last_start_seconds = time.monotonic() - t0
-        return self
-
-    def _wait_ready(self, t0: float) -> None:
-        assert self._proc is not None
-        deadline = t0 + self.ready_timeout
-        delay = 0.005
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"containerd exited with {code} during startup\n{self._log_tail()}"
-                )
-            if self._socket_accepts():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"containerd not ready on {self.socket} after {self.ready_timeout:.1f}s"
-                    f"\n{self._log_tail()}"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
-
-    def _socket_accepts(self) -> bool:
+    def _probe(self) -> str | None:
+        """Ready when the gRPC socket accepts connections."""
         if not self.socket.exists():
-            return False
+            return f"no socket at {self.socket} yet"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
             try:
                 s.connect(str(self.socket))
-            except OSError:
-                return False
-        return True
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as e:
-            return f"(no containerd log at {self.log_path}: {e})"
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"--- last lines of {self.log_path}:\n{tail}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of containerd's log (for failure messages)."""
-        return self._log_tail(lines)
-
-    def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM our containerd (by PID), SIGKILL after ``timeout``; reap it."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout if timeout is None else timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            self._forget()
-
-    def kill(self) -> None:
-        """SIGKILL our containerd (simulates a crash: sockets and locks left as they are)."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        finally:
-            self._forget()
-
-    def _forget(self) -> None:
-        self._proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def detach(self) -> None:
-        """Leave the process running after this interpreter exits (``spegeld demo --keep``)."""
-        self._closed = True
-        self._owned_dirs.clear()
-        self._forget()
-
-    def restart(self) -> Self:
-        """Stop (if running) and start again on the same root and socket: content persists."""
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Stop, and remove the temp dirs this object created (not a caller's base_dir)."""
-        try:
-            self.stop()
-        finally:
-            self._closed = True
-            for d in self._owned_dirs:
-                shutil.rmtree(d, ignore_errors=True)
-            self._owned_dirs.clear()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+            except OSError as e:
+                return f"{self.socket}: {e}"
+        return None
 
     def __repr__(self) -> str:
         return f"PrivateContainerd(socket={str(self.socket)!r}, pid={self.pid})"

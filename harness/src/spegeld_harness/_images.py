@@ -5,27 +5,23 @@ Plain synchronous stdlib code: usable from sync fixtures, scripts and trio tests
 Layers are gzip'd tars holding one file of random bytes of the requested size.  With ``seed``
 the whole image is deterministic (same seed, name and layout => same digests); without it every
 build is unique.  Blobs are kept in memory unless ``workdir`` is given, in which case they are
-streamed to ``<workdir>/blobs/sha256/<hex>`` (an OCI image-layout directory) so layers of
-hundreds of MiB never sit in memory.
+streamed to ``<workdir>/blobs/sha256/<hex>`` (``_blobs``: the layer builder); ``_oci_layout``
+writes the archives.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
 import json
-import os
 import platform as _platform
-import random
 import re
-import shutil
-import tarfile
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Protocol
+from typing import IO, Any, Final
+
+from spegeld_harness import _oci_layout
+from spegeld_harness._blobs import BlobSink, canonical_json, layer_rng
 
 __all__ = [
     "ANNOTATION_IMAGE_NAME",
@@ -41,9 +37,6 @@ __all__ = [
     "OCI_MEDIA_TYPES",
 ]
 
-_CHUNK: Final = 1 << 20
-_BLOCK: Final = 512
-_RECORD: Final = 20 * _BLOCK
 # Fixed timestamp so seeded builds are byte-for-byte reproducible.
 _CREATED: Final = "1970-01-01T00:00:00Z"
 
@@ -141,128 +134,6 @@ def split_name(name: str) -> tuple[str, str]:
     if not repo or not _TAG_RE.match(tag):
         raise ValueError(f"bad image name {name!r}")
     return repo, tag
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-class _Writer(Protocol):
-    def write(self, b: bytes, /) -> object: ...
-
-
-class _HashingWriter:
-    """Write-through to ``sink``, hashing and counting the bytes (a GzipFile fileobj)."""
-
-    def __init__(self, sink: _Writer) -> None:
-        self._sink = sink
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, b: bytes, /) -> int:
-        self.hash.update(b)
-        self.size += len(b)
-        self._sink.write(b)
-        return len(b)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.hash.hexdigest()
-
-
-def _random_chunks(rng: random.Random, size: int) -> Iterator[bytes]:
-    left = size
-    while left > 0:
-        n = min(left, _CHUNK)
-        yield rng.randbytes(n)
-        left -= n
-
-
-def _write_layer_tar(out: _Writer, filename: str, rng: random.Random, size: int) -> None:
-    """A POSIX tar with one regular file of ``size`` random bytes (ustar/pax, mtime 0)."""
-    info = tarfile.TarInfo(filename)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    header = info.tobuf(format=tarfile.PAX_FORMAT)
-    out.write(header)
-    for chunk in _random_chunks(rng, size):
-        out.write(chunk)
-    written = len(header) + size
-    pad = (-size) % _BLOCK
-    end = 2 * _BLOCK
-    written += pad + end
-    record_pad = (-written) % _RECORD
-    out.write(b"\0" * (pad + end + record_pad))
-
-
-class _BlobSink:
-    """Where built blobs go: memory, or ``<workdir>/blobs/sha256``."""
-
-    def __init__(self, workdir: Path | None) -> None:
-        self.data: dict[str, bytes] = {}
-        self.paths: dict[str, Path] = {}
-        self.blob_dir: Path | None = None
-        if workdir is not None:
-            self.blob_dir = Path(workdir) / "blobs" / "sha256"
-            self.blob_dir.mkdir(parents=True, exist_ok=True)
-
-    def put_bytes(self, data: bytes) -> str:
-        digest = _sha256(data)
-        if self.blob_dir is None:
-            self.data[digest] = data
-        else:
-            path = self.blob_dir / digest.removeprefix("sha256:")
-            if not path.exists():
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(path)
-            self.paths[digest] = path
-        return digest
-
-    def put_layer(
-        self, filename: str, rng: random.Random, size: int, compresslevel: int
-    ) -> tuple[str, str, int]:
-        """Build one layer; returns (digest, diff_id, compressed size)."""
-        if self.blob_dir is None:
-            buf = io.BytesIO()
-            digest, diff_id, csize = self._gzip_layer(buf, filename, rng, size, compresslevel)
-            self.data[digest] = buf.getvalue()
-            return digest, diff_id, csize
-        fd, tmp_name = tempfile.mkstemp(prefix=".layer-", dir=self.blob_dir)
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                digest, diff_id, csize = self._gzip_layer(f, filename, rng, size, compresslevel)
-            path = self.blob_dir / digest.removeprefix("sha256:")
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self.paths[digest] = path
-        return digest, diff_id, csize
-
-    @staticmethod
-    def _gzip_layer(
-        out: IO[bytes], filename: str, rng: random.Random, size: int, compresslevel: int
-    ) -> tuple[str, str, int]:
-        compressed = _HashingWriter(out)
-        with gzip.GzipFile(
-            filename="", fileobj=compressed, mode="wb", compresslevel=compresslevel, mtime=0
-        ) as gz:
-            uncompressed = _HashingWriter(gz)
-            _write_layer_tar(uncompressed, filename, rng, size)
-        return compressed.digest, uncompressed.digest, compressed.size
 
 
 @dataclass(frozen=True)
@@ -367,66 +238,14 @@ class BuiltImage:
         with ``io.containerd.image.name`` = full name and ``org.opencontainers.image.ref.name``
         = tag) and ``blobs/sha256/<hex>``.  Streams blobs from disk; returns ``path``.
         """
-        path = Path(path)
-        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-            self._add_bytes(tar, "oci-layout", _OCI_LAYOUT)
-            self._add_bytes(tar, "index.json", self._layout_index())
-            self._add_dir(tar, "blobs")
-            self._add_dir(tar, "blobs/sha256")
-            for digest, info in sorted(self.blobs.items()):
-                member = "blobs/sha256/" + digest.removeprefix("sha256:")
-                ti = _tarinfo(member, info.size)
-                with self.open_blob(digest) as f:
-                    tar.addfile(ti, f)
-        return path
+        sizes = {digest: info.size for digest, info in self.blobs.items()}
+        return _oci_layout.write_archive(Path(path), self._layout_index(), sizes, self.open_blob)
 
     def write_oci_layout(self, directory: Path | str) -> Path:
         """Write an OCI image-layout directory (``skopeo ... oci:DIR:TAG``); returns it."""
-        directory = Path(directory)
-        blob_dir = directory / "blobs" / "sha256"
-        blob_dir.mkdir(parents=True, exist_ok=True)
-        (directory / "oci-layout").write_bytes(_OCI_LAYOUT)
-        (directory / "index.json").write_bytes(self._layout_index())
-        for digest in self.blobs:
-            dest = blob_dir / digest.removeprefix("sha256:")
-            if digest in self.blob_paths:
-                src = self.blob_paths[digest]
-                if src.resolve() == dest.resolve():
-                    continue
-                shutil.copyfile(src, dest)
-            else:
-                dest.write_bytes(self.blob_data[digest])
-        return directory
-
-    @staticmethod
-    def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-        tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-
-    @staticmethod
-    def _add_dir(tar: tarfile.TarFile, name: str) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.type = tarfile.DIRTYPE
-        ti.mode = 0o755
-        ti.mtime = 0
-        tar.addfile(ti)
-
-
-_OCI_LAYOUT: Final = b'{"imageLayoutVersion":"1.0.0"}'
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mode = 0o644
-    ti.mtime = 0
-    return ti
-
-
-def _layer_rng(seed: int | None, name: str, platform: str, index: int) -> random.Random:
-    if seed is None:
-        return random.Random(int.from_bytes(os.urandom(32), "big"))
-    key = f"{seed}\0{name}\0{platform}\0{index}".encode()
-    return random.Random(int.from_bytes(hashlib.sha256(key).digest(), "big"))
+        return _oci_layout.write_directory(
+            Path(directory), self._layout_index(), self.blob_paths, self.blob_data
+        )
 
 
 def build_image(
@@ -462,11 +281,11 @@ def build_image(
     if not use_index and len(plats) > 1:
         raise ValueError("more than one platform needs an index")
     mt = DOCKER_MEDIA_TYPES if docker_media_types else OCI_MEDIA_TYPES
-    sink = _BlobSink(Path(workdir) if workdir is not None else None)
+    sink = BlobSink(Path(workdir) if workdir is not None else None)
     blobs: dict[str, BlobInfo] = {}
 
     def put_json(obj: Any, media_type: str) -> tuple[str, int]:
-        data = _canonical_json(obj)
+        data = canonical_json(obj)
         digest = sink.put_bytes(data)
         blobs[digest] = BlobInfo(media_type, len(data))
         return digest, len(data)
@@ -479,7 +298,7 @@ def build_image(
         digests: list[str] = []
         diff_ids: list[str] = []
         for i, size in enumerate(layer_sizes):
-            rng = _layer_rng(seed, full_name, plat, i)
+            rng = layer_rng(seed, full_name, plat, i)
             filename = f"spegeld/{plat.replace('/', '-')}/layer-{i}.bin"
             digest, diff_id, csize = sink.put_layer(filename, rng, size, compresslevel)
             blobs[digest] = BlobInfo(mt.layer, csize)

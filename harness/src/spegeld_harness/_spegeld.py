@@ -6,31 +6,19 @@ lines to ``<base_dir>/spegeld.log``; readiness is ``GET /readyz`` answering 200.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import http.client
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from spegeld_harness._containerd import PrivateContainerd
-
-_LIVE: set[SpegeldProcess] = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for node in list(_LIVE):
-        node.stop()
+from spegeld_harness._process import ManagedProcess
 
 
 def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
@@ -47,7 +35,16 @@ def write_cluster_key(path: Path) -> Path:
     return path
 
 
-class SpegeldProcess:
+class SpegeldProcess(ManagedProcess):
+    """``spegeld run`` against ``containerd``, on ``host:port``; gossip on ``gossip_port``."""
+
+    kind = "spegeld"
+    log_banner = False  # the log is JSON lines
+    log_tail_lines = 40
+    # Each probe is an HTTP request (a curl process in a namespace): don't spin.
+    probe_first_delay = 0.05
+    probe_max_delay = 0.05
+
     def __init__(
         self,
         base_dir: Path,
@@ -61,18 +58,18 @@ class SpegeldProcess:
         key_file: Path | None = None,
         peers: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        stop_timeout: float = 15.0,
     ) -> None:
+        super().__init__(ready_timeout=ready_timeout, stop_timeout=stop_timeout)
         self.base_dir = base_dir
         self.env = env  # extra environment (NOTIFY_SOCKET, SPEGELD_CONFIG, ...)
         self.containerd = containerd
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.extra_args = list(extra_args)
-        self.ready_timeout = ready_timeout
         self.gossip_port = gossip_port or free_port(host, socket.SOCK_DGRAM)
         self.key_file = key_file
         self.peers = list(peers)
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -89,10 +86,6 @@ class SpegeldProcess:
     @property
     def log_path(self) -> Path:
         return self.base_dir / "spegeld.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def argv(self) -> list[str]:
         return [
@@ -120,57 +113,24 @@ class SpegeldProcess:
             args += ["--peer", peer]
         return args
 
-    def launch(self, *, pass_fds: Sequence[int] = ()) -> Self:
-        """Start the process without waiting for it to be ready."""
+    # -- lifecycle (the rest is ManagedProcess) ---------------------------------------------
+
+    def _prepare(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env} if self.env else None
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, env=env, pass_fds=tuple(pass_fds),
-            )  # fmt: skip
-        _LIVE.add(self)
-        return self
 
-    def wait(self, timeout: float) -> int:
-        """Wait for the process to exit on its own; its exit code."""
-        assert self._proc is not None
-        code = self._proc.wait(timeout)
-        self._proc = None
-        _LIVE.discard(self)
-        return code
+    def _spawn_env(self) -> dict[str, str] | None:
+        return {**os.environ, **self.env} if self.env else None
 
-    def detach(self) -> None:
-        """Leave the process running after this interpreter exits (``spegeld demo --keep``)."""
-        self._proc = None
-        _LIVE.discard(self)
+    def _label(self) -> str:
+        return f"spegeld at {self.url}"
 
-    def poll(self) -> int | None:
-        """The exit code if the process has ended on its own (or by a signal), else None."""
-        return self._proc.poll() if self._proc is not None else None
-
-    def send_signal(self, signum: int) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signum)
-
-    def start(self) -> Self:
-        self.launch()
-        assert self._proc is not None
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"spegeld exited with {self._proc.returncode}\n{self.log_tail()}"
-                )
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"spegeld not ready at {self.url}\n{self.log_tail()}")
-            time.sleep(0.05)
+    def _probe(self) -> str | None:
+        """Ready when ``GET /readyz`` answers 200."""
+        try:
+            status = self.get("/readyz")[0]
+        except OSError as e:
+            return f"GET /readyz: {type(e).__name__}: {e}"
+        return None if status == 200 else f"GET /readyz -> {status}"
 
     def get(
         self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
@@ -206,48 +166,5 @@ class SpegeldProcess:
                 return float(value)
         return 0.0
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM by PID, SIGKILL after ``timeout``; the exit code."""
-        proc = self._proc
-        if proc is None:
-            return None
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.send_signal(signal.SIGCONT)  # a stopped daemon must see the SIGTERM
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            return proc.returncode
-        finally:
-            self._proc = None
-            _LIVE.discard(self)
-
-    def kill(self) -> None:
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            self._proc = None
-            _LIVE.discard(self)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no log: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.url!r}, pid={self.pid})"

@@ -24,6 +24,7 @@ RANKS = {
     "election": 5,
     "kube": 2,
     "systemd": 5,
+    "status": 5,  # the typed /status model: produced by app, read by cli and doctor
     "doctor": 6,  # checks every layer below: kube, containerd, gossip
     "app": 7,
     "cli": 8,

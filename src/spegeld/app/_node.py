@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import signal
-from typing import Any
 
 import trio
 
@@ -25,6 +23,14 @@ from spegeld.kube import Credentials
 from spegeld.metrics import MetricsRegistry
 from spegeld.registry import Limits, Registry, RegistrySettings
 from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
+from spegeld.status import (
+    ElectionStatus,
+    GossipStatus,
+    HttpStatus,
+    NodeStatus,
+    RouterStatus,
+    StoreStatus,
+)
 from spegeld.store import ContainerdStore
 from spegeld.systemd import serve_watchdog
 
@@ -37,24 +43,39 @@ def _status(
     registry: Registry,
     gossip: GossipRouter | None,
     coordination: Coordination,
-) -> dict[str, Any]:
-    status: dict[str, Any] = {
-        "node": cfg.node_name,
-        "version": version(),
-        "advertise_addr": cfg.advertise_addr,
-        "registry": [f"{host}:{port}" for host, port in registry.addresses],
-        "store": dataclasses.asdict(store.statistics()),
-        "http": registry.statistics(),
-        "coordinator": None,
-    }
-    if gossip is None:
-        status["router"] = {"kind": "static", "peers": list(cfg.static_peers)}
-    else:
-        status["router"] = {"kind": "gossip"}
-        status["gossip"] = gossip.status()
-        status["coordinator"] = status["gossip"]["coordinator"]
-    status["election"] = coordination.status()
-    return status
+) -> NodeStatus:
+    """The node's one status, built from each component's own report; ``/status`` serves
+    it, the STATUS= line and ``spegeld status`` read it."""
+    stats = store.statistics()
+    return NodeStatus(
+        node=cfg.node_name,
+        version=version(),
+        advertise_addr=cfg.advertise_addr,
+        registry=tuple(f"{host}:{port}" for host, port in registry.addresses),
+        store=StoreStatus(
+            images=stats.images,
+            digests=stats.digests,
+            loose_blobs=stats.loose_blobs,
+            tags=stats.tags,
+            full_syncs=stats.full_syncs,
+            events_applied=stats.events_applied,
+            synced=stats.synced,
+            direct_reads=stats.direct_reads,
+            read_mode=stats.read_mode,
+            file_reads=stats.file_reads,
+            grpc_reads=stats.grpc_reads,
+            warnings=stats.warnings,
+        ),
+        http=HttpStatus.from_json(registry.statistics()),
+        router=(
+            RouterStatus("static", tuple(cfg.static_peers))
+            if gossip is None
+            else RouterStatus("gossip")
+        ),
+        # The gossip shell and the coordination report plain dicts; read them once, here.
+        gossip=None if gossip is None else GossipStatus.from_json(gossip.status()),
+        election=ElectionStatus.from_json(coordination.status()),
+    )
 
 
 async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, GossipRouter | None]:
@@ -127,7 +148,7 @@ async def run_node(
                 metrics,
                 settings,
                 ready=lambda: store.statistics().synced and router.ready(),
-                status=lambda: _status(cfg, store, registry, gossip, coordination),
+                status=lambda: _status(cfg, store, registry, gossip, coordination).to_json(),
                 discard_partial=client.abort_ingests,
             )
             registry_done = trio.Event()

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -14,6 +13,7 @@ from spegeld.app._setup import load_keyring
 from spegeld.config import NodeConfig
 from spegeld.errors import SpegeldError
 from spegeld.gossip._shell import GossipRouter
+from spegeld.status import NodeStatus
 from spegeld.systemd import Notifier
 
 logger = logging.getLogger(__name__)
@@ -46,17 +46,14 @@ async def notify_ready(
         notifier.status(status_line())
 
 
-def status_line_of(status: dict[str, Any]) -> str:
+def status_line_of(status: NodeStatus) -> str:
     """One line for ``systemctl status``: peers, coordinator, images, the last error."""
-    gossip = status.get("gossip") or {}
-    alive = gossip.get("members", {}).get("alive", 0)
-    store = status.get("store", {})
-    election = status.get("election") or {}
+    alive = 0 if status.gossip is None else status.gossip.alive
     line = (
-        f"{alive} peers alive, coordinator {status.get('coordinator') or 'none'}, "
-        f"{store.get('images', 0)} images"
+        f"{alive} peers alive, coordinator {status.coordinator or 'none'}, "
+        f"{status.store.images} images"
     )
-    error = election.get("last_error")
+    error = None if status.election is None else status.election.last_error
     return f"{line}; last error: {error}" if error else line
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from spegeld.cli._options import (
     registry_addr_option,
     state_dir_option,
 )
+
+if TYPE_CHECKING:
+    from spegeld.status import NodeStatus
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 
@@ -132,7 +135,7 @@ def _gossip_target(
     insecure: bool,
     seeds: tuple[tuple[str, int], ...],
     state_dir: Path,
-    status: dict[str, Any] | None,
+    status: NodeStatus | None,
 ) -> Any:
     from spegeld import doctor as checks
     from spegeld.errors import ConfigError
@@ -150,18 +153,18 @@ def _gossip_target(
             problem = "no cluster key: pass --cluster-key-file (or --insecure-gossip for labs)"
     except ConfigError as exc:
         problem = str(exc)
-    gossip = (status or {}).get("gossip") or {}
-    running: list[tuple[str, int]] = []
-    for peer in gossip.get("peers", []):
-        host, _, port = str(peer.get("addr", "")).rpartition(":")
-        if host and port.isdigit() and peer.get("state") in ("alive", "suspect"):
-            running.append((host.strip("[]"), int(port)))
+    gossip = None if status is None else status.gossip
+    running = [
+        addr
+        for peer in (() if gossip is None else gossip.peers)
+        if peer.state in ("alive", "suspect") and (addr := peer.gossip_addr()) is not None
+    ]
     return checks.GossipTarget(
         keyring=keyring,
         key_source=source,
         key_problem=problem,
         peers=checks.merge_peers(seeds, running, checks.saved_members(state_dir)),
-        daemon_fingerprint=gossip.get("key_fingerprint"),
+        daemon_fingerprint=None if gossip is None else gossip.key_fingerprint,
     )
 
 

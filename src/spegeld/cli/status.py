@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from spegeld.cli._options import json_option, option
+
+if TYPE_CHECKING:
+    from spegeld.status import NodeStatus
 
 
 @click.command()
@@ -19,59 +22,61 @@ def status(registry_addr: str, as_json: bool) -> None:
     import httpx
 
     from spegeld.cli._root import fail
+    from spegeld.errors import RemoteProtocolError
+    from spegeld.status import NodeStatus
 
     url = f"http://{registry_addr}/status"
     try:
         response = httpx.get(url, timeout=5.0)
-        data = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
+    except httpx.HTTPError as exc:
         fail(f"no spegeld answering at {url}: {exc}")
         return
-    if response.status_code != 200 or not isinstance(data, dict):
+    if response.status_code != 200:
         fail(f"{url} answered {response.status_code}")
         return
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
+    try:
+        node = NodeStatus.decode(response.content)
+    except RemoteProtocolError as exc:
+        fail(f"{url} did not answer with a spegeld status: {exc}")
         return
-    _render(data)
+    if as_json:
+        click.echo(json.dumps(node.to_json(), indent=2, sort_keys=True))
+        return
+    _render(node)
 
 
-def _render(data: dict[str, Any]) -> None:
+def _render(node: NodeStatus) -> None:
     from rich.console import Console
     from rich.table import Table
 
     out = Console(markup=False, highlight=False)  # peer-supplied names are never markup
-    store = data.get("store", {})
-    out.print(f"node {data.get('node')}  (spegeld {data.get('version')})")
-    out.print(
-        f"registry {', '.join(data.get('registry', []))}  advertise {data.get('advertise_addr')}"
-    )
-    out.print(f"coordinator: {data.get('coordinator') or 'none known'}")
-    election = data.get("election") or {}
-    if election.get("role") == "disabled":
-        out.print(f"election: off ({election.get('reason')})")
-    elif election:
-        line = f"election: {election.get('role')} (Lease {election.get('lease')})"
-        if election.get("last_error"):
-            line += f"; last error: {election['last_error']}"
+    store = node.store
+    out.print(f"node {node.node}  (spegeld {node.version})")
+    out.print(f"registry {', '.join(node.registry)}  advertise {node.advertise_addr}")
+    out.print(f"coordinator: {node.coordinator or 'none known'}")
+    election = node.election
+    if election is not None and election.role == "disabled" and election.lease is None:
+        out.print(f"election: off ({election.reason})")
+    elif election is not None:
+        line = f"election: {election.role} (Lease {election.lease})"
+        if election.last_error:
+            line += f"; last error: {election.last_error}"
         out.print(line)
-    out.print(f"own keys: {store.get('digests', 0)} digests, {store.get('tags', 0)} tags"
-              f"  (store synced: {store.get('synced')})")  # fmt: skip
-    gossip = data.get("gossip")
+    out.print(f"own keys: {store.digests} digests, {store.tags} tags"
+              f"  (store synced: {store.synced})")  # fmt: skip
+    gossip = node.gossip
     if gossip is None:
-        out.print(f"router: {data.get('router', {}).get('kind', '?')}")
+        out.print(f"router: {'?' if node.router is None else node.router.kind}")
         return
-    table = Table(title=f"peers ({gossip.get('known_keys', 0)} keys known)")
+    table = Table(title=f"peers ({gossip.known_keys} keys known)")
     for column in ("node", "state", "address", "registry", "rtt ms", "keys"):
         table.add_column(column)
-    for peer in gossip.get("peers", []):
-        rtt = peer.get("rtt_ms")
-        table.add_row(str(peer.get("node")), str(peer.get("state")), str(peer.get("addr")),
-                      str(peer.get("registry")), "-" if rtt is None else f"{rtt:.2f}",
-                      str(peer.get("keys")))  # fmt: skip
+    for peer in gossip.peers:
+        rtt = "-" if peer.rtt_ms is None else f"{peer.rtt_ms:.2f}"
+        table.add_row(peer.node, peer.state, peer.addr, peer.registry, rtt, str(peer.keys))
     out.print(table)
-    packets = gossip.get("packets", {})
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(packets.get("dropped", {}).items()))
+    packets = gossip.packets
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(packets.dropped.items()))
     out.print(
-        f"packets in {packets.get('in')} out {packets.get('out')}; dropped: {dropped or 'none'}"
+        f"packets in {packets.packets_in} out {packets.packets_out}; dropped: {dropped or 'none'}"
     )

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
 
+from spegeld.errors import RemoteProtocolError
 from spegeld.gossip import load_members
+from spegeld.status import NodeStatus
 
 from ._api import ApiTarget, check_api
 from ._gossip import GossipTarget, key_check, peer_checks
@@ -22,6 +23,8 @@ from ._node import NodeTarget, check_node
 # bounded by the timeout; a group still running after this many timeouts is cut.
 GROUP_BUDGET = 6
 GROUPS = frozenset({"api", "node", "gossip"})
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,18 +68,27 @@ async def _bounded(
     ]
 
 
-async def daemon_status(registry: tuple[str, int], timeout: float) -> dict[str, Any] | None:
-    """The running daemon's /status, or None when it does not answer."""
+async def daemon_status(registry: tuple[str, int], timeout: float) -> NodeStatus | None:
+    """The running daemon's /status, or None when it does not answer with one.
+
+    The doctor only borrows the daemon's peers and key fingerprint; a daemon that is down
+    or answers something else leaves the checks to the flags (``registry.port`` says why).
+    """
     host, port = registry
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://[{host}]:{port}/status" if ":" in host else f"http://{host}:{port}/status"
     try:
         async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
             response = await http.get(url)
-        data = response.json()
-    except (httpx.HTTPError, json.JSONDecodeError, ValueError):
+    except httpx.HTTPError:
         return None
-    return data if isinstance(data, dict) else None
+    if response.status_code != 200:
+        return None
+    try:
+        return NodeStatus.decode(response.content)
+    except RemoteProtocolError as exc:
+        logger.warning("doctor: %s answered no spegeld status: %s", url, exc)
+        return None
 
 
 def saved_members(state_dir: Path) -> list[tuple[str, int]]:

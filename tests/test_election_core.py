@@ -24,6 +24,7 @@ from spegeld.election import (
     ElectionConfig,
     ElectionCore,
     ElectionTimings,
+    Event,
     HolderSeen,
     LeadershipChanged,
     LeaseConflicted,
@@ -44,6 +45,14 @@ from spegeld.election import (
 from spegeld.errors import ConfigError, RemoteProtocolError
 
 WALL = datetime(2026, 11, 27, 6, 30, tzinfo=UTC)
+
+
+def _events(core: ElectionCore) -> list[Event]:
+    """Every event the core has for us, oldest first."""
+    found = []
+    while (event := core.next_event()) is not None:
+        found.append(event)
+    return found
 
 
 def make_core(identity: str = "a", now: float = 100.0, **timings: float) -> ElectionCore:
@@ -83,7 +92,7 @@ def none_sent(core: ElectionCore, now: float) -> None:
 def answer_read(core: ElectionCore, now: float, record: LeaseRecord | None) -> None:
     request = one(core, now)
     assert isinstance(request, ReadLease)
-    core.handle_response(LeaseRead(request.request_id, record), now)
+    core.receive(LeaseRead(request.request_id, record), now)
 
 
 def store(record: LeaseRecord, rv: str) -> LeaseRecord:
@@ -96,7 +105,7 @@ def become_leader(core: ElectionCore, sent: float, answered: float | None = None
     create = one(core, sent)
     assert isinstance(create, CreateLease)
     written = store(create.record, "1")
-    core.handle_response(LeaseWritten(create.request_id, written), answered or sent)
+    core.receive(LeaseWritten(create.request_id, written), answered or sent)
     return written
 
 
@@ -241,8 +250,8 @@ def test_absent_lease_is_created_and_leads_until_renew_deadline_after_send() -> 
     assert create.record.gossip_addr == "a.gossip:7946"
     assert create.record.registry_addr == "a.registry:5000"
     assert not core.is_leader(101.0)
-    core.handle_response(LeaseWritten(create.request_id, store(create.record, "1")), 103.0)
-    assert core.events() == [LeadershipChanged(True)]
+    core.receive(LeaseWritten(create.request_id, store(create.record, "1")), 103.0)
+    assert _events(core) == [LeadershipChanged(True)]
     assert core.is_leader(103.0)
     assert core.is_leader(110.49)
     assert not core.is_leader(110.5)  # 100.5 (send) + 10, not 103 (answer) + 10
@@ -256,12 +265,12 @@ def test_first_view_is_backdated_by_duration_minus_renew_deadline_minus_one() ->
     now = 100.0
     sends: list[tuple[float, type]] = []
     while now < 120:
-        now = core.get_timer()
+        now = core.next_deadline()
         request = one(core, now)
         sends.append((now, type(request)))
         if isinstance(request, UpdateLease):
             break
-        core.handle_response(LeaseRead(request.request_id, record), now)
+        core.receive(LeaseRead(request.request_id, record), now)
     assert sends == [
         (102.0, ReadLease),
         (104.0, ReadLease),
@@ -276,11 +285,11 @@ def test_backdating_is_clamped_at_zero_for_short_leases() -> None:
     core = make_core()
     core.set_view(CoordinatorView.GONE, 100.0)
     answer_read(core, 100.0, held_by("b", duration=5))
-    assert core.get_timer() == 102.0
+    assert core.next_deadline() == 102.0
     answer_read(core, 102.0, held_by("b", duration=5))
-    assert core.get_timer() == 104.0
+    assert core.next_deadline() == 104.0
     answer_read(core, 104.0, held_by("b", duration=5))
-    assert core.get_timer() == 105.0  # observed at 100 exactly: 5 - 10 - 1 < 0
+    assert core.next_deadline() == 105.0  # observed at 100 exactly: 5 - 10 - 1 < 0
     assert isinstance(one(core, 105.0), UpdateLease)
 
 
@@ -290,12 +299,12 @@ def test_a_changed_record_is_observed_anew_and_an_unchanged_one_is_not() -> None
     answer_read(core, 100.0, held_by("b", rv="7"))  # valid until 111
     answer_read(core, 102.0, held_by("b", rv="8"))  # renewed: valid until 102 - 4 + 15 = 113
     answer_read(core, 104.0, held_by("b", rv="8"))
-    assert core.get_timer() == 106.0
+    assert core.next_deadline() == 106.0
     for now in (106.0, 108.0, 110.0):
         answer_read(core, now, held_by("b", rv="8"))
-    assert core.get_timer() == 112.0
+    assert core.next_deadline() == 112.0
     answer_read(core, 112.0, held_by("b", rv="8"))
-    assert core.get_timer() == 113.0
+    assert core.next_deadline() == 113.0
     update = one(core, 113.0)
     assert isinstance(update, UpdateLease)
     assert update.record.resource_version == "8"
@@ -308,9 +317,9 @@ def test_expiry_ignores_renew_time(skew: timedelta) -> None:
     core.set_view(CoordinatorView.GONE, 100.0)
     record = held_by("b", renew_time=WALL + skew, acquire_time=WALL + skew)
     answer_read(core, 100.0, record)
-    while core.get_timer() < 111.0:
-        answer_read(core, core.get_timer(), record)
-    assert core.get_timer() == 111.0
+    while core.next_deadline() < 111.0:
+        answer_read(core, core.next_deadline(), record)
+    assert core.next_deadline() == 111.0
     assert isinstance(one(core, 111.0), UpdateLease)
 
 
@@ -320,9 +329,9 @@ def test_without_a_resource_version_the_whole_spec_identifies_the_version() -> N
     answer_read(core, 100.0, held_by("b", rv=None))
     renewed = held_by("b", rv=None, renew_time=WALL + timedelta(seconds=2))
     answer_read(core, 102.0, renewed)
-    while core.get_timer() < 113.0:
-        answer_read(core, core.get_timer(), renewed)
-    assert core.get_timer() == 113.0  # the changed renewTime counted as a change at 102
+    while core.next_deadline() < 113.0:
+        answer_read(core, core.next_deadline(), renewed)
+    assert core.next_deadline() == 113.0  # the changed renewTime counted as a change at 102
 
 
 def test_released_lease_is_taken_at_once() -> None:
@@ -342,10 +351,10 @@ def test_a_lost_race_is_not_a_failure() -> None:
     core = make_core()
     answer_read(core, 100.0, None)
     create = one(core, 100.0)
-    core.handle_response(LeaseConflicted(create.request_id), 100.2)
+    core.receive(LeaseConflicted(create.request_id), 100.2)
     assert core.consecutive_failures == 0
     assert core.role(100.2) is Role.CONTENDING
-    assert core.events() == []
+    assert _events(core) == []
     none_sent(core, 102.1)
     assert isinstance(one(core, 102.2), ReadLease)  # re-read next round
 
@@ -356,7 +365,7 @@ def test_a_lost_race_is_not_a_failure() -> None:
 def test_leader_renews_every_retry_period_keeping_acquire_time() -> None:
     core = make_core()
     written = become_leader(core, 100.0)
-    core.events()
+    _events(core)
     for round_ in range(1, 6):
         now = 100.0 + 2.0 * round_
         none_sent(core, now - 0.01)
@@ -368,33 +377,33 @@ def test_leader_renews_every_retry_period_keeping_acquire_time() -> None:
         assert renew.record.renew_time == WALL + timedelta(seconds=now)
         assert renew.record.transitions == written.transitions
         written = store(renew.record, str(round_ + 1))
-        core.handle_response(LeaseWritten(renew.request_id, written), now + 0.1)
+        core.receive(LeaseWritten(renew.request_id, written), now + 0.1)
         assert core.is_leader(now + 9.99)
-    assert core.events() == []
+    assert _events(core) == []
     assert core.transitions == 1
 
 
 def test_leader_steps_down_renew_deadline_after_its_last_successful_send() -> None:
     core = make_core()
     become_leader(core, 100.0)
-    assert core.events() == [LeadershipChanged(True)]
+    assert _events(core) == [LeadershipChanged(True)]
     renew = one(core, 102.0)
-    core.handle_response(LeaseWritten(renew.request_id, store(renew.record, "2")), 105.0)
+    core.receive(LeaseWritten(renew.request_id, store(renew.record, "2")), 105.0)
     sent = []
     now = 105.0
     while now < 112.0 - 1e-9:  # failing renewals every retry period until 102 + 10
-        now = core.get_timer()
+        now = core.next_deadline()
         if now >= 112.0:
             break
         request = one(core, now)
         sent.append(now)
-        core.handle_response(RequestFailed(request.request_id, "boom"), now)
+        core.receive(RequestFailed(request.request_id, "boom"), now)
     assert sent == [105.0, 107.0, 109.0, 111.0]
     assert core.is_leader(111.99)
     assert not core.is_leader(112.0)
-    assert core.get_timer() == 112.0
+    assert core.next_deadline() == 112.0
     core.handle_timer(112.0)
-    assert core.events() == [LeadershipChanged(False)]
+    assert _events(core) == [LeadershipChanged(False)]
     assert core.role(112.0) is Role.UNREACHABLE
 
 
@@ -402,7 +411,7 @@ def test_a_late_successful_renewal_does_not_extend_past_its_send_time() -> None:
     core = make_core()
     become_leader(core, 100.0)
     renew = one(core, 102.0)
-    core.handle_response(LeaseWritten(renew.request_id, store(renew.record, "2")), 111.0)
+    core.receive(LeaseWritten(renew.request_id, store(renew.record, "2")), 111.0)
     assert core.is_leader(111.0)
     assert not core.is_leader(112.0)
 
@@ -410,12 +419,12 @@ def test_a_late_successful_renewal_does_not_extend_past_its_send_time() -> None:
 def test_leader_that_reads_another_holder_steps_down_at_once() -> None:
     core = make_core()
     become_leader(core, 100.0)
-    core.events()
+    _events(core)
     renew = one(core, 102.0)
-    core.handle_response(LeaseConflicted(renew.request_id), 102.1)
+    core.receive(LeaseConflicted(renew.request_id), 102.1)
     assert core.is_leader(102.1)
     answer_read(core, 104.1, held_by("b", rv="50"))
-    assert core.events() == [LeadershipChanged(False), HolderSeen(held_by("b", rv="50"))]
+    assert _events(core) == [LeadershipChanged(False), HolderSeen(held_by("b", rv="50"))]
     assert not core.is_leader(104.1)
 
 
@@ -423,10 +432,10 @@ def test_request_without_answer_times_out_as_a_failure() -> None:
     core = make_core()
     core.set_view(CoordinatorView.GONE, 100.0)
     read = one(core, 100.0)
-    assert core.get_timer() == 105.0
+    assert core.next_deadline() == 105.0
     core.handle_timer(105.0)
     assert core.consecutive_failures == 1
-    core.handle_response(LeaseRead(read.request_id, None), 105.5)  # too late: ignored
+    core.receive(LeaseRead(read.request_id, None), 105.5)  # too late: ignored
     assert core.record is None
     none_sent(core, 106.9)
     assert isinstance(one(core, 107.0), ReadLease)
@@ -439,9 +448,9 @@ def test_failures_back_off_doubling_up_to_the_cap() -> None:
     gaps = []
     for _ in range(8):
         request = one(core, now)
-        core.handle_response(RequestFailed(request.request_id, "down"), now)
-        gaps.append(core.get_timer() - now)
-        now = core.get_timer()
+        core.receive(RequestFailed(request.request_id, "down"), now)
+        gaps.append(core.next_deadline() - now)
+        now = core.next_deadline()
     assert gaps == [2, 4, 8, 16, 30, 30, 30, 30]
     answer_read(core, now, None)
     assert core.consecutive_failures == 0
@@ -453,7 +462,7 @@ def test_failures_back_off_doubling_up_to_the_cap() -> None:
 def test_follower_with_a_live_coordinator_in_gossip_sends_nothing() -> None:
     core = make_core()
     core.set_view(CoordinatorView.ALIVE, 100.0)
-    assert core.get_timer() == float("inf")
+    assert core.next_deadline() == float("inf")
     for now in range(100, 10_000, 7):
         core.handle_timer(float(now))
         none_sent(core, float(now))
@@ -468,15 +477,15 @@ def test_no_gossip_view_reports_the_holder_and_reads_once_per_lease_duration() -
     core = make_core()
     record = held_by("b")
     answer_read(core, 100.0, record)
-    assert core.events() == [HolderSeen(record)]
+    assert _events(core) == [HolderSeen(record)]
     assert core.role(100.0) is Role.FOLLOWER
-    assert core.get_timer() == 115.0
+    assert core.next_deadline() == 115.0
     none_sent(core, 114.9)
     answer_read(core, 115.0, held_by("b", rv="8"))
-    assert core.events() == []  # same holder, same address: said once
-    assert core.get_timer() == 130.0
+    assert _events(core) == []  # same holder, same address: said once
+    assert core.next_deadline() == 130.0
     answer_read(core, 130.0, held_by("c", rv="9"))
-    assert [type(e) for e in core.events()] == [HolderSeen]
+    assert [type(e) for e in _events(core)] == [HolderSeen]
     assert core.api_requests == 3
 
 
@@ -493,7 +502,7 @@ def test_gossip_turning_gone_ends_the_no_view_backoff() -> None:
 def test_release_empties_the_holder_with_a_one_second_lease() -> None:
     core = make_core()
     written = become_leader(core, 100.0)
-    core.events()
+    _events(core)
     release = core.release(101.0, WALL + timedelta(seconds=101))
     assert isinstance(release, UpdateLease)
     assert release.record.holder == ""
@@ -501,7 +510,7 @@ def test_release_empties_the_holder_with_a_one_second_lease() -> None:
     assert release.record.renew_time == WALL + timedelta(seconds=101)
     assert release.record.resource_version == written.resource_version
     assert release.record.transitions == written.transitions
-    assert core.events() == [LeadershipChanged(False)]
+    assert _events(core) == [LeadershipChanged(False)]
     assert not core.is_leader(101.0)
     assert core.role(101.0) is Role.DISABLED
     for now in (103.0, 150.0):
@@ -514,7 +523,7 @@ def test_release_without_holding_sends_nothing() -> None:
     core.set_view(CoordinatorView.GONE, 100.0)
     answer_read(core, 100.0, held_by("b"))
     assert core.release(100.0, WALL) is None
-    assert core.events() == []
+    assert _events(core) == []
 
 
 def test_after_release_another_node_takes_over_at_once() -> None:
@@ -528,7 +537,7 @@ def test_after_release_another_node_takes_over_at_once() -> None:
     take = one(b, 101.1)
     assert isinstance(take, UpdateLease)
     assert take.record.transitions == written.transitions + 1
-    b.handle_response(LeaseWritten(take.request_id, store(take.record, "3")), 101.2)
+    b.receive(LeaseWritten(take.request_id, store(take.record, "3")), 101.2)
     assert b.is_leader(101.2)
     assert not a.is_leader(101.2)
 
@@ -627,8 +636,8 @@ class ElectionMachine(RuleBasedStateMachine):
         if node.core is None or node.incarnation != flight.incarnation:
             return
         assert not isinstance(flight.message, (ReadLease, CreateLease, UpdateLease))
-        node.core.handle_response(flight.message, node.local(self.now))
-        node.core.events()
+        node.core.receive(flight.message, node.local(self.now))
+        _events(node.core)
         self.check_one_leader()
         self.pump(flight.node)
 
@@ -640,7 +649,7 @@ class ElectionMachine(RuleBasedStateMachine):
             for index, node in enumerate(self.nodes):
                 if node.core is None:
                     continue
-                timer = node.core.get_timer()
+                timer = node.core.next_deadline()
                 if timer == float("inf"):
                     continue
                 at = max(self.now, (timer - node.offset) / node.rate)
@@ -652,9 +661,9 @@ class ElectionMachine(RuleBasedStateMachine):
             self.now, index = due
             node = self.nodes[index]
             assert node.core is not None
-            node.last = max(node.last, node.core.get_timer())
+            node.last = max(node.last, node.core.next_deadline())
             node.core.handle_timer(node.local(self.now))
-            node.core.events()
+            _events(node.core)
             self.pump(index)
             self.check_one_leader()
         raise AssertionError("the simulation did not advance")
@@ -764,7 +773,7 @@ class ElectionMachine(RuleBasedStateMachine):
             return
         request = node.core.release(node.local(self.now), self.wall(index))
         node.released = True
-        node.core.events()
+        _events(node.core)
         assert not node.core.is_leader(node.local(self.now))
         if request is not None:
             self.requests.append(InFlight(index, node.incarnation, request))

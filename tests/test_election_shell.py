@@ -41,11 +41,33 @@ def sent_at(lease: dict[str, Any] | None, field_name: str = "renewTime") -> floa
 
 @dataclass
 class FakeGossip:
-    """What gossip would say: the flag set by on_leadership, and deaths seen after a delay."""
+    """What gossip would say: the flag set by on_leadership, and deaths seen after a delay.
+
+    A stand-in for gossip's CoordinatorChanged events: real gossip needs sockets and
+    seconds to detect a death, and these tests are about the election's timing. It
+    tells each elector its view when that changes, as GossipRouter's events do.
+    """
 
     coordinator: str | None = None
     killed: dict[str, float] = field(default_factory=dict)
     members: bool = True
+    electors: dict[str, Elector] = field(default_factory=dict)
+    told: dict[str, tuple[CoordinatorView, str | None]] = field(default_factory=dict)
+    running: bool = False
+
+    def publish(self) -> None:
+        """An event to every elector whose view changed since it was last told."""
+        for name, elector in self.electors.items():
+            view = self.view(name)
+            if self.told.get(name) != view:
+                self.told[name] = view
+                elector.set_coordinator_view(*view)
+
+    async def run(self) -> None:
+        """Deaths are seen GOSSIP_DETECTION after the kill: look for them now and then."""
+        while True:
+            self.publish()
+            await trio.sleep(0.01)
 
     def view(self, me: str) -> tuple[CoordinatorView, str | None]:
         if not self.members:
@@ -63,6 +85,7 @@ class FakeGossip:
             self.coordinator = node
         elif self.coordinator == node:
             self.coordinator = None
+        self.publish()
 
 
 @dataclass
@@ -71,6 +94,7 @@ class Node:
     elector: Elector
     changes: list[bool]
     metrics: MetricsRegistry
+    gossip: FakeGossip
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
@@ -85,16 +109,22 @@ def make_node(store: MemoryLeaseStore, gossip: FakeGossip, name: str, **kwargs: 
     elector = Elector(
         store.client(name),
         ElectionConfig(name, gossip_addr=f"{name}-gossip:7946", registry_addr=f"{name}-reg:5000"),
-        coordinator_view=lambda: gossip.view(name),
         on_leadership=on_leadership,
         metrics=metrics,
         wall_clock=wall,
         **kwargs,
     )
-    return Node(name, elector, changes, metrics)
+    gossip.electors[name] = elector
+    gossip.told.pop(name, None)
+    gossip.publish()
+    return Node(name, elector, changes, metrics, gossip)
 
 
 async def start(nursery: trio.Nursery, node: Node) -> None:
+    if not node.gossip.running:
+        node.gossip.running = True
+        nursery.start_soon(node.gossip.run)
+
     async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with node.scope:
             await node.elector.run(task_status=task_status)

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from spegeld.errors import RemoteProtocolError
 from spegeld.gossip import (
-    CoordinatorState,
     GossipConfig,
     GossipCore,
     Keyring,
@@ -57,6 +56,7 @@ from spegeld.gossip._messages import (
 )
 from spegeld.gossip._security import HEADER_SIZE, MAX_DATAGRAM, open_datagram, seal
 from spegeld.gossip.sim import NetworkRules, Simulation
+from spegeld.routing import CoordinatorView
 
 SECRET = b"s" * 32  # the simulator's default keyring: Keyring([(1, b"s" * 32)])
 RING = Keyring([(1, SECRET)])
@@ -87,11 +87,11 @@ class CheckedSimulation(Simulation):
 
     def _flush(self, addr: Addr) -> None:
         core = self.nodes[addr]
-        for datagram, _ in core._outbox:
+        for datagram, _ in core.transmitter.peek():
             assert len(datagram) <= MAX_DATAGRAM, f"{core.node} emitted {len(datagram)} bytes"
             self.largest = max(self.largest, len(datagram))
             self.datagrams += 1
-            _, messages = decode_payload(open_datagram(core._keyring, datagram).payload)
+            _, messages = decode_payload(open_datagram(core.transmitter.keyring, datagram).payload)
             assert len(set(messages)) == len(messages), f"{core.node} repeated news"
             if self.tally is not None:
                 self.tally.update(type(m).__name__ for m in messages)
@@ -199,7 +199,8 @@ def test_lookup_ranks_alive_before_suspect_then_by_rtt() -> None:
     wire.run(5, 8)
     assert sorted(_holders(a, _digest(9))) == ["b", "c", "d"]
     # RTTs come from acks; pin them so the order is known: c is fastest, then d, then b.
-    a._peers["b"].rtt, a._peers["c"].rtt, a._peers["d"].rtt = 0.009, 0.001, 0.004
+    for name, rtt in (("b", 0.009), ("c", 0.001), ("d", 0.004)):
+        a.members_table.get(name).rtt = rtt  # type: ignore[union-attr]
     assert _holders(a, _digest(9)) == ["c", "d", "b"]
     # c goes silent, a suspects it on its next failed probe: now it ranks last.
     wire.cut.add(c.config.addr)
@@ -434,7 +435,8 @@ def test_two_thousand_keys_reach_a_joiner_in_chunks() -> None:
     before = sim.tally["StateChunk"]
     joiner = sim.add_node(3, seeds=(sim.addr(0),))
     sim.wait(lambda: (v := _view(joiner, "node-1")) is not None and v.keys == 2000, 10, "state")
-    assert set(joiner.table.keys_of(joiner._peers["node-1"].slot)) == set(keys)
+    owner = joiner.members_table.get("node-1")
+    assert owner is not None and set(joiner.table.keys_of(owner.slot)) == set(keys)
     assert sim.tally["StateChunk"] - before >= 2000 * 34 // 1000
 
 
@@ -509,13 +511,13 @@ def test_huge_records_never_overflow_or_stall_anti_entropy() -> None:
 
     a = GossipCore(huge(0), RING, random.Random(1), 0.0)
     for i in range(1, 4):
-        record = GossipCore(huge(i), RING, random.Random(i), 0.0)._self_member()
+        record = GossipCore(huge(i), RING, random.Random(i), 0.0).self_member()
         a.receive(_sealed(f"s{i}", 1, record), ("10.0.0.9", 1), 0.0)
     assert a.alive_count() == 3
     cursors = set()
     for step in range(1, 200):
         a.handle_timer(step * 0.05)
-        cursors.add(a._sync_cursor)
+        cursors.add(a.antientropy.cursor)
         for datagram, _ in a.datagrams_to_send(step * 0.05):
             assert len(datagram) <= MAX_DATAGRAM
     assert len(cursors) > 1  # the window moves on past records that cannot fit
@@ -638,13 +640,15 @@ def test_an_ack_from_the_wrong_member_does_not_count() -> None:
     c = wire.core("c", seeds=("a",))
     wire.run(0, 2)
     wire.cut.add(b.config.addr)
-    now = wire.run(2, 5, stop=lambda: a._probe is not None and a._probe.target == "b")
-    probe = a._probe
+    now = wire.run(
+        2, 5, stop=lambda: a.detector.probe is not None and a.detector.probe.target == "b"
+    )
+    probe = a.detector.probe
     assert probe is not None
     forged = seal(RING, c.incarnation, 10**6, encode_sender("c") + encode_message(Ack(probe.seq)))
     a.receive(forged, c.config.addr, now)
     assert a.statistics().dropped["stray_ack"] == 1
-    assert a._probe is probe
+    assert a.detector.probe is probe
 
 
 def test_a_member_first_heard_of_as_suspect_still_times_out() -> None:
@@ -667,7 +671,7 @@ def test_dead_members_are_forgotten_after_dead_forget() -> None:
     assert _view(a, "b").state == "dead"  # type: ignore[union-attr]
     wire.run(10, 10 + T.dead_forget + 2, step=0.25)
     assert a.members() == []
-    assert a._slots == [None] and a._free_slots == [0]
+    assert a.members_table.slot_count() == 1 and a.members_table.at_slot(0) is None
 
 
 def test_sequence_wrap_moves_to_a_higher_incarnation() -> None:
@@ -675,9 +679,9 @@ def test_sequence_wrap_moves_to_a_higher_incarnation() -> None:
     a, b = wire.core("a"), wire.core("b", seeds=("a",))
     # Near the end from b's first datagram: a receiver that saw a low sequence first
     # would spend seconds on the jump (ReplayWindow shifts its mask by the whole jump).
-    b._sequence = 0xFFFF_FFFF - 20
+    b.transmitter.sequence = 0xFFFF_FFFF - 20
     wire.run(0, 6, step=0.05)
-    assert b._sequence < 1000
+    assert b.transmitter.sequence < 1000
     assert b.incarnation == 2
     assert _view(a, "b").incarnation == 2  # type: ignore[union-attr]
     assert a.alive_count() == 1
@@ -719,7 +723,7 @@ def _real_datagrams() -> tuple[tuple[bytes, str], ...]:
     class Capture(CheckedSimulation):
         def _flush(self, addr: Addr) -> None:
             core = self.nodes[addr]
-            captured.extend((d, core.node) for d, _ in core._outbox)
+            captured.extend((d, core.node) for d, _ in core.transmitter.peek())
             super()._flush(addr)
 
     sim = Capture(4, seed=21)
@@ -1012,15 +1016,15 @@ def test_header_fields_are_the_ones_sealed() -> None:
 def test_coordinator_view_follows_the_flag_and_member_states() -> None:
     sim = Simulation(3, seed=7, start_joined=True)
     a, b, _ = sim.nodes.values()
-    assert a.coordinator_view() == (CoordinatorState.GONE, None)  # members, nobody leads
+    assert a.coordinator_view() == (CoordinatorView.GONE, None)  # members, nobody leads
     b.set_coordinator(True)
-    assert b.coordinator_view() == (CoordinatorState.SELF, b.node)
-    sim.run_until(5.0, stop=lambda: a.coordinator_view()[0] is CoordinatorState.ALIVE)
-    assert a.coordinator_view() == (CoordinatorState.ALIVE, b.node)
+    assert b.coordinator_view() == (CoordinatorView.ALIVE, b.node)
+    sim.run_until(5.0, stop=lambda: a.coordinator_view()[0] is CoordinatorView.ALIVE)
+    assert a.coordinator_view() == (CoordinatorView.ALIVE, b.node)
     killed = sim.now
     sim.kill(1)
-    reached = sim.run_until(60.0, stop=lambda: a.coordinator_view()[0] is CoordinatorState.GONE)
-    assert a.coordinator_view() == (CoordinatorState.GONE, b.node)
+    reached = sim.run_until(60.0, stop=lambda: a.coordinator_view()[0] is CoordinatorView.GONE)
+    assert a.coordinator_view() == (CoordinatorView.GONE, b.node)
     # GONE already at suspicion: contenders read the Lease early, the Lease decides.
     assert killed < reached < killed + 5.0
 
@@ -1034,7 +1038,7 @@ def test_a_core_without_members_has_no_coordinator_view_and_takes_new_seeds() ->
         random.Random(1),
         0.0,
     )
-    assert core.coordinator_view() == (CoordinatorState.NONE, None)
+    assert core.coordinator_view() == (CoordinatorView.NONE, None)
     core.add_seed(("127.0.0.2", 7946))
     core.add_seed(("127.0.0.2", 7946))
     core.add_seed(("127.0.0.1", 7946))  # our own address is never a seed

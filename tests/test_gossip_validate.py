@@ -220,7 +220,8 @@ def test_a_delta_or_chunk_claiming_an_impossible_version_is_ignored() -> None:
     peer.send(me, StateChunk("peer", (BASE << 20) + 5, 0, MAX_CHUNKS + 1, ()))
     assert me.statistics().rejected == {"version": 1, "chunk": 2}
     assert me.lookup("sha256:" + "a" * 64, 5) == []
-    assert me._peers["peer"].keys.claimed <= (BASE << 20) + 1
+    peer = me.members_table.get("peer")
+    assert peer is not None and peer.keys.claimed <= (BASE << 20) + 1
 
 
 def test_chunks_nobody_asked_for_are_not_held() -> None:
@@ -231,7 +232,8 @@ def test_chunks_nobody_asked_for_are_not_held() -> None:
     for index in range(MAX_CHUNKS):
         peer.send(me, StateChunk("peer", (BASE << 20) + 9, index, MAX_CHUNKS, keys), now=10.0)
     assert me.statistics().rejected == {"unsolicited": MAX_CHUNKS}
-    assert me._peers["peer"].keys._assembling is None
+    peer = me.members_table.get("peer")
+    assert peer is not None and peer.keys._assembling is None
 
 
 # -- incarnations ------------------------------------------------------------------------------
@@ -384,7 +386,7 @@ def test_the_broadcast_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     # must not grow the queue with it.
     for i in range(2, 200):
         peer.send(me, Delta("peer", (BASE << 20) + i, (f"sha256:{i:064x}",), ()))
-    assert len(me._deltas) <= 16
+    assert len(me.transmitter.deltas) <= 16
 
 
 def test_forged_packets_create_no_state() -> None:

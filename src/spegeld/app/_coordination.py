@@ -11,13 +11,9 @@ import trio
 
 from spegeld.config import NodeConfig, parse_host_port
 from spegeld.doctor import ApiTarget, Status, diagnose_api
-from spegeld.election import CoordinatorView, ElectionConfig, Elector
+from spegeld.election import ElectionConfig, Elector
 from spegeld.errors import SpegeldError
-from spegeld.gossip import (
-    CoordinatorState,
-    GossipCore,
-)
-from spegeld.gossip._shell import GossipRouter
+from spegeld.gossip import CoordinatorChanged, GossipEvent, GossipRouter
 from spegeld.kube import Credentials, KubeClient
 from spegeld.metrics import MetricsRegistry
 
@@ -93,12 +89,14 @@ class Coordination:
             self.elector = Elector(
                 client,
                 election,
-                coordinator_view=lambda: _coordinator_view(gossip.core),
                 on_leadership=self._on_leadership,
                 on_holder=self._on_holder,
                 diagnose=self._diagnose,
                 metrics=self._metrics,
             )
+            # The election reacts to what gossip says about the coordinator, as it changes.
+            self.elector.set_coordinator_view(*gossip.coordinator_view())
+            gossip.subscribe(self._on_gossip_event)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._preflight)
                 await nursery.start(self.elector.run)
@@ -126,9 +124,13 @@ class Coordination:
             return f"{exc} (the API checks found nothing wrong since)"
         return result.line()
 
+    def _on_gossip_event(self, event: GossipEvent) -> None:
+        if isinstance(event, CoordinatorChanged) and self.elector is not None:
+            self.elector.set_coordinator_view(event.view, event.node)
+
     def _on_leadership(self, leading: bool) -> None:
         assert self._gossip is not None
-        self._gossip.core.set_coordinator(leading)
+        self._gossip.set_coordinator(leading)
         logger.info("election: %s", "now the coordinator" if leading else "no longer coordinator")
 
     def _on_holder(self, gossip_addr: str) -> None:
@@ -146,13 +148,4 @@ class Coordination:
                 gossip_addr[:100],
             )
             return
-        self._gossip.core.add_seed(seed)
-
-
-def _coordinator_view(core: GossipCore) -> tuple[CoordinatorView, str | None]:
-    state, node = core.coordinator_view()
-    if state is CoordinatorState.SELF or state is CoordinatorState.ALIVE:
-        return CoordinatorView.ALIVE, node
-    if state is CoordinatorState.GONE:
-        return CoordinatorView.GONE, node
-    return CoordinatorView.NONE, None
+        self._gossip.add_seed(seed)

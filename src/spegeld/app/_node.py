@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import signal
 
 import trio
@@ -13,12 +12,7 @@ from spegeld.app._setup import gossip_seeds, next_incarnation, save_incarnation,
 from spegeld.app._supervision import Supervision, apply_reload, notify_ready, status_line_of
 from spegeld.config import NodeConfig
 from spegeld.containerd import open_containerd
-from spegeld.gossip import (
-    GossipConfig,
-    GossipCore,
-    Keyring,
-)
-from spegeld.gossip._shell import GossipRouter
+from spegeld.gossip import GossipConfig, GossipRouter, Keyring
 from spegeld.kube import Credentials
 from spegeld.metrics import MetricsRegistry
 from spegeld.registry import Limits, Registry, RegistrySettings
@@ -86,7 +80,7 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
         ), None
     assert keyring is not None
     own = (cfg.advertise_addr, cfg.gossip_port)
-    core = GossipCore(
+    gossip = GossipRouter.from_config(
         GossipConfig(
             node=cfg.node_name,
             addr=own,
@@ -99,10 +93,9 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
             seeds=await gossip_seeds(cfg, own),
         ),
         keyring,
-        random.Random(),
-        trio.current_time(),
+        (cfg.gossip_host, cfg.gossip_port),
+        cfg.state_dir,
     )
-    gossip = GossipRouter(core, (cfg.gossip_host, cfg.gossip_port), cfg.state_dir)
     return gossip, gossip
 
 
@@ -196,7 +189,7 @@ async def run_node(
                 await coordination.release()
                 if gossip is not None:
                     await gossip.leave()
-                    save_incarnation(cfg.state_dir, gossip.core.incarnation)
+                    save_incarnation(cfg.state_dir, gossip.incarnation)
                 await registry_done.wait()
                 nursery.cancel_scope.cancel()
     logger.info("stopped")

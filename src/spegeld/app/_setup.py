@@ -17,8 +17,9 @@ from spegeld.gossip import (
     Keyring,
     load_credential,
     load_key_file,
+    load_members,
+    resolve_seeds,
 )
-from spegeld.gossip._shell import load_members, resolve_seeds
 from spegeld.kube import Credentials, discover, ssl_context
 from spegeld.store import ContainerdStore, Snapshot
 

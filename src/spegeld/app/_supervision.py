@@ -12,7 +12,7 @@ import trio
 from spegeld.app._setup import load_keyring
 from spegeld.config import NodeConfig
 from spegeld.errors import SpegeldError
-from spegeld.gossip._shell import GossipRouter
+from spegeld.gossip import GossipRouter
 from spegeld.status import NodeStatus
 from spegeld.systemd import Notifier
 
@@ -67,7 +67,7 @@ def apply_reload(cfg: NodeConfig, sup: Supervision, gossip: GossipRouter | None)
             logger.error("reload: the cluster key was not reloaded: %s", exc)  # noqa: TRY400
         else:
             if keyring is not None:
-                gossip.core.set_keyring(keyring)
+                gossip.set_keyring(keyring)
                 logger.info("reload: cluster key reloaded (%s)", keyring.fingerprint())
     if sup.reload_config is None:
         return

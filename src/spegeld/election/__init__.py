@@ -15,7 +15,6 @@ from spegeld.election._model import (
     DEFAULT_NAMESPACE,
     GOSSIP_ADDR_ANNOTATION,
     REGISTRY_ADDR_ANNOTATION,
-    CoordinatorView,
     CreateLease,
     ElectionConfig,
     ElectionTimings,
@@ -33,6 +32,7 @@ from spegeld.election._model import (
     UpdateLease,
 )
 from spegeld.election._shell import ElectionStatistics, Elector
+from spegeld.routing import CoordinatorView  # what gossip says; the election's input
 
 __all__ = [
     "DEFAULT_NAME",

@@ -1,10 +1,11 @@
 """The coordinator election's decision core: client-go's Lease algorithm, plus gossip. Sans-I/O.
 
-Inputs carry the local monotonic time: ``set_view(view, now)``,
-``handle_response(response, now)``, ``handle_timer(now)``; outputs are
-``requests_to_send(now, wall)`` (at most one request in flight), ``events()``,
-``get_timer()`` and ``is_leader(now)``. ``wall`` is the wall-clock time, used only
-for the Lease's ``acquireTime``/``renewTime``; no decision ever reads it.
+The interface is the gossip core's (aioquic's shape). Inputs carry the local
+monotonic time: ``set_view(view, now)``, ``receive(response, now)``,
+``handle_timer(now)``; outputs are ``requests_to_send(now, wall)`` (at most one
+request in flight), ``next_event()``, ``next_deadline()`` and ``is_leader(now)``.
+``wall`` is the wall-clock time, used only for the Lease's
+``acquireTime``/``renewTime``; no decision ever reads it.
 
 The rules (client-go's leaderelection, with the differences marked):
 
@@ -66,7 +67,8 @@ import math
 from dataclasses import replace
 from datetime import datetime
 
-from ._model import CoordinatorView as View
+from spegeld.routing import CoordinatorView as View
+
 from ._model import (
     CreateLease,
     ElectionConfig,
@@ -142,7 +144,7 @@ class ElectionCore:
             request, self._inflight = self._inflight, None
             self._failed(request, now)
 
-    def handle_response(self, response: Response, now: float) -> None:
+    def receive(self, response: Response, now: float) -> None:
         request = self._inflight
         if request is None or response.request_id != request.request_id or self._stopped:
             return  # a late answer to an abandoned request (or after release): ignore it
@@ -204,7 +206,7 @@ class ElectionCore:
         self.api_requests += 1
         return [request]
 
-    def get_timer(self) -> float:
+    def next_deadline(self) -> float:
         timer = self._leader_until if self._leading else math.inf
         if self._inflight is not None:
             timer = min(timer, self._inflight_sent + self._timings.request_timeout)
@@ -212,9 +214,9 @@ class ElectionCore:
             timer = min(timer, self._next_attempt)
         return timer
 
-    def events(self) -> list[Event]:
-        events, self._events = self._events, []
-        return events
+    def next_event(self) -> Event | None:
+        """The oldest event not yet taken, or None."""
+        return self._events.pop(0) if self._events else None
 
     def is_leader(self, now: float) -> bool:
         return self._leading and now < self._leader_until

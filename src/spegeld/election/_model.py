@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,14 +15,6 @@ REGISTRY_ADDR_ANNOTATION = "spegeld.io/registry-addr"
 # client-go requires renew deadline > JitterFactor (1.2) x retry period, so a leader gets
 # at least one retry in before it gives up.
 RETRY_JITTER_FACTOR = 1.2
-
-
-class CoordinatorView(enum.Enum):
-    """What gossip says about the coordinator, as the app's ``coordinator_view()`` reports it."""
-
-    ALIVE = "alive"  # a live coordinator other than us is known: followers stay quiet
-    GONE = "gone"  # the known coordinator is suspect, dead or left, or none is flagged
-    NONE = "none"  # no gossip view at all (no members yet): read the Lease to find a seed
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,11 @@ import trio
 
 from spegeld.errors import KubeStatusError, KubeUnreachable, LeaseConflict, SpegeldError
 from spegeld.metrics import Gauge, MetricsRegistry
+from spegeld.routing import CoordinatorView
 
 from ._core import ElectionCore
 from ._lease import LeaseAdapter, LeaseClient
 from ._model import (
-    CoordinatorView,
     CreateLease,
     ElectionConfig,
     HolderSeen,
@@ -37,11 +37,9 @@ from ._model import (
 
 logger = logging.getLogger(__name__)
 
-VIEW_POLL = 0.5  # seconds between reads of the gossip view: a local lookup, cheap
 RELEASE_GRACE = 1.0  # seconds shutdown waits for the Lease release
 DIAGNOSE_TIMEOUT = 5.0  # seconds a diagnosis may take before we log the bare error
 
-ViewFunction = Callable[[], tuple[CoordinatorView, str | None]]
 Diagnose = Callable[[Exception], Awaitable[str]]
 
 
@@ -79,7 +77,8 @@ def _describe(exc: Exception) -> str:
 class Elector:
     """Contends for the coordinator Lease; tells the app when it leads.
 
-    ``coordinator_view()`` reports what gossip knows; ``on_leadership(bool)`` runs
+    ``set_coordinator_view(view, node)`` tells it what gossip knows, whenever that
+    changes (gossip's CoordinatorChanged events); ``on_leadership(bool)`` runs
     on every change of our leadership; ``on_holder(gossip_addr)`` runs when, with
     no gossip view, the Lease names a live coordinator (our seed); ``diagnose(exc)``
     turns a failure into one line for the log.
@@ -90,7 +89,6 @@ class Elector:
         client: LeaseClient,
         config: ElectionConfig,
         *,
-        coordinator_view: ViewFunction,
         on_leadership: Callable[[bool], object] = _ignore,
         on_holder: Callable[[str], object] = _ignore,
         diagnose: Diagnose | None = None,
@@ -99,7 +97,8 @@ class Elector:
     ) -> None:
         self.config = config
         self._adapter = LeaseAdapter(client, config.namespace, config.name)
-        self._coordinator_view = coordinator_view
+        self._view: tuple[CoordinatorView, str | None] = (CoordinatorView.NONE, None)
+        self._wake: trio.MemorySendChannel[Response | None] | None = None
         self._on_leadership = on_leadership
         self._on_holder = on_holder
         self._diagnose = diagnose
@@ -111,7 +110,6 @@ class Elector:
             )
             self._gauge.set(0)
         self._core: ElectionCore | None = None
-        self._view_node: str | None = None
         self._streak: str | None = None  # the failure class of the current streak
         self._last_error: str | None = None
 
@@ -122,22 +120,24 @@ class Elector:
     ) -> NoReturn:
         core = ElectionCore(self.config, trio.current_time())
         self._core = core
-        self._refresh_view(core, trio.current_time())
-        send, receive = trio.open_memory_channel[Response](math.inf)
+        core.set_view(self._view[0], trio.current_time())
+        # Responses, and None: the gossip view changed (set_coordinator_view).
+        send, receive = trio.open_memory_channel[Response | None](math.inf)
+        self._wake = send
         with send, receive:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
                     now = trio.current_time()
-                    self._refresh_view(core, now)
-                    if now >= core.get_timer():
+                    if now >= core.next_deadline():
                         core.handle_timer(now)
                     for request in core.requests_to_send(now, self._wall()):
                         nursery.start_soon(self._perform, request, send)
                     self._dispatch(core)
-                    with trio.move_on_at(min(core.get_timer(), now + VIEW_POLL)):
+                    with trio.move_on_at(core.next_deadline()):
                         response = await receive.receive()
-                        core.handle_response(response, trio.current_time())
+                        if response is not None:
+                            core.receive(response, trio.current_time())
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def release(self) -> None:
@@ -170,8 +170,9 @@ class Elector:
         now = trio.current_time()
         record = core.record
         holder = record.holder if record is not None and record.holder else None
-        if self._view_node is not None and not core.is_leader(now):
-            holder = self._view_node  # gossip is newer than a Lease we stopped reading
+        view, node = self._view
+        if view is CoordinatorView.ALIVE and node is not None and not core.is_leader(now):
+            holder = node  # gossip is newer than a Lease we stopped reading
         if core.is_leader(now):
             holder = self.config.identity
         return ElectionStatistics(
@@ -190,13 +191,21 @@ class Elector:
 
     # ---- the moving parts -------------------------------------------------------------
 
-    def _refresh_view(self, core: ElectionCore, now: float) -> None:
-        view, node = self._coordinator_view()
-        self._view_node = node if view is CoordinatorView.ALIVE else None
-        core.set_view(view, now)
+    def set_coordinator_view(self, view: CoordinatorView, node: str | None) -> None:
+        """What gossip says about the coordinator now (it may be this node)."""
+        self._view = (view, node)
+        core = self._core
+        if core is not None:
+            core.set_view(view, trio.current_time())
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake.send_nowait(None)  # the loop decides again, now
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._wake = None  # run() has ended: nothing to wake
 
     def _dispatch(self, core: ElectionCore) -> None:
-        for event in core.events():
+        while (event := core.next_event()) is not None:
             if isinstance(event, LeadershipChanged):
                 if self._gauge is not None:
                     self._gauge.set(1 if event.leader else 0)
@@ -213,7 +222,9 @@ class Elector:
                 )
                 self._on_holder(event.record.gossip_addr)
 
-    async def _perform(self, request: Request, send: trio.MemorySendChannel[Response]) -> None:
+    async def _perform(
+        self, request: Request, send: trio.MemorySendChannel[Response | None]
+    ) -> None:
         timeout = self.config.timings.request_timeout
         failure: Exception | None = None
         response: Response | None = None

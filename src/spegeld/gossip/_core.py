@@ -28,24 +28,38 @@ again, and a seed answers a joiner it holds as dead with that record too.
 
 docs/protocol.md describes the wire format and these rules in full.
 
-This module holds the member table, the public interface, message dispatch,
-membership merging (and refutation) and the sending of datagrams; failure
-detection is in ``_failure`` and anti-entropy in ``_sync``, each a helper the
-core owns. The configuration and report types are in ``_records``.
+This module holds the public interface, message dispatch, membership merging
+(and refutation), the news queues and the sending of datagrams. The member table
+is ``_members``; failure detection (``_failure``) and anti-entropy
+(``_antientropy``) are sans-I/O collaborators that read it and return actions
+(``_actions``), which the core applies in order. What changed is told through
+events (``_events``): ``next_event()``.
 """
 
 from __future__ import annotations
 
-import heapq
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import replace
 
 from spegeld.errors import RemoteProtocolError
-from spegeld.routing import NodeId, Peer
+from spegeld.routing import CoordinatorView, Peer
 
-from ._codec import MAX_INCARNATION, decode_payload, encode_message, encode_sender, valid_key
-from ._failure import FailureDetector, Probe
+from ._actions import Action, ChangeKeys, Declare, Forward, JoinVia, ReplaceKeys, Send, SendEncoded
+from ._antientropy import AntiEntropy
+from ._codec import MAX_INCARNATION, decode_payload, encode_message, valid_key
+from ._config import GossipConfig, GossipStatistics
+from ._events import (
+    CoordinatorChanged,
+    GossipEvent,
+    KeysChanged,
+    MemberAlive,
+    MemberJoined,
+    MemberLeft,
+    MemberSuspected,
+)
+from ._failure import FailureDetector, ProbeTimings
+from ._members import MemberTable, MemberView, PeerRecord
 from ._messages import (
     Ack,
     Addr,
@@ -60,36 +74,11 @@ from ._messages import (
     StatePull,
     Summary,
 )
-from ._ownership import KeyLedger, PeerKeys
-from ._queue import BroadcastQueue
-from ._records import (
-    CoordinatorState,
-    GossipConfig,
-    GossipStatistics,
-    MemberView,
-    PeerRecord,
-    Timings,
-    coordinator_view,
-    member_views,
-)
-from ._security import MAX_PAYLOAD, DroppedPacket, Keyring, ReplayWindow, open_datagram, seal
-from ._sync import CHUNK_OVERHEAD, AntiEntropy
+from ._ownership import KeyLedger
+from ._security import DroppedPacket, Keyring, ReplayWindow, open_datagram
 from ._table import HolderTable
+from ._transmit import Transmitter
 from ._validate import Validator, check_own_identity, valid_gossip_addr
-
-__all__ = [
-    "CHUNK_OVERHEAD",
-    "MAX_MEMBERS",
-    "MEMBER_RESERVE",
-    "RECONNECT_INTERVAL",
-    "REPLAY_WINDOW",
-    "CoordinatorState",
-    "GossipConfig",
-    "GossipCore",
-    "GossipStatistics",
-    "MemberView",
-    "Timings",
-]
 
 RECONNECT_INTERVAL = 10.0  # seconds between tries at a dead member or lost seeds (Serf: 30 s)
 # Sequence numbers accepted behind the newest one seen from a sender. A state pull is
@@ -97,20 +86,13 @@ RECONNECT_INTERVAL = 10.0  # seconds between tries at a dead member or lost seed
 # reordered must not fall out of the window: the 64 that IPsec uses would drop the first
 # chunks of any burst longer than that.
 REPLAY_WINDOW = 256
-_MAX_SEQUENCE = 0xFFFF_FFFF  # the datagram header's u32
-# Piggyback bytes kept for membership news when ownership deltas go first. Deltas are
-# rare and are what the cluster is for, but under heavy loss the stream of suspicions
-# and refutations outruns what datagrams can carry, and a delta queued behind it took
-# 20 s or more to spread; membership still gets about five records per datagram.
-MEMBER_RESERVE = 256
 # Members held at most: ten times DESIGN's 1000 nodes. Past it a new name is ignored
 # (``members_full``), so a key holder inventing names cannot grow the table without end;
 # dead members are forgotten after ``dead_forget`` and free their places.
 MAX_MEMBERS = 10_000
-
-
-def _never(message: Message) -> bool:
-    return False
+# Events held for the shell, which takes them after every datagram and timer. Only a core
+# nobody drains (a simulation) reaches it; then the oldest go, counted in events_dropped.
+MAX_EVENTS = 4096
 
 
 class GossipCore:
@@ -118,55 +100,48 @@ class GossipCore:
         check_own_identity(config.node, config.addr, config.registry, config.incarnation)
         self.config = config
         self.node = config.node
-        self._t = config.timings
-        self._keyring = keyring
+        self._t = t = config.timings
         self._rng = rng
         self.incarnation = config.incarnation
         self.coordinator = False
         self.ledger = KeyLedger(version_base=config.incarnation << 20)
         self.table = HolderTable()
-        self._peers: dict[str, PeerRecord] = {}
-        self._slots: list[PeerRecord | None] = []  # table slot → member (None: free)
-        self._free_slots: list[int] = []  # slots of forgotten members, for reuse
-        self._dead: dict[str, float] = {}  # dead or left members → since when
-        self._by_addr: dict[Addr, str] = {}  # gossip address → member, to recognise seeds
-        self._sender = encode_sender(config.node)  # every payload starts with it
+        self.members_table = MemberTable(rng)
         self._replay = ReplayWindow(window=REPLAY_WINDOW)
-        self._queue = BroadcastQueue(self._t.retransmit_mult)  # membership news
-        self._deltas = BroadcastQueue(self._t.retransmit_mult)  # ownership news
-        self._outbox: list[tuple[bytes, Addr]] = []
-        self._sequence = 0
-        self._order: list[str] = []  # every known peer, in probe order (shuffled per round)
-        self._suspects: dict[str, float] = {}  # node → when its suspicion ends
-        self._detector = FailureDetector(self)
-        self._sync = AntiEntropy(self)
-        self._next_probe = now + rng.random() * self._t.probe_interval
-        self._next_gossip = now + rng.random() * self._t.gossip_interval
-        self._next_sync = now + rng.random() * self._t.sync_interval
-        self._next_join = now
-        self._next_reconnect = now + (1 + rng.random()) * RECONNECT_INTERVAL
         self.counters: Counter[str] = Counter()
+        self.transmitter = Transmitter(
+            config.node, keyring, t.retransmit_mult, self.counters, self._wrapped
+        )
         self.dropped: Counter[str] = Counter()  # whole datagrams, by reason
         self.rejected: Counter[str] = Counter()  # records and messages ignored, by reason
         self.validator = Validator(config.node, config.incarnation, now)
-
-    @property
-    def _probe(self) -> Probe | None:
-        """The probe in flight (tests look at it)."""
-        return self._detector.probe
-
-    @property
-    def _sync_cursor(self) -> int:
-        """Where the next Summary's window starts (tests look at it)."""
-        return self._sync.cursor
+        timings = ProbeTimings(
+            t.probe_interval, t.probe_timeout, t.indirect_checks, t.suspicion_mult
+        )
+        self.detector = FailureDetector(
+            self.members_table, timings, rng, self.rejected, self.dropped
+        )
+        self.antientropy = AntiEntropy(
+            config.node, self.members_table, self.table, self.ledger, self.validator, rng,
+            self.rejected, t.gap_timeout,
+        )  # fmt: skip
+        self._next_probe = now + rng.random() * t.probe_interval
+        self._next_gossip = now + rng.random() * t.gossip_interval
+        self._next_sync = now + rng.random() * t.sync_interval
+        self._next_join = now
+        self._next_reconnect = now + (1 + rng.random()) * RECONNECT_INTERVAL
+        self._events: deque[GossipEvent] = deque()
+        self.events_dropped = 0
+        self._told: tuple[CoordinatorView, str | None] = (CoordinatorView.NONE, None)
+        self._coordinator_dirty = False  # a change that may move the coordinator view
 
     @property
     def key_fingerprint(self) -> str:
-        return self._keyring.fingerprint()
+        return self.transmitter.keyring.fingerprint()
 
     def set_keyring(self, keyring: Keyring) -> None:
         """Seal and open with ``keyring`` from now on (a key rotation step, on SIGHUP)."""
-        self._keyring = keyring
+        self.transmitter.keyring = keyring
 
     # ---- local commands -------------------------------------------------------------
 
@@ -189,6 +164,8 @@ class GossipCore:
         if coordinator != self.coordinator:
             self.coordinator = coordinator
             self._raise_incarnation(self.incarnation)
+            self._coordinator_dirty = True
+            self._tell_coordinator()
 
     def leave(self, now: float) -> None:
         """Tell a few members we are going, so nobody waits out a suspicion."""
@@ -202,54 +179,38 @@ class GossipCore:
             self.ledger.version,
             self.coordinator,
         )
-        for peer in self._pick_alive(self._t.gossip_nodes * 2):
+        for peer in self.members_table.pick_alive(self._t.gossip_nodes * 2):
             self._send(peer.addr, [farewell], piggyback=False)
-
-    def lookup(self, key: str, count: int) -> list[Peer]:
-        """Holders of ``key``: alive before suspect, then by RTT; never this node.
-
-        Equal holders come in random order, to spread the load between them.
-        """
-        slots = self._slots
-        found: list[tuple[int, float, float, int]] = []
-        for slot in self.table.holders(key):
-            peer = slots[slot]
-            if peer is None:
-                continue
-            if peer.state is State.ALIVE:
-                rank = 0
-            elif peer.state is State.SUSPECT:
-                rank = 1
-            else:
-                continue
-            rtt = peer.rtt if peer.rtt is not None else 1.0
-            found.append((rank, rtt, self._rng.random(), slot))
-        best = heapq.nsmallest(count, found) if count < len(found) else sorted(found)
-        return [Peer(NodeId(p.node), p.registry) for p in (slots[e[3]] for e in best) if p]
-
-    def members(self) -> list[MemberView]:
-        return member_views(self._peers.values(), self.table.count_of)
-
-    def coordinator_peer(self) -> str | None:
-        state, node = self.coordinator_view()
-        return node if state in (CoordinatorState.SELF, CoordinatorState.ALIVE) else None
-
-    def coordinator_view(self) -> tuple[CoordinatorState, str | None]:
-        """What gossip says about the coordinator, for the elector (``_records``)."""
-        if self.coordinator:
-            return CoordinatorState.SELF, self.node
-        return coordinator_view(self._peers.values())
 
     def add_seed(self, addr: Addr) -> None:
         """Join through ``addr`` too (the coordinator's address, read from the Lease)."""
         if addr != self.config.addr and addr not in self.config.seeds:
             self.config = replace(self.config, seeds=(*self.config.seeds, addr))
 
+    # ---- reading --------------------------------------------------------------------
+
+    def lookup(self, key: str, count: int) -> list[Peer]:
+        """Holders of ``key``: alive before suspect, then by RTT; never this node."""
+        return self.members_table.rank(self.table.holders(key), count)
+
+    def members(self) -> list[MemberView]:
+        return self.members_table.views(self.table.count_of)
+
+    def coordinator_view(self) -> tuple[CoordinatorView, str | None]:
+        """What gossip says about the coordinator: ALIVE with this node when we lead."""
+        if self.coordinator:
+            return CoordinatorView.ALIVE, self.node
+        return self.members_table.coordinator_view()
+
+    def coordinator_peer(self) -> str | None:
+        view, node = self.coordinator_view()
+        return node if view is CoordinatorView.ALIVE else None
+
     def alive_count(self) -> int:
-        return sum(1 for p in self._peers.values() if p.state is State.ALIVE)
+        return self.members_table.alive_count()
 
     def statistics(self) -> GossipStatistics:
-        states = Counter(p.state.name.lower() for p in self._peers.values())
+        states = Counter(p.state.name.lower() for p in self.members_table)
         return GossipStatistics(
             node=self.node,
             incarnation=self.incarnation,
@@ -268,25 +229,29 @@ class GossipCore:
     # ---- sans-I/O interface ------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
-        out, self._outbox = self._outbox, []
-        return out
+        return self.transmitter.take()
+
+    def next_event(self) -> GossipEvent | None:
+        """The oldest event not yet taken, or None."""
+        return self._events.popleft() if self._events else None
 
     def next_deadline(self) -> float:
         deadline = min(self._next_probe, self._next_gossip, self._next_sync, self._next_reconnect)
-        probe = self._detector.deadline()
+        probe = self.detector.deadline()
         if probe is not None:
             deadline = min(deadline, probe)
-        if self.config.seeds and not self._peers:
+        if self.config.seeds and not len(self.members_table):
             deadline = min(deadline, self._next_join)
-        if self._suspects:
-            deadline = min(deadline, *self._suspects.values())
+        suspicion = self.members_table.suspicion_ends()
+        if suspicion is not None:
+            deadline = min(deadline, suspicion)
         return deadline
 
     def receive(self, datagram: bytes, addr: Addr, now: float) -> None:
         self.counters["packets_in"] += 1
         self.counters["bytes_in"] += len(datagram)
         try:
-            opened = open_datagram(self._keyring, datagram)
+            opened = open_datagram(self.transmitter.keyring, datagram)
             sender, messages = decode_payload(opened.payload)
         except DroppedPacket as exc:
             self.dropped[exc.reason] += 1
@@ -302,29 +267,33 @@ class GossipCore:
             return
         for message in messages:
             self._handle(sender, addr, message, now)
+        self._tell_coordinator()
 
     def handle_timer(self, now: float) -> None:
-        if self.config.seeds and not self._peers and now >= self._next_join:
+        t = self._t
+        if self.config.seeds and not len(self.members_table) and now >= self._next_join:
             for seed in self.config.seeds:
-                self._send(seed, [Join(self._self_member())], piggyback=False)
-            self._next_join = now + self._t.join_retry
-        self._detector.check_probe(now)
+                self._send(seed, [Join(self.self_member())], piggyback=False)
+            self._next_join = now + t.join_retry
+        self._apply(self.detector.check_probe(now), now)
         if now >= self._next_probe:
-            self._detector.start_probe(now)
-            self._next_probe = now + self._t.probe_interval
-        self._detector.expire_suspects(now)
+            self._apply(self.detector.start_probe(now), now)
+            self._next_probe = now + t.probe_interval
+        self._apply(self.detector.expire_suspects(now), now)
         if now >= self._next_gossip:
             self._gossip()
-            self._next_gossip = now + self._t.gossip_interval
+            self._next_gossip = now + t.gossip_interval
         if now >= self._next_sync:
-            self._sync.pull_lagging(now)
-            self._sync.send_summary(now)
+            self._apply(self.antientropy.pull_lagging(now), now)
+            self._apply(self.antientropy.send_summary(self.self_member()), now)
             self._forget_dead(now)
-            self._next_sync = now + self._t.sync_interval
+            self._next_sync = now + t.sync_interval
         if now >= self._next_reconnect:
-            self._sync.reconnect()
+            me = self.self_member()
+            self._apply(self.antientropy.reconnect(me, self.config.seeds), now)
             self._next_reconnect = now + RECONNECT_INTERVAL
-        self._detector.expire_relays(now)
+        self.detector.expire_relays(now)
+        self._tell_coordinator()
 
     # ---- message handling -----------------------------------------------------------
 
@@ -333,34 +302,62 @@ class GossipCore:
             case Ping(seq):
                 self._send(addr, [Ack(seq)])
             case Ack(seq):
-                self._detector.on_ack(sender, seq, now)
+                self._apply(self.detector.on_ack(sender, seq, now), now)
             case PingReq(seq, target, target_addr):
                 if valid_gossip_addr(target_addr):
-                    self._detector.on_ping_req(addr, seq, target, target_addr, now)
+                    self._apply(self.detector.on_ping_req(addr, seq, target, target_addr, now), now)
                 else:
                     self.rejected["address"] += 1
             case Member():
                 self._merge(message, now, source=addr)
             case Delta():
-                self._sync.on_delta(message, now)
+                self._apply(self.antientropy.on_delta(message, now), now)
             case Summary(members, reply):
                 for member in members:
                     self._merge(member, now, source=addr)
                 if not reply:
-                    self._sync.answer_summary(members, addr)
+                    me = self.self_member()
+                    self._apply(self.antientropy.answer_summary(members, addr, me), now)
             case StatePull(node, have):
-                self._sync.on_state_pull(node, have, addr)
+                self._apply(self.antientropy.on_state_pull(node, have, addr), now)
             case StateChunk():
-                self._sync.on_chunk(message, now)
+                self._apply(self.antientropy.on_chunk(message, now), now)
             case Join(member):
                 if self._merge(member, now, source=addr):
-                    self._sync.send_member_list(addr, member.node)
+                    me = self.self_member()
+                    self._apply(self.antientropy.send_member_list(addr, member.node, me), now)
+
+    def _apply(self, actions: list[Action], now: float) -> None:
+        """Do what a collaborator decided, in its order."""
+        for action in actions:
+            match action:
+                case Send(addr, messages, piggyback):
+                    self._send(addr, list(messages), piggyback=piggyback)
+                case SendEncoded(addr, parts):
+                    self._send_parts(addr, list(parts), piggyback=False)
+                case JoinVia(addr):
+                    self._send(addr, [Join(self.self_member())], piggyback=False)
+                case Declare(node, state):
+                    peer = self.members_table.get(node)
+                    assert peer is not None
+                    self._set_state(peer, state, now)
+                    self._broadcast(("member", node), peer.as_member())
+                case Forward(delta):
+                    self._broadcast(("delta", delta.node, delta.version), delta)
+                case ChangeKeys(slot, added, removed):
+                    self.table.remove(slot, removed)
+                    self.table.add(slot, added)
+                    self._keys_changed(slot)
+                case ReplaceKeys(slot, keys):
+                    self.table.replace(slot, keys)
+                    self._keys_changed(slot)
 
     def _merge(self, member: Member, now: float, source: Addr) -> bool:
         """Take in news about a member; False if the record was rejected (``_validate``)."""
         reason = self.validator.problem(member, now)
-        full = len(self._peers) >= MAX_MEMBERS
-        if reason is None and full and member.node not in self._peers and member.node != self.node:
+        members = self.members_table
+        full = len(members) >= MAX_MEMBERS
+        if reason is None and full and member.node not in members and member.node != self.node:
             reason = "members_full"
         if reason is not None:
             self.rejected[reason] += 1
@@ -368,27 +365,29 @@ class GossipCore:
         if member.node == self.node:
             self._merge_self(member)
             return True
-        peer = self._peers.get(member.node)
+        peer = members.get(member.node)
         if peer is None:
             if member.state in (State.DEAD, State.LEFT):
                 return True
-            peer = self._add_peer(member, now)
+            peer = members.add(member, now)
+            if member.state is State.SUSPECT:  # heard of first as suspect: it may never refute
+                members.suspect(peer, now + self.detector.suspicion_timeout())
+            self._coordinator_dirty |= member.coordinator or len(members) == 1
+            self._emit(MemberJoined(member.node))
+            if member.state is State.SUSPECT:
+                self._emit(MemberSuspected(member.node))
             self._broadcast(("member", member.node), member)
         elif not peer.superseded_by(member):
             if peer.state is State.ALIVE or peer.state is State.SUSPECT:
-                self._sync.want_version(peer, member.version, source, now)
+                self._apply(self.antientropy.want_version(peer, member.version, source, now), now)
             return True
         else:
-            if peer.addr != member.addr:
-                if self._by_addr.get(peer.addr) == peer.node:
-                    del self._by_addr[peer.addr]
-                self._by_addr[member.addr] = peer.node
-            peer.incarnation, peer.addr = member.incarnation, member.addr
-            peer.registry, peer.coordinator = member.registry, member.coordinator
+            self._coordinator_dirty |= peer.coordinator or member.coordinator
+            members.update(peer, member)
             self._set_state(peer, member.state, now)
             self._broadcast(("member", member.node), member)
         if member.state is State.ALIVE or member.state is State.SUSPECT:
-            self._sync.want_version(peer, member.version, source, now)
+            self._apply(self.antientropy.want_version(peer, member.version, source, now), now)
         return True
 
     def _merge_self(self, member: Member) -> None:
@@ -409,117 +408,81 @@ class GossipCore:
             self.counters["incarnation_exhausted"] += 1  # only a key holder can push us here
             return
         self.incarnation = max(self.incarnation, above + 1)
-        self._broadcast(("member", self.node), self._self_member())
-
-    def _add_peer(self, member: Member, now: float) -> PeerRecord:
-        if self._free_slots:
-            slot = self._free_slots.pop()
-        else:
-            slot = len(self._slots)
-            self._slots.append(None)
-        peer = PeerRecord(
-            member.node,
-            slot,
-            member.incarnation,
-            member.state,
-            member.addr,
-            member.registry,
-            member.coordinator,
-            now,
-            PeerKeys(),
-        )
-        self._peers[member.node] = peer
-        self._slots[slot] = peer
-        # At a random place, as memberlist does: appended in the order they were learned,
-        # every node would probe the same member in the same second of its first round.
-        self._order.append(member.node)
-        spot = self._rng.randrange(len(self._order))
-        self._order[spot], self._order[-1] = self._order[-1], self._order[spot]
-        self._by_addr[member.addr] = member.node
-        if member.state is State.SUSPECT:  # heard of first as suspect: it may never refute
-            self._suspects[member.node] = now + self._detector.suspicion_timeout()
-        return peer
+        self._broadcast(("member", self.node), self.self_member())
 
     def _set_state(self, peer: PeerRecord, state: State, now: float) -> None:
-        if state is peer.state:
+        before = peer.state
+        if not self.members_table.set_state(peer, state, now, self.detector.suspicion_timeout()):
             return
-        peer.state, peer.since = state, now
-        self._suspects.pop(peer.node, None)
-        self._dead.pop(peer.node, None)
+        self._coordinator_dirty |= peer.coordinator
         if state is State.SUSPECT:
-            self._suspects[peer.node] = now + self._detector.suspicion_timeout()
-        elif state in (State.DEAD, State.LEFT):
+            self._emit(MemberSuspected(peer.node))
+        elif state is State.ALIVE:
+            gone = before in (State.DEAD, State.LEFT)
+            self._emit(MemberJoined(peer.node) if gone else MemberAlive(peer.node))
+        else:
             self.table.drop(peer.slot)
-            peer.keys.reset()
-            self._dead[peer.node] = now
+            self._emit(MemberLeft(peer.node, state))
 
     def _forget_dead(self, now: float) -> None:
         """Drop records dead for ``dead_forget``: after that, only a seed can reconnect us."""
-        for node, since in list(self._dead.items()):
-            if now - since > self._t.dead_forget:
-                peer = self._peers.pop(node)
-                del self._dead[node]
-                self._slots[peer.slot] = None
-                self._free_slots.append(peer.slot)
-                self._order.remove(node)
-                self._sync.lagging.discard(node)
-                self._replay.forget(node)  # a later life at an incarnation not above is heard
-                if self._by_addr.get(peer.addr) == node:
-                    del self._by_addr[peer.addr]
+        members = self.members_table
+        for node in members.dead_longer_than(now, self._t.dead_forget):
+            peer = members.forget(node)
+            self._coordinator_dirty |= peer.coordinator or not len(members)
+            self.antientropy.forget(node)
+            self._replay.forget(node)  # a later life at an incarnation not above is heard
+
+    # ---- events -------------------------------------------------------------------------
+
+    def _emit(self, event: GossipEvent) -> None:
+        if len(self._events) >= MAX_EVENTS:
+            self._events.popleft()
+            self.events_dropped += 1
+        self._events.append(event)
+
+    def _keys_changed(self, slot: int) -> None:
+        peer = self.members_table.at_slot(slot)
+        if peer is not None:
+            self._emit(KeysChanged(peer.node))
+
+    def _tell_coordinator(self) -> None:
+        """Emit CoordinatorChanged if what gossip says about the coordinator moved."""
+        if not self._coordinator_dirty:
+            return
+        self._coordinator_dirty = False
+        view = self.coordinator_view()
+        if view != self._told:
+            self._told = view
+            self._emit(CoordinatorChanged(*view))
 
     # ---- dissemination ------------------------------------------------------------------
 
     def _gossip(self) -> None:
-        if not (len(self._queue) or len(self._deltas)):
+        if not self.transmitter.has_news():
             return
         # Suspects too, as memberlist does: gossip is how a suspect hears that it is one
         # (and refutes), and how it keeps up with keys meanwhile.
-        for peer in self._pick_alive(self._t.gossip_nodes, suspect=True):
+        for peer in self.members_table.pick_alive(self._t.gossip_nodes, suspect=True):
             self._send(peer.addr, [])
 
     def _broadcast(self, subject: tuple[str, ...] | tuple[str, str, int], message: Message) -> None:
-        queue = self._deltas if isinstance(message, Delta) else self._queue
-        queue.put(subject, message, encode_message(message))
+        self.transmitter.broadcast(subject, message)
 
     def _send(self, addr: Addr, messages: list[Message], *, piggyback: bool = True) -> None:
         self._send_parts(addr, [encode_message(m) for m in messages], piggyback=piggyback)
 
     def _send_parts(self, addr: Addr, encoded: list[bytes], *, piggyback: bool = True) -> None:
-        parts = [self._sender, *encoded]
-        room = MAX_PAYLOAD - sum(map(len, parts))
-        if piggyback and room > 32:
-            size = len(self._peers) + 1
-            news = self._deltas.take(max(0, room - MEMBER_RESERVE), size, _never)
-            room -= sum(map(len, news))
-            news += self._queue.take(room, size, _never)
-            room = MAX_PAYLOAD - sum(map(len, parts)) - sum(map(len, news))
-            if room > 32 and len(self._deltas):
-                news += self._deltas.take(room, size, _never, more=True)
-            parts += news
-        self._sequence += 1
-        if self._sequence > _MAX_SEQUENCE:
-            # Never reuse an (incarnation, sequence) pair: receivers would drop it as a replay.
-            self._sequence = 0
-            self._raise_incarnation(self.incarnation)
-        datagram = seal(self._keyring, self.incarnation, self._sequence, b"".join(parts))
-        self.counters["packets_out"] += 1
-        self.counters["bytes_out"] += len(datagram)
-        self._outbox.append((datagram, addr))
+        size = len(self.members_table) + 1
+        self.transmitter.send(addr, encoded, self.incarnation, size, piggyback=piggyback)
 
-    def _pick_alive(self, count: int, *, suspect: bool = False) -> list[PeerRecord]:
-        """Up to ``count`` distinct random alive (or suspect) peers, without scanning them all."""
-        picked: dict[str, PeerRecord] = {}
-        for _ in range(count * 4):
-            if len(picked) >= count or not self._order:
-                break
-            peer = self._peers.get(self._order[self._rng.randrange(len(self._order))])
-            if peer is not None and (
-                peer.state is State.ALIVE or (suspect and peer.state is State.SUSPECT)
-            ):
-                picked[peer.node] = peer
-        return list(picked.values())
+    def _wrapped(self) -> int:
+        """The sequence number wrapped: move to a higher incarnation."""
+        self._raise_incarnation(self.incarnation)
+        return self.incarnation
 
-    def _self_member(self) -> Member:
+    def self_member(self) -> Member:
+        """This node's own record, as it gossips it now."""
         return Member(
             self.node,
             self.incarnation,
@@ -529,6 +492,3 @@ class GossipCore:
             self.ledger.version,
             self.coordinator,
         )
-
-
-# END

@@ -1,7 +1,10 @@
-"""The trio UDP shell around the gossip core: it moves bytes and time, nothing else.
+r"""The trio UDP shell around the gossip core: it moves bytes, time and events.
 
-It also implements the Router seam: ``lookup`` is a read of the core's table,
-``advertise``/``withdraw`` become ownership deltas on the next gossip round.
+It implements the Router seam: ``lookup`` is a read of the core's table,
+``advertise``/``withdraw`` become ownership deltas on the next gossip round. It is
+the only gossip object the rest of the daemon touches: the election's commands
+(``set_coordinator``, ``add_seed``), key rotation (``set_keyring``), and the core's
+events, passed to every ``subscribe``\ d listener as they happen.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,10 +23,13 @@ import trio
 
 from spegeld.errors import ListenError
 from spegeld.metrics import Counter, MetricsRegistry
-from spegeld.routing import Peer
+from spegeld.routing import CoordinatorView, Peer
 
+from ._config import GossipConfig
 from ._core import GossipCore
+from ._events import GossipEvent
 from ._messages import Addr
+from ._security import Keyring
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +38,12 @@ PERSIST_INTERVAL = 30.0  # seconds between saves of the last-known members
 MEMBERS_FILE = "members.json"
 
 
+Listener = Callable[[GossipEvent], object]
+
+
 class GossipRouter:
     def __init__(self, core: GossipCore, bind: Addr, state_dir: Path | None = None) -> None:
-        self.core = core
+        self._core = core
         self._bind = bind
         self._state_dir = state_dir
         self._socket: trio.socket.SocketType | None = None
@@ -41,6 +51,48 @@ class GossipRouter:
         self._ready = False
         self._metrics: tuple[Counter, Counter] | None = None
         self._exported: dict[tuple[int, str], int] = {}  # what the metrics count so far
+        self._listeners: list[Listener] = []
+
+    @classmethod
+    def from_config(
+        cls, config: GossipConfig, keyring: Keyring, bind: Addr, state_dir: Path | None = None
+    ) -> GossipRouter:
+        """A router around a fresh core, started at the current trio time."""
+        core = GossipCore(config, keyring, random.Random(), trio.current_time())
+        return cls(core, bind, state_dir)
+
+    # ---- what the daemon tells gossip, and hears from it -----------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every event of the core from now on, in order."""
+        self._listeners.append(listener)
+
+    def set_coordinator(self, coordinator: bool) -> None:
+        """Announce (or stop announcing) this node as the coordinator."""
+        self._core.set_coordinator(coordinator)
+        self._dispatch()
+
+    def add_seed(self, addr: Addr) -> None:
+        """Join through ``addr`` too (the coordinator's address, read from the Lease)."""
+        self._core.add_seed(addr)
+
+    def set_keyring(self, keyring: Keyring) -> None:
+        """Seal and open with ``keyring`` from now on (a key rotation, on SIGHUP)."""
+        self._core.set_keyring(keyring)
+
+    def coordinator_view(self) -> tuple[CoordinatorView, str | None]:
+        """What gossip says about the coordinator now; later changes come as events."""
+        return self._core.coordinator_view()
+
+    @property
+    def incarnation(self) -> int:
+        """This node's incarnation now: the next run must start above it."""
+        return self._core.incarnation
+
+    def _dispatch(self) -> None:
+        while (event := self._core.next_event()) is not None:
+            for listener in self._listeners:
+                listener(event)
 
     # ---- the Router seam --------------------------------------------------------------
 
@@ -51,17 +103,17 @@ class GossipRouter:
         Lease) must not take a serving node out of rotation while it joins.
         """
         if not self._ready:
-            self._ready = not self.core.config.seeds or self.core.alive_count() > 0
+            self._ready = not self._core.config.seeds or self._core.alive_count() > 0
         return self._ready
 
     def lookup(self, key: str, count: int) -> list[Peer]:
-        return self.core.lookup(key, count)
+        return self._core.lookup(key, count)
 
     def advertise(self, keys: Iterable[str]) -> None:
-        self.core.advertise(list(keys))  # sent on the next gossip round
+        self._core.advertise(list(keys))  # sent on the next gossip round
 
     def withdraw(self, keys: Iterable[str]) -> None:
-        self.core.withdraw(list(keys))
+        self._core.withdraw(list(keys))
 
     # ---- metrics ------------------------------------------------------------------------
 
@@ -90,7 +142,7 @@ class GossipRouter:
         if self._metrics is None:
             return
         for which, (metric, counts) in enumerate(
-            zip(self._metrics, (self.core.dropped, self.core.rejected), strict=True)
+            zip(self._metrics, (self._core.dropped, self._core.rejected), strict=True)
         ):
             for reason, count in counts.items():
                 seen = self._exported.get((which, reason), 0)
@@ -113,30 +165,31 @@ class GossipRouter:
             raise ListenError(f"gossip cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._socket = sock
         bound = sock.getsockname()[:2]
-        if not self.core.config.seeds:
+        if not self._core.config.seeds:
             logger.info("gossip: no seeds; running alone until another node joins us")
         task_status.started((str(bound[0]), int(bound[1])))
         next_save = trio.current_time() + PERSIST_INTERVAL
         with sock:
             while True:
-                deadline = min(self.core.next_deadline(), next_save)
+                deadline = min(self._core.next_deadline(), next_save)
                 with trio.move_on_at(deadline):
                     await self._receive(sock)
                 now = trio.current_time()
-                if now >= self.core.next_deadline():
-                    self.core.handle_timer(now)
+                if now >= self._core.next_deadline():
+                    self._core.handle_timer(now)
                 if now >= next_save:
                     self.save_members()
                     next_save = now + PERSIST_INTERVAL
+                self._dispatch()
                 self._sync_metrics()
                 await self._flush(sock, now)
 
     async def _receive(self, sock: trio.socket.SocketType) -> None:
         data, addr = await sock.recvfrom(RECEIVE_SIZE)
-        self.core.receive(data, (addr[0], addr[1]), trio.current_time())
+        self._core.receive(data, (addr[0], addr[1]), trio.current_time())
 
     async def _flush(self, sock: trio.socket.SocketType, now: float) -> None:
-        for datagram, addr in self.core.datagrams_to_send(now):
+        for datagram, addr in self._core.datagrams_to_send(now):
             try:
                 await sock.sendto(datagram, addr)
             # An unreachable member must not stop the others, nor one whose host cannot
@@ -150,7 +203,7 @@ class GossipRouter:
         sock = self._socket
         if sock is None:
             return
-        self.core.leave(trio.current_time())
+        self._core.leave(trio.current_time())
         with trio.move_on_after(1, shield=True):
             await self._flush(sock, trio.current_time())
         self.save_members()
@@ -160,7 +213,7 @@ class GossipRouter:
     def save_members(self) -> None:
         if self._state_dir is None:
             return
-        alive = [m.addr for m in self.core.members() if m.state == "alive"]
+        alive = [m.addr for m in self._core.members() if m.state == "alive"]
         if not alive:
             return
         path = self._state_dir / MEMBERS_FILE
@@ -173,16 +226,16 @@ class GossipRouter:
             logger.warning("cannot save last-known members to %s: %s", path, exc)
 
     def status(self) -> dict[str, Any]:
-        stats = self.core.statistics()
+        stats = self._core.statistics()
         return {
             "node": stats.node,
             "incarnation": stats.incarnation,
-            "key_fingerprint": self.core.key_fingerprint,
+            "key_fingerprint": self._core.key_fingerprint,
             "own_keys": stats.own_keys,
             "known_keys": stats.known_keys,
             "members": stats.members,
-            "peers": [dataclasses.asdict(m) for m in self.core.members()],
-            "coordinator": self.core.coordinator_peer(),
+            "peers": [dataclasses.asdict(m) for m in self._core.members()],
+            "coordinator": self._core.coordinator_peer(),
             "packets": {
                 "in": stats.packets_in,
                 "out": stats.packets_out,

@@ -13,7 +13,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._core import GossipConfig, GossipCore, Timings
+from ._config import GossipConfig, Timings
+from ._core import GossipCore
 from ._messages import Addr
 from ._security import Keyring
 
@@ -52,6 +53,7 @@ class Simulation:
         self.bytes_sent: dict[Addr, int] = {}
         self.delivered = 0
         self.lost = 0
+        self.events = 0  # events the cores emitted
         # Every datagram any core emits, in order, with its time and ends: two runs of one
         # scenario behaved the same exactly when their traces hash the same.
         self.trace = hashlib.sha256()
@@ -88,13 +90,13 @@ class Simulation:
         Joining costs every node a state pull from every other, N squared
         datagrams; big simulations measure the steady state, so they start there.
         """
-        members = [core._self_member() for core in self.nodes.values()]
+        members = [core.self_member() for core in self.nodes.values()]
         for core in self.nodes.values():
             # Straight into the member table: merging would queue N news items and
             # send N state pulls per node only to throw them away.
             for member in members:
-                if member.node != core.node and member.node not in core._peers:
-                    peer = core._add_peer(member, self.now)
+                if member.node != core.node and member.node not in core.members_table:
+                    peer = core.members_table.add(member, self.now)
                     peer.keys.version = peer.keys.claimed = member.version
 
     def _schedule(self, addr: Addr) -> None:
@@ -113,6 +115,8 @@ class Simulation:
 
     def _flush(self, addr: Addr) -> None:
         core = self.nodes[addr]
+        while core.next_event() is not None:  # nobody here reacts; just keep the queue short
+            self.events += 1
         for datagram, dst in core.datagrams_to_send(self.now):
             self.bytes_sent[addr] += len(datagram)
             self.trace.update(f"{self.now!r} {addr} {dst} {len(datagram)}\n".encode())

@@ -14,8 +14,8 @@ import trio
 from spegeld_harness import BuiltImage, PrivateContainerd
 
 from spegeld.metrics import MetricsRegistry
+from spegeld.mirror import MirrorServer, MirrorSettings
 from spegeld.oci import Digest, parse_reference
-from spegeld.registry import Registry, RegistrySettings
 from spegeld.routing import Router
 from spegeld.store import MemoryStore, Store
 
@@ -59,13 +59,13 @@ async def serving_registry(
     host: str = "127.0.0.1",
     discard_partial: Callable[[Digest], Awaitable[object]] | None = None,
     **settings: Any,
-) -> AsyncIterator[tuple[Registry, str]]:
-    """A real Registry on a free loopback port, with its base URL; shut down on exit."""
-    registry = Registry(
+) -> AsyncIterator[tuple[MirrorServer, str]]:
+    """A real MirrorServer on a free loopback port, with its base URL; shut down on exit."""
+    registry = MirrorServer(
         store,
         router,
         MetricsRegistry(),
-        RegistrySettings(host=host, port=0, **settings),
+        MirrorSettings(host=host, port=0, **settings),
         ready=lambda: True,
         status=lambda: {"node": "test"},
         discard_partial=discard_partial,
@@ -113,7 +113,7 @@ def configure_hosts(hosts_dir: Path, mirror: str, upstream: str) -> None:
 
 def count_sendfile(monkeypatch: Any) -> list[int]:
     """The registry's sendfile bodies, one entry (its length) per body sent."""
-    from spegeld.registry import _http
+    from spegeld.mirror import _http
 
     calls: list[int] = []
     original = _http.sendfile

@@ -13,7 +13,7 @@ import pytest
 from spegeld_harness import (
     BuiltImage,
     PrivateContainerd,
-    RegistryError,
+    UpstreamError,
     UpstreamRegistry,
     build_image,
     default_repository,
@@ -289,7 +289,7 @@ def test_registry_error_carries_status(registry: UpstreamRegistry) -> None:
     img = build_image("app:v1", [10])
     # Only the manifest, none of its blobs: Distribution refuses the manifest PUT.
     manifest_only = dataclasses.replace(img, blobs={img.digest: img.blobs[img.digest]})
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(UpstreamError) as info:
         registry.push(manifest_only)
     assert info.value.status == 400
     assert info.value.method == "PUT"

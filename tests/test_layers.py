@@ -20,7 +20,7 @@ RANKS = {
     "store": 3,
     "routing": 4,
     "gossip": 5,
-    "registry": 5,
+    "mirror": 5,
     "election": 5,
     "kube": 2,
     "systemd": 5,

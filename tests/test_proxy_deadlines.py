@@ -24,10 +24,10 @@ from spegeld_harness import build_image
 from spegeld.routing import NodeId, Peer, StaticRouter
 from spegeld.store import MemoryStore
 
-from spegeld.registry._peer import (  # isort: skip
+from spegeld.mirror._peer import (  # isort: skip
     KEEPCNT, KEEPIDLE, KEEPINTVL, BadPeerAddress, PeerFailed, fetch, split_address,
 )  # fmt: skip
-from spegeld.registry._proxy import ProxySettings
+from spegeld.mirror._proxy import ProxySettings
 
 from ._support import serving_registry
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from spegeld_harness import PrivateContainerd, SpegeldProcess, build_image, free_port
 
-from spegeld.registry import ProxySettings
+from spegeld.mirror import ProxySettings
 
 from ._support import wait_for
 

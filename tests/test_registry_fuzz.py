@@ -37,11 +37,11 @@ from hypothesis import strategies as st
 from spegeld_harness import build_image
 
 from spegeld.containerd import ContainerdClient
+from spegeld.mirror import MirrorServer
+from spegeld.mirror._errors import OciError
+from spegeld.mirror._ranges import ByteRange, parse_range
+from spegeld.mirror._routes import Kind, Route, parse_target
 from spegeld.oci import Descriptor, Digest, digest_hex
-from spegeld.registry import Registry
-from spegeld.registry._errors import RegistryError
-from spegeld.registry._ranges import ByteRange, parse_range
-from spegeld.registry._routes import Kind, Route, parse_target
 from spegeld.routing import MemoryCluster, NodeId, StaticRouter
 from spegeld.store import ContainerdStore, KeysChanged, MemoryStore, OpenBlob, Snapshot
 
@@ -296,7 +296,7 @@ def check_route(route: Route, method: bytes) -> None:
         assert len(host) <= 253 and max(len(label) for label in host.split(".")) <= 63
 
 
-def check_refusal(exc: RegistryError) -> None:
+def check_refusal(exc: OciError) -> None:
     assert 400 <= exc.status < 500, exc
     doc = json.loads(exc.body())
     assert doc["errors"][0]["code"] == exc.code
@@ -307,7 +307,7 @@ def check_refusal(exc: RegistryError) -> None:
 def test_parse_target_routes_only_valid_names_and_digests(method: bytes, target: bytes) -> None:
     try:
         route = parse_target(method, target)
-    except RegistryError as exc:
+    except OciError as exc:
         check_refusal(exc)
         return
     check_route(route, method)
@@ -334,7 +334,7 @@ def test_parse_target_routes_only_valid_names_and_digests(method: bytes, target:
     ],
 )
 def test_traversal_attempts_are_refused(target: bytes) -> None:
-    with pytest.raises(RegistryError) as caught:
+    with pytest.raises(OciError) as caught:
         parse_target(b"GET", target)
     check_refusal(caught.value)
 
@@ -379,7 +379,7 @@ def test_blob_path_of_any_routed_digest_stays_in_blobs_sha256(tmp_path: Path) ->
     def check(target: bytes) -> None:
         try:
             route = parse_target(b"GET", target)
-        except RegistryError:
+        except OciError:
             return
         if route.digest is None:
             return
@@ -462,7 +462,7 @@ def test_parse_range_is_none_a_range_within_the_blob_or_416(
 ) -> None:
     try:
         got = parse_range(header, size)
-    except RegistryError as exc:
+    except OciError as exc:
         assert exc.status == 416, exc
         assert exc.code == "RANGE_NOT_SATISFIABLE"
         got_status: ByteRange | int | None = 416
@@ -501,7 +501,7 @@ def test_parse_range_is_none_a_range_within_the_blob_or_416(
 def test_parse_range_long_positions(header: bytes, size: int, want: ByteRange | int) -> None:
     try:
         got: ByteRange | int | None = parse_range(header, size)
-    except RegistryError as exc:
+    except OciError as exc:
         got = exc.status
     assert got == want
 
@@ -566,7 +566,7 @@ def file_backed_store(content: Path) -> FileBackedStore:
 
 @dataclass
 class ServerThread:
-    registry: Registry
+    registry: MirrorServer
     host: str
     port: int
 
@@ -992,11 +992,11 @@ async def test_traversal_over_http_is_refused(target: bytes, tmp_path: Path) -> 
             assert b"root:" not in reply.body
 
 
-# -- the peer proxy (src/spegeld/registry/_proxy.py): what the runs above found --
+# -- the peer proxy (src/spegeld/mirror/_proxy.py): what the runs above found --
 
 
 @asynccontextmanager
-async def proxying_registry() -> AsyncIterator[tuple[Registry, str]]:
+async def proxying_registry() -> AsyncIterator[tuple[MirrorServer, str]]:
     """A registry holding nothing, whose router names a second registry holding IMAGE."""
     holder_store = image_in_memory(IMAGE)
     async with serving_registry(holder_store, StaticRouter([])) as (_, holder_url):

@@ -175,7 +175,7 @@ async def test_a_head_over_the_limit_is_refused_however_it_arrives() -> None:
 
 @pytest.mark.parametrize("limit", [2])
 async def test_idle_connections_are_closed(limit: int) -> None:
-    from spegeld.registry import Limits
+    from spegeld.mirror import Limits
 
     with trio.fail_after(10):
         async with serving_registry(

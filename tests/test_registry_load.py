@@ -21,8 +21,8 @@ import trio
 from spegeld_harness import PrivateContainerd, build_image
 
 from spegeld.containerd import open_containerd
+from spegeld.mirror import Limits, MirrorServer
 from spegeld.oci import Descriptor, Digest
-from spegeld.registry import Limits, Registry
 from spegeld.routing import StaticRouter
 from spegeld.store import ContainerdStore, KeysChanged, MemoryStore, OpenBlob, Snapshot
 
@@ -112,7 +112,7 @@ class Burst:
     peak_connections: int
 
 
-async def burst(registry: Registry, url: str, target: str, clients: int) -> Burst:
+async def burst(registry: MirrorServer, url: str, target: str, clients: int) -> Burst:
     """``clients`` connections, all accepted by the server first, then one GET on each."""
     host, port = split(url)
     results: list[Fetched] = []

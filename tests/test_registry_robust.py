@@ -22,10 +22,10 @@ import trio
 from spegeld_harness import build_image
 
 from spegeld.errors import ContainerdUnavailable
+from spegeld.mirror import Limits
+from spegeld.mirror._http import HttpServer, Request, Response, StreamBody
+from spegeld.mirror._slots import LOOPBACK, Slots, Source, source_of
 from spegeld.oci import Descriptor, Digest, parse_reference
-from spegeld.registry import Limits
-from spegeld.registry._http import HttpServer, Request, Response, StreamBody
-from spegeld.registry._slots import LOOPBACK, Slots, Source, source_of
 from spegeld.routing import StaticRouter
 from spegeld.store import MemoryStore, OpenBlob
 
@@ -36,7 +36,7 @@ IMAGE = build_image("example.com/team/robust:v1", [4 * MiB], seed=77, compressle
 LAYER = IMAGE.platforms[0].layers[0]
 LAYER_BYTES = IMAGE.read_blob(LAYER)
 BLOB_PATH = f"/v2/team/robust/blobs/{LAYER}"
-HTTP_LOGGER = "spegeld.registry._http"
+HTTP_LOGGER = "spegeld.mirror._http"
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -225,7 +225,7 @@ async def test_a_bare_server_answers_500_when_its_handler_raises() -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise ValueError("not a RegistryError")
+            raise ValueError("not an OciError")
         return Response(200)
 
     server = HttpServer(handler, Limits(), on_error=kinds.append)

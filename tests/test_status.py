@@ -28,7 +28,7 @@ from spegeld.election import ElectionStatistics
 from spegeld.errors import RemoteProtocolError
 from spegeld.gossip import GossipConfig, GossipCore, Keyring, MemberView
 from spegeld.gossip._shell import GossipRouter
-from spegeld.registry._http import ServerStatistics
+from spegeld.mirror._http import ServerStatistics
 from spegeld.status import (
     ElectionStatus,
     GossipStatus,

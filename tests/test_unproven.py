@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from spegeld.mirror._unproven import MAX_ENTRIES, UnprovenBytes
 from spegeld.oci import Digest
-from spegeld.registry._unproven import MAX_ENTRIES, UnprovenBytes
 from spegeld.routing import NodeId, Peer
 
 A = Peer(NodeId("a"), "10.0.0.1:5000")

@@ -47,9 +47,9 @@ from spegeld_harness._netns import (
 )
 from spegeld_harness._process import ManagedProcess
 from spegeld_harness._registry import (
-    RegistryError,
     RegistryRequest,
     RegistryResponse,
+    UpstreamError,
     UpstreamRegistry,
     default_repository,
     parse_access_log,
@@ -86,7 +86,7 @@ __all__ = [
     "containerd_unavailable_reason",
     "host_platform",
     "split_name",
-    "RegistryError",
+    "UpstreamError",
     "RegistryRequest",
     "RegistryResponse",
     "UpstreamRegistry",

@@ -36,8 +36,8 @@ from spegeld_harness._images import BuiltImage
 from spegeld_harness._process import ManagedProcess
 from spegeld_harness._registry_http import (
     Connection,
-    RegistryError,
     RegistryResponse,
+    UpstreamError,
     child_env,
     hostport,
     pick_port,
@@ -46,7 +46,7 @@ from spegeld_harness._registry_log import SYNC_PATH, RegistryRequest, parse_acce
 from spegeld_harness._registry_push import default_repository, push_image, resolve_target
 
 __all__ = [
-    "RegistryError",
+    "UpstreamError",
     "RegistryRequest",
     "RegistryResponse",
     "UpstreamRegistry",
@@ -259,7 +259,7 @@ health:
         """Push ``image`` (every platform) with the registry API; returns ``ADDR/repo:tag``.
 
         See ``_registry_push``: blobs the registry has are skipped, manifests go up by digest,
-        the top object by tag.  Raises :class:`RegistryError` if the registry computes a
+        the top object by tag.  Raises :class:`UpstreamError` if the registry computes a
         different digest for anything.  ``repository`` defaults to :func:`default_repository`,
         ``tag`` to ``image.tag``.
         """
@@ -335,7 +335,7 @@ health:
         )
         got = resp.header("Docker-Content-Digest")
         if resp.status != 200 or got != image.digest:
-            raise RegistryError(
+            raise UpstreamError(
                 "HEAD", f"/v2/{repo}/manifests/{tag}", resp.status, b"", f" (digest {got})"
             )
         return ref
@@ -366,7 +366,7 @@ health:
         start = self.log_position()
         resp = self.request("GET", marker, timeout=timeout)
         if resp.status != 200:
-            raise RegistryError("GET", marker, resp.status, resp.body)
+            raise UpstreamError("GET", marker, resp.status, resp.body)
         needle = f'"GET {marker} '.encode()
         deadline = time.monotonic() + timeout
         while True:

@@ -19,7 +19,7 @@ from typing import Final, TypeVar
 
 __all__ = [
     "Connection",
-    "RegistryError",
+    "UpstreamError",
     "RegistryResponse",
     "child_env",
     "hostport",
@@ -35,7 +35,7 @@ _PROXY_VARS: Final = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_pr
 T = TypeVar("T")
 
 
-class RegistryError(RuntimeError):
+class UpstreamError(RuntimeError):
     """The registry answered a request with an unexpected status."""
 
     def __init__(self, method: str, path: str, status: int, body: bytes, note: str = "") -> None:

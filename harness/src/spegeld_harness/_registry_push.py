@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import IO, Final
 
 from spegeld_harness._images import BuiltImage
-from spegeld_harness._registry_http import Connection, RegistryError
+from spegeld_harness._registry_http import Connection, UpstreamError
 
 __all__ = ["default_repository", "push_image", "resolve_target"]
 
@@ -77,7 +77,7 @@ def _roundtrip(
         conn.close()
         raise RuntimeError(f"{method} {path} on http://{conn.host}:{conn.port} failed: {e}") from e
     if resp.status not in expect:
-        raise RegistryError(method, path, resp.status, data)
+        raise UpstreamError(method, path, resp.status, data)
     return resp
 
 
@@ -91,7 +91,7 @@ def _push_blob(conn: Connection, image: BuiltImage, repo: str, digest: str) -> N
     )
     location = started.headers.get("Location")
     if not location:
-        raise RegistryError("POST", f"/v2/{repo}/blobs/uploads/", 202, b"", " (no Location)")
+        raise UpstreamError("POST", f"/v2/{repo}/blobs/uploads/", 202, b"", " (no Location)")
     # Distribution answers with an absolute URL built from our Host header: keep the path.
     loc = urllib.parse.urlsplit(location)
     sep = "&" if loc.query else "?"
@@ -103,7 +103,7 @@ def _push_blob(conn: Connection, image: BuiltImage, repo: str, digest: str) -> N
         done = _roundtrip(conn, "PUT", put_path, headers, body=f, expect=(201,))
     got = done.headers.get("Docker-Content-Digest")
     if got != digest:
-        raise RegistryError("PUT", put_path, 201, b"", f" (stored as {got}, not {digest})")
+        raise UpstreamError("PUT", put_path, 201, b"", f" (stored as {got}, not {digest})")
 
 
 def _put_manifest(conn: Connection, image: BuiltImage, repo: str, digest: str, ref: str) -> None:
@@ -112,4 +112,4 @@ def _put_manifest(conn: Connection, image: BuiltImage, repo: str, digest: str, r
     resp = _roundtrip(conn, "PUT", path, headers, body=image.read_blob(digest), expect=(201,))
     got = resp.headers.get("Docker-Content-Digest")
     if got != digest:
-        raise RegistryError("PUT", path, 201, b"", f" (stored as {got}, not {digest})")
+        raise UpstreamError("PUT", path, 201, b"", f" (stored as {got}, not {digest})")

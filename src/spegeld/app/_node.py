@@ -15,7 +15,7 @@ from spegeld.containerd import open_containerd
 from spegeld.gossip import GossipConfig, GossipRouter, Keyring
 from spegeld.kube import Credentials
 from spegeld.metrics import MetricsRegistry
-from spegeld.registry import Limits, Registry, RegistrySettings
+from spegeld.mirror import Limits, MirrorServer, MirrorSettings
 from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
 from spegeld.status import (
     ElectionStatus,
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def _status(
     cfg: NodeConfig,
     store: ContainerdStore,
-    registry: Registry,
+    registry: MirrorServer,
     gossip: GossipRouter | None,
     coordination: Coordination,
 ) -> NodeStatus:
@@ -127,7 +127,7 @@ async def run_node(
             if gossip is not None:
                 gossip.export_metrics(metrics)
             coordination = Coordination(cfg, creds, gossip, metrics)
-            settings = RegistrySettings(
+            settings = MirrorSettings(
                 host=cfg.registry_host,
                 port=cfg.registry_port,
                 mirrored_registries=cfg.mirrored_registries,
@@ -135,7 +135,7 @@ async def run_node(
                 limits=Limits(grace_period=cfg.grace_period),
                 inherited=sup.listeners,
             )
-            registry = Registry(
+            registry = MirrorServer(
                 store,
                 router,
                 metrics,

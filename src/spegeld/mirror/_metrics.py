@@ -14,7 +14,7 @@ from spegeld.metrics import MetricsRegistry
 RESOLVE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
-class RegistryMetrics:
+class MirrorMetrics:
     def __init__(self, registry: MetricsRegistry) -> None:
         self.mirror_requests = registry.counter(
             "spegel_mirror_requests_total",

@@ -22,11 +22,11 @@ from spegeld.errors import SpegeldError
 from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 
-from ._errors import RegistryError
+from ._errors import OciError
 from ._hashing import stream_hasher
 from ._hedge import LatencyTracker, first_success
 from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
-from ._metrics import RegistryMetrics
+from ._metrics import MirrorMetrics
 from ._peer import BadPeerAddress, PeerFailed, PeerResponse, fetch
 from ._ranges import ByteRange, parse_range, unsatisfiable
 from ._unproven import UnprovenBytes
@@ -83,7 +83,7 @@ class Proxy:
     def __init__(
         self,
         router: Router,
-        metrics: RegistryMetrics,
+        metrics: MirrorMetrics,
         settings: ProxySettings,
         discard_partial: DiscardPartial | None = None,
     ) -> None:
@@ -249,7 +249,7 @@ class Proxy:
             content_range = first.header(b"content-range")
             if content_range is None:
                 await first.aclose()
-                raise RegistryError(502, "UNKNOWN", "peer answered a range without Content-Range")
+                raise OciError(502, "UNKNOWN", "peer answered a range without Content-Range")
             headers.append((b"content-range", content_range))
         offset = _range_start(first) if status == 206 else 0
         if request.method == b"HEAD":
@@ -420,7 +420,7 @@ def _answers_range(response: PeerResponse, range_header: bytes, *, check_length:
         return False
     try:
         wanted = parse_range(range_header, int(total))
-    except RegistryError:  # the peer should have said 416
+    except OciError:  # the peer should have said 416
         return False
     return (
         wanted is not None

@@ -22,7 +22,7 @@ from spegeld.oci import (
     parse_digest,
 )
 
-from ._errors import RegistryError, digest_invalid, name_invalid, not_found, unsupported
+from ._errors import OciError, digest_invalid, name_invalid, not_found, unsupported
 
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 MAX_TARGET_LENGTH = 4096
@@ -71,9 +71,9 @@ class Route:
 
 
 def parse_target(method: bytes, target: bytes) -> Route:
-    """Route a request, or raise the RegistryError to answer it with."""
+    """Route a request, or raise the OciError to answer it with."""
     if len(target) > MAX_TARGET_LENGTH:
-        raise RegistryError(414, "UNSUPPORTED", "request target too long")
+        raise OciError(414, "UNSUPPORTED", "request target too long")
     try:
         text = target.decode("ascii")
     except UnicodeDecodeError as exc:
@@ -112,7 +112,7 @@ def _content_route(kind: Kind, name: str, reference: str, registry: str | None) 
             raise digest_invalid(str(exc)) from exc
         return Route(kind, name=name, digest=digest, registry=registry)
     if not TAG_RE.fullmatch(reference):
-        raise RegistryError(400, "TAG_INVALID", f"invalid tag {reference[:100]!r}")
+        raise OciError(400, "TAG_INVALID", f"invalid tag {reference[:100]!r}")
     return Route(kind, name=name, tag=reference, registry=registry)
 
 
@@ -122,7 +122,7 @@ def _ns(query: str) -> str | None:
     try:
         fields = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError as exc:
-        raise RegistryError(400, "UNSUPPORTED", "malformed query string") from exc
+        raise OciError(400, "UNSUPPORTED", "malformed query string") from exc
     values = [value for key, value in fields if key == "ns"]
     if not values:
         return None

@@ -18,7 +18,7 @@ from spegeld.oci import Digest, is_index, is_manifest, tag_key
 from spegeld.routing import Router
 from spegeld.store import Store
 
-from ._errors import RegistryError, blob_unknown, manifest_unknown
+from ._errors import OciError, blob_unknown, manifest_unknown
 from ._http import (
     ERROR_KINDS,
     BytesBody,
@@ -30,7 +30,7 @@ from ._http import (
     StreamBody,
 )
 from ._labels import RegistryLabels
-from ._metrics import RegistryMetrics
+from ._metrics import MirrorMetrics
 from ._peer import MIRRORED_HEADER
 from ._proxy import DiscardPartial, Proxy, ProxySettings
 from ._ranges import parse_range
@@ -45,7 +45,7 @@ UNBOUNDED = 1 << 62  # validates a Range header's syntax when the size is not kn
 
 
 @dataclass(frozen=True, slots=True)
-class RegistrySettings:
+class MirrorSettings:
     host: str = "0.0.0.0"
     port: int = 5000
     mirrored_registries: frozenset[str] = frozenset()  # empty: every registry
@@ -56,13 +56,13 @@ class RegistrySettings:
     inherited: tuple[trio.SocketListener, ...] = ()
 
 
-class Registry:
+class MirrorServer:
     def __init__(
         self,
         store: Store,
         router: Router,
         metrics: MetricsRegistry,
-        settings: RegistrySettings,
+        settings: MirrorSettings,
         *,
         ready: Callable[[], bool],
         status: Callable[[], dict[str, Any]],
@@ -71,7 +71,7 @@ class Registry:
         self._store = store
         self._router = router
         self._metrics_registry = metrics
-        self._metrics = RegistryMetrics(metrics)
+        self._metrics = MirrorMetrics(metrics)
         self._settings = settings
         self._ready = ready
         self._status = status
@@ -115,13 +115,13 @@ class Registry:
         try:
             route = parse_target(request.method, request.target)
             return await self._route(route, request)
-        except RegistryError as exc:
+        except OciError as exc:
             return _error(exc)
         except Exception:
-            # A bug, not bad input: bad input is a RegistryError above.
+            # A bug, not bad input: bad input is an OciError above.
             logger.exception("internal error answering %r", request.target[:200])
             self._server.record_error("handler")
-            return _error(RegistryError(500, "UNKNOWN", "internal error"))
+            return _error(OciError(500, "UNKNOWN", "internal error"))
 
     async def _route(self, route: Route, request: Request) -> Response:
         if route.kind is Kind.BASE:
@@ -232,7 +232,7 @@ class Registry:
         )
 
 
-def _error(exc: RegistryError) -> Response:
+def _error(exc: OciError) -> Response:
     headers = [(b"content-type", JSON), API_VERSION, *exc.headers]
     return Response(exc.status, headers, BytesBody(exc.body()))
 

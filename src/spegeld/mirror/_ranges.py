@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ._errors import RegistryError
+from ._errors import OciError
 
 # Positions may have any number of digits: RFC 9110 §14.1.2 reads a last-pos or a
 # suffix-length past the end as "to the end". Each is clamped to the size (all that matters
@@ -26,9 +26,9 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{size}"
 
 
-def unsatisfiable(size: int) -> RegistryError:
+def unsatisfiable(size: int) -> OciError:
     """416, with ``Content-Range: bytes */SIZE`` as RFC 9110 §15.5.17 asks."""
-    return RegistryError(
+    return OciError(
         416,
         "RANGE_NOT_SATISFIABLE",
         f"range not satisfiable: bytes */{size}",
@@ -37,7 +37,7 @@ def unsatisfiable(size: int) -> RegistryError:
 
 
 def parse_range(header: bytes | None, size: int) -> ByteRange | None:
-    """None for the whole blob; a ByteRange; or RegistryError(416) for a bad range."""
+    """None for the whole blob; a ByteRange; or OciError(416) for a bad range."""
     if header is None:
         return None
     text = header.decode("latin-1").strip()

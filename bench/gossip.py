@@ -140,7 +140,7 @@ def death_trial(sim: Simulation, rng: random.Random) -> tuple[float, float]:
     suspected = math.nan
     while watching:
         sim.run_until(sim.now + DEATH_POLL)
-        states = [c._peers[victim].state.name for c in watching]
+        states = [c.members_table.get(victim).state.name for c in watching]  # type: ignore[union-attr]
         if math.isnan(suspected) and any(s != "ALIVE" for s in states):
             suspected = sim.now - start
         watching = [c for c, s in zip(watching, states, strict=True) if s != "DEAD"]
@@ -258,7 +258,7 @@ def memory_child(case: str, traced: bool) -> dict[str, Any]:
     for m in range(MEMBERS):
         host = f"10.1.{m // 256}.{m % 256}"
         member = Member(f"node-{m:04d}", 1, State.ALIVE, (host, 7946), f"{host}:5000", 1 << 20)
-        peer = core._add_peer(member, 0.0)
+        peer = core.members_table.add(member, 0.0)
         if catalogue:
             keys = [k for i in rng.sample(range(catalogue), IMAGES_PER_MEMBER) for k in images[i]]
         else:
@@ -279,7 +279,7 @@ def memory_child(case: str, traced: bool) -> dict[str, Any]:
     return {
         "case": case,
         "distinct_keys": len(core.table),
-        "pairs": sum(core.table.count_of(p.slot) for p in core._peers.values()),
+        "pairs": sum(core.table.count_of(p.slot) for p in core.members_table),
         "baseline_rss_mib": baseline,
         "rss_mib": _rss_mib(),
         "traced_mib": traced_mib,

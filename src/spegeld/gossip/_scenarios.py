@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .sim import NetworkRules, Simulation
+from ._simulation import NetworkRules, Simulation
 
 
 def _digest(i: int) -> str:

@@ -25,6 +25,7 @@ of one namespace (time namespaces do not cover CLOCK_REALTIME); the stand-in's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -126,6 +127,29 @@ table inet {FAULT_TABLE} {{
         subprocess.run(["ip", "netns", "exec", self.api_ns, "nft", "delete", "table", "inet",
                         FAULT_TABLE], capture_output=True, timeout=30, check=True)  # fmt: skip
 
+    @contextlib.contextmanager
+    def no_route(self, how: str) -> Iterator[None]:
+        """The node namespace loses its way to the API server: a route of type ``how``
+        (ip-route(8)) for the server's address, or (``missing``) no route at all: the
+        node's subnet route deleted. Restored on the way out."""
+        subnet = f"{SUBNET}.0/24"
+        undo: tuple[str, ...]
+        if how == "missing":
+            self._node_ip("route", "del", subnet, "dev", "eth0")
+            undo = ("route", "add", subnet, "dev", "eth0", "proto", "kernel", "scope", "link",
+                    "src", self.network.address(1))  # fmt: skip
+        else:
+            self._node_ip("route", "add", how, f"{self.api_ip}/32")
+            undo = ("route", "del", how, f"{self.api_ip}/32")
+        try:
+            yield
+        finally:
+            self._node_ip(*undo)
+
+    def _node_ip(self, *args: str) -> None:
+        subprocess.run(["ip", "-n", self.node_ns, *args], capture_output=True, timeout=30,
+                       check=True)  # fmt: skip
+
     def close(self) -> None:
         self.skewed.stop()
         self.api.stop()
@@ -204,6 +228,99 @@ def test_reject_is_refused(lab: Lab) -> None:
     assert took < TIMEOUT + 5
 
 
+def _connect_ms(evidence: str) -> int:
+    """The connect time in doctor's TCP evidence, "IP:PORT: <kernel's words> after N ms"."""
+    found = re.search(r" after (\d+) ms$", evidence)
+    assert found, evidence
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("unreachable", "No route to host"),  # EHOSTUNREACH
+        ("prohibit", "Permission denied"),  # EACCES
+        ("blackhole", "Invalid argument"),  # EINVAL
+        ("missing", "Network is unreachable"),  # ENETUNREACH
+    ],
+)
+def test_no_route_on_the_node_is_named_with_the_kernels_answer(
+    lab: Lab, how: str, said: str
+) -> None:
+    with lab.no_route(how):
+        code, checks, _ = lab.doctor(lab.config("healthy"))
+    tcp = checks["api.tcp"]
+    assert code == 1
+    assert tcp["status"] == "fail"
+    assert tcp["verdict"] == f"no route: this node's kernel has no usable route to {lab.api_ip}"
+    first, route = tcp["evidence"]
+    assert first.startswith(f"{lab.api_ip}:{API_PORT}: {said} after "), first
+    # the kernel refuses at once: no timeout was waited out
+    assert _connect_ms(first) < TIMEOUT * 1000 / 2, first
+    assert route == f"route: RTNETLINK answers: {said}"
+    assert f"ip route get {lab.api_ip}" in tcp["remedy"]
+    assert checks["api.tls"]["status"] == "skip"
+
+
+def test_an_icmp_unreachable_from_the_far_side_is_no_route_with_the_route_used(lab: Lab) -> None:
+    # The API server's host answers the SYN with ICMP host-unreachable: the node has a
+    # route, the network says no.
+    lab.fault("reject with icmpx type host-unreachable")
+    try:
+        code, checks, _ = lab.doctor(lab.config("healthy"))
+    finally:
+        lab.clear_fault()
+    tcp = checks["api.tcp"]
+    assert code == 1
+    assert tcp["status"] == "fail"
+    assert tcp["verdict"] == "no route: an ICMP unreachable came back from the network"
+    first, route = tcp["evidence"]
+    # trio words a connect that fails later (the ICMP came back) "Error connecting to …"
+    assert first.startswith(f"{lab.api_ip}:{API_PORT}: "), first
+    assert "No route to host after " in first, first
+    assert _connect_ms(first) < TIMEOUT * 1000 / 2, first
+    assert route.startswith(f"route: {lab.api_ip} dev eth0 src {lab.network.address(1)}"), route
+    assert f"traceroute -T -p {API_PORT} {lab.api_ip}" in tcp["remedy"]
+    assert "nft list ruleset" in tcp["remedy"]
+
+
+def test_an_apiserver_whose_etcd_is_stopped_is_unhealthy_naming_etcd(lab: Lab) -> None:
+    # etcd frozen (SIGSTOP) until the apiserver's own /readyz fails on it; kube-apiserver
+    # keeps answering, and its /readyz takes 4 s (2 s per etcd check) to say 500.
+    # --timeout 2: doctor waits up to 6 s for /readyz and gets the server's answer;
+    # --timeout 1: it waits 3 s, gets none, and still names the stall and where to look.
+    # One after the other: two /readyz in flight together can share one etcd check, and
+    # the second then answers before its 4 s.
+    with lab.api.etcd_stopped():
+        code, checks, _ = lab.doctor(lab.config("healthy"))
+        quick_code, quick_checks, _ = lab.doctor(lab.config("healthy"), "--timeout", "1")
+    health = checks["api.health"]
+    assert code == 1
+    assert checks["api.tls"]["status"] == "ok"
+    assert health["status"] == "fail"
+    assert health["verdict"] == (
+        "API server unhealthy: /readyz answered 500, failing: etcd, etcd-readiness"
+    )
+    assert "/readyz: 500 [-]etcd failed: reason withheld" in health["evidence"], health
+    assert any(line.startswith("version v1.36") for line in health["evidence"])
+    assert "cannot use its etcd" in health["remedy"]
+    assert "etcdctl endpoint health" in health["remedy"]
+    # the Date came with the answer; the Lease checks would only time out on etcd too
+    assert checks["api.clock"]["status"] == "ok"
+    assert {checks[name]["status"] for name in ("api.auth", "api.rbac", "api.namespace")} == {
+        "skip"
+    }
+
+    quick_health = quick_checks["api.health"]
+    assert quick_code == 1
+    assert quick_checks["api.tls"]["status"] == "ok"
+    assert quick_health["status"] == "fail"
+    assert quick_health["verdict"].startswith("no HTTP answer"), quick_health
+    assert "waited up to 3.0 s" in quick_health["remedy"]
+    assert "etcdctl endpoint health" in quick_health["remedy"]
+    # etcd_stopped() waited for /readyz to say ok again: the next test's server is healthy
+
+
 def test_an_unresolvable_name_is_a_dns_failure(lab: Lab) -> None:
     name = "kube-api.spegeld.test"
     code, checks, _ = lab.doctor(lab.config("dns", server=f"https://{name}:{API_PORT}"))
@@ -225,6 +342,8 @@ def test_a_token_whose_serviceaccount_was_deleted_is_401(lab: Lab) -> None:
     assert auth["evidence"][0].startswith("token valid until"), auth["evidence"]
     assert "create token" in auth["remedy"]
     assert checks["api.rbac"]["status"] == "skip"
+    # /readyz refuses the token too: readiness is unknown, not the first failure
+    assert checks["api.health"]["status"] == "skip", checks["api.health"]
 
 
 def test_an_expired_token_is_401_with_its_age(lab: Lab) -> None:

@@ -14,12 +14,14 @@ namespaces or mints ServiceAccount secrets), no cloud provider, no aggregated AP
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +35,7 @@ from ._pki import Pki, make_pki
 READY_TIMEOUT = 90.0  # measured 4-8 s to /readyz here on 2 busy cores; generous for CI
 STOP_TIMEOUT = 15.0  # kube-apiserver drains for up to --shutdown-delay-duration (0 here)
 KUBECTL_TIMEOUT = 60.0
+UNREADY_TIMEOUT = 30.0  # etcd stopped: /readyz failed within 1.1 s here; generous for CI
 SERVICE_RANGE = "10.96.0.0/24"  # required flag; no Service is created by these tests
 ISSUER = "https://kubernetes.default.svc.cluster.local"  # what kubeadm sets
 # The apiserver's own identity Lease (kube-system) would be renewed every 10 s and show in
@@ -222,6 +225,38 @@ class RealKubeApi:
                 assert self.apiserver is not None
                 raise RuntimeError(f"kube-apiserver not ready after {READY_TIMEOUT} s:\n"
                                    f"{done.stderr}\n{self.apiserver.tail()}")  # fmt: skip
+            time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def etcd_stopped(self) -> Iterator[int]:
+        """etcd frozen with SIGSTOP (its PID is yielded), then SIGCONT and /readyz again.
+
+        ``ip netns exec`` execs its command, so the child's PID is etcd's own. The
+        apiserver keeps running and answering; only its storage stops responding."""
+        assert self.etcd is not None and self.etcd.running
+        pid = self.etcd.proc.pid
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "etcd"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            self._wait_etcd_failing()
+            yield pid
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        self.wait_ready()
+
+    def _wait_etcd_failing(self) -> None:
+        """Until /readyz itself reports etcd failing: the apiserver keeps its last etcd
+        verdict for up to about a second (measured), and a failing /readyz takes 4 s."""
+        deadline = time.monotonic() + UNREADY_TIMEOUT
+        while True:
+            done = subprocess.run(
+                [*self._prefix(), "curl", "-sk", "--max-time", "10", f"{self.url}/readyz"],
+                capture_output=True, text=True, timeout=15, check=False,
+            )  # fmt: skip
+            if "[-]etcd failed" in done.stdout:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"/readyz still not failing on etcd: {done.stdout[-300:]}")
             time.sleep(0.2)
 
     def stop(self) -> None:

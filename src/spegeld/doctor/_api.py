@@ -8,6 +8,7 @@ clock, credentials, RBAC, namespace).
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,14 @@ from ._tls import TlsResult, check_tls
 
 SKEW_WARN = 30.0  # seconds; NTP-synced clocks agree within milliseconds
 SKEW_FAIL = 300.0  # the usual tolerance of token and certificate checks
+# kube-apiserver's /readyz runs its etcd and etcd-readiness checks one after the other,
+# each waiting up to 2 s (--etcd-healthcheck-timeout, --etcd-readycheck-timeout): with etcd
+# stopped it answered 500 after 4.02 s (v1.36.3). The full report waits this long, +50 %
+# for a loaded control plane, for the server's own answer naming the failing checks...
+READYZ_WAIT = 6.0
+READYZ_WAIT_TIMEOUTS = 3  # ...but never more than 3 timeouts: doctor cuts a group at 6
+MAX_FAILED_SHOWN = 8  # /readyz lists ~50 checks; a few failed ones say enough
+_FAILED_CHECK = re.compile(r"^\[-\]([\w./:-]+) failed", re.MULTILINE)  # "[-]etcd failed: …"
 
 _STEPS = (
     ("api.dns", "API server name"),
@@ -64,8 +73,15 @@ def _skip_from(index: int, because: str) -> list[CheckResult]:
 
 
 async def check_api(
-    target: ApiTarget, timeout: float, *, wall: Callable[[], float] = time.time
+    target: ApiTarget,
+    timeout: float,
+    *,
+    wall: Callable[[], float] = time.time,
+    readyz_wait: float | None = None,
 ) -> list[CheckResult]:
+    """Every API check; ``readyz_wait`` bounds /readyz (default: up to READYZ_WAIT)."""
+    if readyz_wait is None:
+        readyz_wait = max(timeout, min(READYZ_WAIT, READYZ_WAIT_TIMEOUTS * timeout))
     creds = target.creds
     if creds is None:
         return [
@@ -116,7 +132,7 @@ async def check_api(
     else:
         results.append(_result(2, Status.WARN, "plain HTTP: traffic and token are unprotected"))
     try:
-        results += await _http_checks(target, creds, timeout, wall)
+        results += await _http_checks(target, creds, timeout, wall, readyz_wait)
     except SpegeldError as exc:  # e.g. the token file vanished: a finding, not a crash
         unusable = _result(5, Status.FAIL, f"the credentials cannot be used: {exc}")
         skips = _skip_from(3, "no usable credentials")
@@ -125,8 +141,10 @@ async def check_api(
 
 
 async def diagnose_api(target: ApiTarget, timeout: float) -> CheckResult:
-    """The first failing (or warning) check; an ok result when everything passed."""
-    results = await check_api(target, timeout)
+    """The first failing (or warning) check; an ok result when everything passed.
+
+    /readyz gets ``timeout`` alone: the elector bounds a whole diagnosis."""
+    results = await check_api(target, timeout, readyz_wait=timeout)
     found = first_failure(results)
     if found is not None:
         return found
@@ -170,12 +188,18 @@ async def _connect_failure(
         )
     if outcome is Connect.UNREACHABLE:
         route = await route_to(ip)
+        # Routed here, yet unreachable: the ICMP answer came from the path or the far end.
+        where = (
+            "an ICMP unreachable came back from the network"
+            if route.routed
+            else f"this node's kernel has no usable route to {ip}"
+        )
         return _result(
             1,
             Status.FAIL,
-            "no route: ICMP unreachable or no route to the host",
-            (*evidence, f"route: {route}"),
-            remedy.unreachable(route),
+            f"no route: {where}",
+            (*evidence, f"route: {route.text}"),
+            remedy.unreachable(ip, port, route.routed, route.text),
         )
     return _result(1, Status.FAIL, "connection failed", evidence)
 
@@ -217,33 +241,70 @@ def _tls_result(tls: TlsResult, insecure: bool, now: float) -> CheckResult:
     return _result(2, Status.FAIL, verdict, evidence, fix)
 
 
+async def _readyz(client: KubeClient, creds: Credentials, wait: float) -> tuple[int, str]:
+    if wait <= client.timeout:
+        return await client.readyz()
+    async with KubeClient(creds, timeout=wait) as patient:
+        return await patient.readyz()
+
+
+def _health_result(code: int, body: str, version: dict[str, object], took: float) -> CheckResult:
+    shown = f"version {version.get('gitVersion', '?')}"
+    if code == 200:
+        return _result(3, Status.OK, "ready", (f"/readyz: 200 {body[:80]!r}", shown), seconds=took)
+    if code in (401, 403):  # about our credentials, not the server: API credentials says more
+        return _result(
+            3,
+            Status.SKIP,
+            f"readiness unknown: /readyz answered {code} to these credentials",
+            (f"/readyz: {code} {body[:80]!r}", shown),
+            seconds=took,
+        )
+    failing = _FAILED_CHECK.findall(body)
+    named = f", failing: {', '.join(failing)}" if failing else ""
+    # The server's own words for each failed check, else the start of whatever it said.
+    said = [ln for ln in body.splitlines() if ln.startswith("[-]")] or [repr(body[:80])]
+    return _result(
+        3,
+        Status.FAIL,
+        f"API server unhealthy: /readyz answered {code}{named}",
+        (*(f"/readyz: {code} {line}" for line in said[:MAX_FAILED_SHOWN]), shown),
+        remedy.unhealthy(failing),
+        took,
+    )
+
+
 async def _http_checks(
-    target: ApiTarget, creds: Credentials, timeout: float, wall: Callable[[], float]
+    target: ApiTarget,
+    creds: Credentials,
+    timeout: float,
+    wall: Callable[[], float],
+    readyz_wait: float,
 ) -> list[CheckResult]:
     results: list[CheckResult] = []
     async with KubeClient(creds, timeout=timeout) as client:
+        asked = trio.current_time()
         try:
-            code, body = await client.readyz()
+            code, body = await _readyz(client, creds, readyz_wait)
+            took = trio.current_time() - asked
             sent = wall()
             version = await client.version()
             date = client.last_date
         except KubeUnreachable as exc:
-            results.append(_result(3, Status.FAIL, f"no HTTP answer: {exc}"))
+            # TCP and TLS worked just before: a server that then says nothing is stuck.
+            results.append(
+                _result(3, Status.FAIL, f"no HTTP answer: {exc}", fix=remedy.silent(readyz_wait))
+            )
             return results + _skip_from(4, "no HTTP answer")
         except KubeStatusError as exc:
             code, body, version, date, sent = exc.code, exc.message, {}, None, wall()
-        status = Status.OK if code == 200 else Status.FAIL
-        verdict = "ready" if code == 200 else f"API server unhealthy: /readyz answered {code}"
-        results.append(
-            _result(
-                3,
-                status,
-                verdict,
-                (f"/readyz: {code} {body[:80]!r}", f"version {version.get('gitVersion', '?')}"),
-                "" if code == 200 else remedy.unhealthy(),
-            )
-        )
+            took = trio.current_time() - asked
+        results.append(_health_result(code, body, version, took))
         results.append(_clock_result(date, sent))
+        if code >= 500:
+            # A server that is not ready (etcd down, say) cannot answer the Lease checks
+            # either: their timeouts would only repeat its /readyz.
+            return results + _skip_from(5, "the API server is not ready")
         results += await _auth_checks(client, target, creds)
     return results
 

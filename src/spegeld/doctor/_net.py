@@ -30,7 +30,18 @@ class Connect(enum.StrEnum):
     ERROR = "error"  # anything else the kernel said
 
 
-_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EACCES}
+# What connect() says when there is no way there (ip-route(8), measured on Linux 6.x):
+# EHOSTUNREACH for an ``unreachable`` route or an ICMP host/admin unreachable coming
+# back; ENETUNREACH for no route at all, a ``throw`` route or an ICMP net unreachable;
+# EACCES for a ``prohibit`` route; EINVAL for a ``blackhole`` route (our socket and
+# address are well-formed, so EINVAL here can only come from the route).
+_UNREACHABLE = {
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EADDRNOTAVAIL,
+    errno.EACCES,
+    errno.EINVAL,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +102,13 @@ async def tcp_connect(ip: str, port: int, timeout: float) -> ConnectResult:
     return ConnectResult(Connect.DROPPED, timeout, f"no answer in {timeout:.1f} s")
 
 
-async def route_to(ip: str) -> str:
+@dataclass(frozen=True, slots=True)
+class Route:
+    routed: bool  # False: this node's kernel itself refuses to send toward the address
+    text: str  # ``ip route get``'s answer on one line, or the kernel's refusal
+
+
+async def route_to(ip: str) -> Route:
     """The route the kernel picks for ``ip``, as ``ip route get`` prints it."""
     tool = shutil.which("ip")
     if tool is not None:
@@ -100,24 +117,25 @@ async def route_to(ip: str) -> str:
                 [tool, "route", "get", ip], capture_stdout=True, capture_stderr=True, check=False
             )
             text = (done.stdout or done.stderr).decode(errors="replace").strip()
-            return " ".join(text.split())
+            return Route(done.returncode == 0, " ".join(text.split()))
     return source_address(ip)
 
 
-def source_address(ip: str) -> str:
+def source_address(ip: str) -> Route:
     """Which local address the kernel would use toward ``ip`` (a UDP connect sends nothing)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect((ip, 9))
         except OSError as exc:
-            return f"no route: {exc.strerror}"
-        return f"via source {probe.getsockname()[0]}"
+            return Route(False, f"no route: {exc.strerror}")
+        return Route(True, f"via source {probe.getsockname()[0]}")
 
 
 __all__ = [
     "Connect",
     "ConnectResult",
+    "Route",
     "is_ip",
     "nameservers",
     "resolve",

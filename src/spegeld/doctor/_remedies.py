@@ -50,10 +50,19 @@ Cilium (the API server is an entity; a service VIP is translated before policy):
 """
 
 
-def unreachable(route: str) -> str:
+def unreachable(ip: str, port: int, routed: bool, route: str) -> str:
+    if routed:
+        return (
+            f"This node routes {ip} ({route}), but the answer was ICMP unreachable: a router "
+            "on the way has no route onward, or a REJECT rule answers with ICMP, on the path "
+            "or on the API server's host (nft list ruleset; iptables -S). Check that "
+            f"network's routes and firewall; traceroute -T -p {port} {ip} shows where it stops."
+        )
     return (
-        f"The kernel has no usable route (route: {route or 'unknown'}): check the node's "
-        "routes and interfaces, or an ICMP REJECT rule (nft list ruleset; iptables -S)."
+        f"This node's kernel refuses to send to {ip} ({route or 'no answer'}): a route is "
+        "missing, or an unreachable, prohibit or blackhole route covers it. Check "
+        f"ip route get {ip}, ip route show table all and ip rule; add or fix the route "
+        "to the API server's network (or the default route)."
     )
 
 
@@ -117,5 +126,28 @@ def clock() -> str:
     )
 
 
-def unhealthy() -> str:
-    return "The API server answers but is not ready: check its /readyz?verbose and its logs."
+READYZ_VERBOSE = "kubectl get --raw '/readyz?verbose'"
+ETCD_HEALTH = (
+    "etcdctl endpoint health; kubeadm: the etcd pod in kube-system; Talos: "
+    "talosctl service etcd and talosctl etcd status"
+)
+
+
+def unhealthy(failing: Sequence[str]) -> str:
+    if any(name.startswith("etcd") for name in failing):
+        return (
+            f"The API server answers but cannot use its etcd ({', '.join(failing)} failed): "
+            f"check etcd ({ETCD_HEALTH}), its disk and its logs, then {READYZ_VERBOSE}."
+        )
+    named = f" ({', '.join(failing)} failed)" if failing else ""
+    return f"The API server answers but is not ready{named}: check {READYZ_VERBOSE} and its logs."
+
+
+def silent(waited: float) -> str:
+    return (
+        "The API server took the connection and TLS, then gave no HTTP answer (doctor "
+        f"waited up to {waited:.1f} s): it is stuck, most often waiting on etcd (its "
+        "/readyz waits up to 2 s for each etcd check). "
+        f"Check etcd ({ETCD_HEALTH}), the API server's logs and load, then "
+        f"{READYZ_VERBOSE}; a larger --timeout lets doctor wait for its answer."
+    )

@@ -134,6 +134,8 @@ class ContainerdStore:
         if length == 0:
             return OpenBlob(desc, None, _no_chunks())  # gRPC would read size 0 as "to the end"
         path = self._file_of(desc)
+        if path is None:
+            await self._confirm_held(digest)
         self._reads.record(digest, path)
         if path is not None:
             return OpenBlob(desc, path, _file_chunks(path, offset, length))
@@ -277,14 +279,33 @@ class ContainerdStore:
         elif isinstance(event, ImageChanged):
             await self._refresh_image(event.name)
         elif isinstance(event, ContentDeleted):
-            self._watchers.publish(self._index.remove_loose(event.digest))
-            for name in self._index.images_with(event.digest):
-                await self._refresh_image(name)
+            await self._forget(event.digest)
         elif isinstance(event, ContentCreated):
             # O(1) and no containerd call: a pull commits many blobs in a burst.
             desc = Descriptor(LOOSE_MEDIA_TYPE, event.digest, event.size)
             blob = LooseBlob(desc, committed_at=trio.current_time())
             self._watchers.publish(self._index.add_loose(blob))
+
+    async def _forget(self, digest: Digest) -> None:
+        """containerd no longer has ``digest``: drop it loose, walk the images reaching it."""
+        self._watchers.publish(self._index.remove_loose(digest))
+        for name in self._index.images_with(digest):
+            await self._refresh_image(name)
+
+    async def _confirm_held(self, digest: Digest) -> None:
+        """NotFound (and the blob forgotten) when containerd no longer has it.
+
+        Checked before a blob with no readable file is served over gRPC, so the mirror
+        answers 404 rather than a 200 it cannot finish. containerd's GC deletes what a
+        failed pull committed (its lease goes, no image takes the blobs) without an event;
+        on 2.1+ those blobs were held from their /content/create events, and every retry
+        of that pull met a 200 cut at its first byte until the next resync.
+        """
+        try:
+            await self._client.info(digest)
+        except NotFound:
+            await self._forget(digest)
+            raise
 
     async def _recheck_loose(self) -> None:
         """Drop loose blobs the GC took: a finished pull or import leaves blobs no

@@ -7,6 +7,10 @@ deploy/rbac.yaml and the kubeconfig from the steps of deploy/README.md (TokenReq
 Each fault is real:
 
 - DROP and REJECT are nftables rules in the API server's namespace;
+- no route: an ``unreachable``, ``prohibit`` or ``blackhole`` route to the server in the
+  node namespace, or its subnet route deleted; an ICMP unreachable from the far side is
+  an nftables ``reject with icmpx type host-unreachable`` in the API server's namespace;
+- an unhealthy API server: its etcd frozen with SIGSTOP, until its own /readyz fails;
 - an unresolvable name uses a resolv.conf for the node namespace whose nameserver is the
   API namespace's address, where nothing serves DNS;
 - a revoked token: a TokenRequest token whose ServiceAccount was then deleted; an

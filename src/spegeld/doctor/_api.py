@@ -8,6 +8,7 @@ clock, credentials, RBAC, namespace).
 from __future__ import annotations
 
 import email.utils
+import enum
 import re
 import time
 from collections.abc import Callable
@@ -34,16 +35,26 @@ READYZ_WAIT_TIMEOUTS = 3  # ...but never more than 3 timeouts: doctor cuts a gro
 MAX_FAILED_SHOWN = 8  # /readyz lists ~50 checks; a few failed ones say enough
 _FAILED_CHECK = re.compile(r"^\[-\]([\w./:-]+) failed", re.MULTILINE)  # "[-]etcd failed: …"
 
-_STEPS = (
-    ("api.dns", "API server name"),
-    ("api.tcp", "API server TCP"),
-    ("api.tls", "API server TLS"),
-    ("api.health", "API server health"),
-    ("api.clock", "Clock vs API server"),
-    ("api.auth", "API credentials"),
-    ("api.rbac", "Lease permissions"),
-    ("api.namespace", "Lease namespace"),
-)
+
+class ApiStep(enum.Enum):
+    """The API checks, in the order they run: a failure skips every later one."""
+
+    DNS = ("api.dns", "API server name")
+    TCP = ("api.tcp", "API server TCP")
+    TLS = ("api.tls", "API server TLS")
+    HEALTH = ("api.health", "API server health")
+    CLOCK = ("api.clock", "Clock vs API server")
+    AUTH = ("api.auth", "API credentials")
+    RBAC = ("api.rbac", "Lease permissions")
+    NAMESPACE = ("api.namespace", "Lease namespace")
+
+    @property
+    def check(self) -> str:
+        return self.value[0]
+
+    @property
+    def title(self) -> str:
+        return self.value[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +68,19 @@ class ApiTarget:
 
 
 def _result(
-    index: int,
+    step: ApiStep,
     status: Status,
     verdict: str,
     evidence: tuple[str, ...] = (),
     fix: str = "",
     seconds: float = 0.0,
 ) -> CheckResult:
-    check, title = _STEPS[index]
-    return CheckResult(check, title, status, verdict, evidence, fix, round(seconds, 4))
+    return CheckResult(step.check, step.title, status, verdict, evidence, fix, round(seconds, 4))
 
 
-def _skip_from(index: int, because: str) -> list[CheckResult]:
-    return [skipped(check, title, because) for check, title in _STEPS[index:]]
+def _skip_from(step: ApiStep, because: str) -> list[CheckResult]:
+    steps = list(ApiStep)
+    return [skipped(s.check, s.title, because) for s in steps[steps.index(step) :]]
 
 
 async def check_api(
@@ -99,7 +110,7 @@ async def check_api(
         servers = nameservers()
         results.append(
             _result(
-                0,
+                ApiStep.DNS,
                 Status.FAIL,
                 f"DNS failure: {host} does not resolve",
                 (f"resolver said: {addresses}", f"nameservers: {', '.join(servers) or 'none'}"),
@@ -107,9 +118,9 @@ async def check_api(
                 trio.current_time() - started,
             )
         )
-        return results + _skip_from(1, "the name does not resolve")
+        return results + _skip_from(ApiStep.TCP, "the name does not resolve")
     verdict = "an IP address" if is_ip(host) else f"{host} resolves to {', '.join(addresses)}"
-    results.append(_result(0, Status.OK, verdict, (f"server {creds.server}",)))
+    results.append(_result(ApiStep.DNS, Status.OK, verdict, (f"server {creds.server}",)))
 
     ip = addresses[0]
     connected = await tcp_connect(ip, port, timeout)
@@ -121,21 +132,25 @@ async def check_api(
         results.append(
             await _connect_failure(target, ip, port, connected.outcome, evidence, timeout)
         )
-        return results + _skip_from(2, "no TCP connection")
-    results.append(_result(1, Status.OK, "connected", evidence, seconds=connected.seconds))
+        return results + _skip_from(ApiStep.TLS, "no TCP connection")
+    results.append(
+        _result(ApiStep.TCP, Status.OK, "connected", evidence, seconds=connected.seconds)
+    )
 
     if creds.server.startswith("https://"):
         tls = await check_tls(ip, port, ssl_context(creds), creds.tls_server_name or host, timeout)
         results.append(_tls_result(tls, creds.insecure_skip_tls_verify, wall()))
         if not tls.ok and not creds.insecure_skip_tls_verify:
-            return results + _skip_from(3, "no TLS session")
+            return results + _skip_from(ApiStep.HEALTH, "no TLS session")
     else:
-        results.append(_result(2, Status.WARN, "plain HTTP: traffic and token are unprotected"))
+        results.append(
+            _result(ApiStep.TLS, Status.WARN, "plain HTTP: traffic and token are unprotected")
+        )
     try:
         results += await _http_checks(target, creds, timeout, wall, readyz_wait)
     except SpegeldError as exc:  # e.g. the token file vanished: a finding, not a crash
-        unusable = _result(5, Status.FAIL, f"the credentials cannot be used: {exc}")
-        skips = _skip_from(3, "no usable credentials")
+        unusable = _result(ApiStep.AUTH, Status.FAIL, f"the credentials cannot be used: {exc}")
+        skips = _skip_from(ApiStep.HEALTH, "no usable credentials")
         results += [unusable if r.check == unusable.check else r for r in skips]
     return results
 
@@ -162,7 +177,7 @@ async def _connect_failure(
     assert target.creds is not None
     if outcome is Connect.REFUSED:
         return _result(
-            1,
+            ApiStep.TCP,
             Status.FAIL,
             "connection refused: nothing listening, or a REJECT rule",
             evidence,
@@ -179,7 +194,7 @@ async def _connect_failure(
                     "service VIP (kube-proxy, Cilium's socket LB), not a policy"
                 )
         return _result(
-            1,
+            ApiStep.TCP,
             Status.FAIL,
             "packets dropped: SYN unanswered (NetworkPolicy, CiliumNetworkPolicy or host "
             "firewall); this is Go's 'dial tcp …: i/o timeout'",
@@ -195,22 +210,22 @@ async def _connect_failure(
             else f"this node's kernel has no usable route to {ip}"
         )
         return _result(
-            1,
+            ApiStep.TCP,
             Status.FAIL,
             f"no route: {where}",
             (*evidence, f"route: {route.text}"),
             remedy.unreachable(ip, port, route.routed, route.text),
         )
-    return _result(1, Status.FAIL, "connection failed", evidence)
+    return _result(ApiStep.TCP, Status.FAIL, "connection failed", evidence)
 
 
 def _tls_result(tls: TlsResult, insecure: bool, now: float) -> CheckResult:
     evidence = tls.certificate.evidence() if tls.certificate else ()
     if tls.ok:
-        return _result(2, Status.OK, "certificate verified", evidence)
+        return _result(ApiStep.TLS, Status.OK, "certificate verified", evidence)
     if insecure:
         return _result(
-            2,
+            ApiStep.TLS,
             Status.WARN,
             f"verification is OFF (insecure-skip-tls-verify): {tls.detail}",
             evidence,
@@ -238,7 +253,7 @@ def _tls_result(tls: TlsResult, insecure: bool, now: float) -> CheckResult:
     if tls.certificate is not None:
         local = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
         evidence = (*evidence, f"local clock: {local} UTC", f"OpenSSL: {tls.detail}")
-    return _result(2, Status.FAIL, verdict, evidence, fix)
+    return _result(ApiStep.TLS, Status.FAIL, verdict, evidence, fix)
 
 
 async def _readyz(client: KubeClient, creds: Credentials, wait: float) -> tuple[int, str]:
@@ -251,10 +266,12 @@ async def _readyz(client: KubeClient, creds: Credentials, wait: float) -> tuple[
 def _health_result(code: int, body: str, version: dict[str, object], took: float) -> CheckResult:
     shown = f"version {version.get('gitVersion', '?')}"
     if code == 200:
-        return _result(3, Status.OK, "ready", (f"/readyz: 200 {body[:80]!r}", shown), seconds=took)
+        return _result(
+            ApiStep.HEALTH, Status.OK, "ready", (f"/readyz: 200 {body[:80]!r}", shown), seconds=took
+        )
     if code in (401, 403):  # about our credentials, not the server: API credentials says more
         return _result(
-            3,
+            ApiStep.HEALTH,
             Status.SKIP,
             f"readiness unknown: /readyz answered {code} to these credentials",
             (f"/readyz: {code} {body[:80]!r}", shown),
@@ -265,7 +282,7 @@ def _health_result(code: int, body: str, version: dict[str, object], took: float
     # The server's own words for each failed check, else the start of whatever it said.
     said = [ln for ln in body.splitlines() if ln.startswith("[-]")] or [repr(body[:80])]
     return _result(
-        3,
+        ApiStep.HEALTH,
         Status.FAIL,
         f"API server unhealthy: /readyz answered {code}{named}",
         (*(f"/readyz: {code} {line}" for line in said[:MAX_FAILED_SHOWN]), shown),
@@ -293,9 +310,14 @@ async def _http_checks(
         except KubeUnreachable as exc:
             # TCP and TLS worked just before: a server that then says nothing is stuck.
             results.append(
-                _result(3, Status.FAIL, f"no HTTP answer: {exc}", fix=remedy.silent(readyz_wait))
+                _result(
+                    ApiStep.HEALTH,
+                    Status.FAIL,
+                    f"no HTTP answer: {exc}",
+                    fix=remedy.silent(readyz_wait),
+                )
             )
-            return results + _skip_from(4, "no HTTP answer")
+            return results + _skip_from(ApiStep.CLOCK, "no HTTP answer")
         except KubeStatusError as exc:
             code, body, version, date, sent = exc.code, exc.message, {}, None, wall()
             took = trio.current_time() - asked
@@ -304,26 +326,33 @@ async def _http_checks(
         if code >= 500:
             # A server that is not ready (etcd down, say) cannot answer the Lease checks
             # either: their timeouts would only repeat its /readyz.
-            return results + _skip_from(5, "the API server is not ready")
+            return results + _skip_from(ApiStep.AUTH, "the API server is not ready")
         results += await _auth_checks(client, target, creds)
     return results
 
 
 def _clock_result(date: str | None, local: float) -> CheckResult:
     if not date:
-        return _result(4, Status.SKIP, "the API server sent no Date header")
+        return _result(ApiStep.CLOCK, Status.SKIP, "the API server sent no Date header")
     try:
         server = email.utils.parsedate_to_datetime(date).timestamp()
     except (TypeError, ValueError):
-        return _result(4, Status.SKIP, f"unreadable Date header {date[:40]!r}")
+        return _result(ApiStep.CLOCK, Status.SKIP, f"unreadable Date header {date[:40]!r}")
     skew = local - server
     evidence = (f"server Date: {date}", f"local clock is {skew:+.0f} s from the server's")
     if abs(skew) >= SKEW_FAIL:
-        return _result(4, Status.FAIL, f"clock skew of {abs(skew):.0f} s", evidence, remedy.clock())
+        return _result(
+            ApiStep.CLOCK, Status.FAIL, f"clock skew of {abs(skew):.0f} s", evidence, remedy.clock()
+        )
     if abs(skew) >= SKEW_WARN:
-        return _result(4, Status.WARN, f"clock skew of {abs(skew):.0f} s", evidence, remedy.clock())
+        return _result(
+            ApiStep.CLOCK, Status.WARN, f"clock skew of {abs(skew):.0f} s", evidence, remedy.clock()
+        )
     return _result(
-        4, Status.OK, "in step (within a few seconds; Date has 1 s resolution)", evidence
+        ApiStep.CLOCK,
+        Status.OK,
+        "in step (within a few seconds; Date has 1 s resolution)",
+        evidence,
     )
 
 
@@ -359,22 +388,27 @@ async def _auth_checks(
         if exc.code == 401:
             results.append(
                 _result(
-                    5,
+                    ApiStep.AUTH,
                     Status.FAIL,
                     "401: credentials rejected or expired",
                     (*_token_evidence(token, time.time()), f"from {creds.source}"),
                     remedy.unauthorized(creds.source),
                 )
             )
-            return results + _skip_from(6, "not authenticated")
+            return results + _skip_from(ApiStep.RBAC, "not authenticated")
         if exc.code != 403:
-            results.append(_result(5, Status.FAIL, f"reading the Lease failed: {exc}"))
-            return results + _skip_from(6, "the Lease cannot be read")
+            results.append(_result(ApiStep.AUTH, Status.FAIL, f"reading the Lease failed: {exc}"))
+            return results + _skip_from(ApiStep.RBAC, "the Lease cannot be read")
     except KubeUnreachable as exc:
-        results.append(_result(5, Status.FAIL, f"no HTTP answer: {exc}"))
-        return results + _skip_from(6, "no HTTP answer")
+        results.append(_result(ApiStep.AUTH, Status.FAIL, f"no HTTP answer: {exc}"))
+        return results + _skip_from(ApiStep.RBAC, "no HTTP answer")
     results.append(
-        _result(5, Status.OK, "accepted", (*_token_evidence(token, time.time()), creds.source))
+        _result(
+            ApiStep.AUTH,
+            Status.OK,
+            "accepted",
+            (*_token_evidence(token, time.time()), creds.source),
+        )
     )
 
     denied: list[str] = []
@@ -390,20 +424,22 @@ async def _auth_checks(
                 if reason:
                     reasons.append(f"reason: {reason}")
     except (KubeStatusError, KubeUnreachable) as exc:
-        results.append(_result(6, Status.FAIL, f"SelfSubjectAccessReview failed: {exc}"))
-        return results + _skip_from(7, "permissions unknown")
+        results.append(_result(ApiStep.RBAC, Status.FAIL, f"SelfSubjectAccessReview failed: {exc}"))
+        return results + _skip_from(ApiStep.NAMESPACE, "permissions unknown")
     if denied:
         results.append(
             _result(
-                6,
+                ApiStep.RBAC,
                 Status.FAIL,
                 f"403: RBAC forbids {', '.join(denied)} on leases in {target.namespace}",
                 tuple(reasons),
                 remedy.forbidden(target.namespace, _subject(token)),
             )
         )
-        return results + _skip_from(7, "the Lease cannot be created")
-    results.append(_result(6, Status.OK, "get, create and update allowed", tuple(reasons)))
+        return results + _skip_from(ApiStep.NAMESPACE, "the Lease cannot be created")
+    results.append(
+        _result(ApiStep.RBAC, Status.OK, "get, create and update allowed", tuple(reasons))
+    )
     results.append(await _namespace_check(client, target))
     return results
 
@@ -418,17 +454,21 @@ async def _namespace_check(client: KubeClient, target: ApiTarget) -> CheckResult
     try:
         await client.create_lease(target.namespace, probe, dry_run=True)
     except LeaseConflict:
-        return _result(7, Status.OK, f"{target.namespace} exists; the Lease exists too")
+        return _result(
+            ApiStep.NAMESPACE, Status.OK, f"{target.namespace} exists; the Lease exists too"
+        )
     except KubeStatusError as exc:
         if exc.code == 404:
             return _result(
-                7,
+                ApiStep.NAMESPACE,
                 Status.FAIL,
                 f"namespace {target.namespace} is missing",
                 (str(exc),),
                 remedy.missing_namespace(target.namespace),
             )
-        return _result(7, Status.FAIL, f"a dry-run create failed: {exc}")
+        return _result(ApiStep.NAMESPACE, Status.FAIL, f"a dry-run create failed: {exc}")
     except KubeUnreachable as exc:
-        return _result(7, Status.FAIL, f"no HTTP answer: {exc}")
-    return _result(7, Status.OK, f"{target.namespace} exists (dry-run create accepted)")
+        return _result(ApiStep.NAMESPACE, Status.FAIL, f"no HTTP answer: {exc}")
+    return _result(
+        ApiStep.NAMESPACE, Status.OK, f"{target.namespace} exists (dry-run create accepted)"
+    )

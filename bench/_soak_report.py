@@ -280,6 +280,7 @@ def render(summary: dict[str, Any]) -> list[str]:
     pulls = summary["pulls"]
     retried = [p for p in pulls if p.get("retried_because")]
     say("")
+    say(f"containerd {summary.get('containerd_version', '?')} on every node")
     say(
         f"pulls: {len(pulls)} ({sum(1 for p in pulls if p.get('ok'))} completed, "
         f"{len(retried)} retried after a kill on their node), {summary['rounds']} rounds, "

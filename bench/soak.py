@@ -4,12 +4,15 @@ Run as root (network namespaces, nft, tc, containerd)::
 
     .venv/bin/python bench/soak.py --duration 900               # 5 nodes, 20 images
     .venv/bin/python bench/soak.py --quick --json-out soak.json # 4 nodes, about 90 s
+    .venv/bin/python bench/soak.py --quick --containerd 2.3     # the nodes on containerd 2.3
 
 The cluster is ``spegeld_harness.Cluster``: every node a network namespace with its own
-containerd and ``spegeld run``, the upstream a Distribution registry behind a 100 Mbit/s
-``tc tbf`` link. Images of mixed sizes (1-64 MiB, 1-5 layers; ``--quick``: 1-4 MiB) are
-pushed to the upstream, then rolled out one after the other: a random first node pulls
-from the upstream, then the others, ``--parallel`` at a time, each a real
+containerd (``--containerd``: Debian's 1.6 from PATH, the default, or the 2.3 that
+``scripts/build-components`` builds) and ``spegeld run``, the upstream a Distribution
+registry behind a 100 Mbit/s ``tc tbf`` link. Images of mixed sizes (1-64 MiB, 1-5
+layers; ``--quick``: 1-4 MiB) are pushed to the upstream, then rolled out one after the
+other (``bench/_soak_rollout.py``): a random first node pulls from the upstream, then the
+others, ``--parallel`` at a time, each a real
 ``ctr images pull`` inside its namespace through the mirror. When all images are out, they
 are removed from every node and the next round starts, until ``--duration`` has passed
 (and at least one full round is done).
@@ -44,11 +47,10 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from _faults import AGENT, CUTTING_FAULTS, KINDS, Daemons, Injector, plan
+from _faults import AGENT, KINDS, Daemons, Injector, plan
 from _soak_report import (
     ContentCheck,
     Resources,
@@ -59,23 +61,18 @@ from _soak_report import (
     pull_times,
     render,
 )
+from _soak_rollout import Rollout, SoakImage, make_images
 from spegeld_harness import (
-    BuiltImage,
     Cluster,
-    CtrError,
     HarnessUnavailable,
-    Node,
-    build_image,
     missing_requirement,
 )
 
 MiB = 1 << 20
 REGISTRY_PORT = 5000
-# Seconds one ctr pull may take before it counts as hung: 64 MiB over the 100 Mbit/s
-# upstream takes 5.4 s, a SIGSTOPped mirror holds containerd at most 8 s.
-PULL_TIMEOUT = 300.0
-PULL_ATTEMPTS = 4  # a pull cut by a kill on its own node; more would hide a real failure
-FAULT_WAIT = 120.0  # seconds a cut pull waits for its node's fault to end before retrying
+BUILD = Path(__file__).resolve().parent.parent / "scripts" / "build-components"
+# --containerd: None runs Debian's containerd from PATH; a name, the build of that component.
+CONTAINERDS: dict[str, str | None] = {"1.6": None, "2.3": "containerd"}
 # MiB. Measured peak (VmHWM) 70 MiB in a 120 s run of the full configuration, under
 # 300 slowloris connections and parallel 64 MiB proxied pulls; the Python runtime alone is
 # about 57 MiB. Twice the peak plus room for a few more proxied streams' hash backlogs
@@ -90,208 +87,6 @@ JOIN_TIMEOUT = 30.0  # seconds the rollout gets to stop after Ctrl-C or a failur
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-@dataclass(frozen=True)
-class SoakImage:
-    repository: str
-    image: BuiltImage
-    ref: str
-
-    @property
-    def blob_bytes(self) -> int:
-        plat = self.image.platforms[0]
-        return sum(self.image.blobs[d].size for d in (*plat.layers, plat.config))
-
-
-def make_images(rng: random.Random, count: int, low: int, high: int, work: Path) -> list[Any]:
-    """``count`` images, total size log-uniform in [low, high] MiB, 1-5 layers each."""
-    built = []
-    for i in range(count):
-        total = int(MiB * low * (high / low) ** rng.random())
-        layers = rng.randint(1, 5 if high > 8 else 3)
-        cuts = sorted(rng.sample(range(1, total), layers - 1)) if layers > 1 else []
-        sizes = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
-        name = f"soak.local/img-{i:02d}:v1"
-        built.append(
-            build_image(
-                name,
-                sizes,
-                seed=rng.randrange(1 << 30),
-                compresslevel=0,
-                workdir=work / f"img-{i:02d}",
-            )
-        )
-    return built
-
-
-class Rollout:
-    def __init__(
-        self,
-        cluster: Cluster,
-        images: list[SoakImage],
-        injector: Injector,
-        content: ContentCheck,
-        rng: random.Random,
-        args: argparse.Namespace,
-        hit_file: Path,
-    ) -> None:
-        self.cluster = cluster
-        self.images = images
-        self.injector = injector
-        self.content = content
-        self.rng = rng
-        self.args = args
-        self.hit_file = hit_file
-        self.current = images[0]
-        self.stop = threading.Event()
-        self.pulls: list[dict[str, Any]] = []
-        self.rounds_done = 0
-        self.images_rolled = 0
-        self.error: str | None = None
-
-    def blob_path(self) -> str:
-        layers = self.current.image.platforms[0].layers
-        biggest = max(layers, key=lambda d: self.current.image.blobs[d].size)
-        return f"/v2/{self.current.repository}/blobs/{biggest}?ns={self.cluster.upstream_address}"
-
-    def run(self, t0: float) -> None:
-        try:
-            while not self.stop.is_set():
-                order = self.rng.sample(self.images, len(self.images))
-                for item in order:
-                    if self.stop.is_set():
-                        return
-                    self._roll(item)
-                self.rounds_done += 1
-                say(f"round {self.rounds_done} done at {time.monotonic() - t0:.0f} s")
-                if time.monotonic() - t0 >= self.args.duration:
-                    return
-                for node in self.cluster.nodes:
-                    self._remove(node)
-        except BaseException as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            raise
-
-    def _roll(self, item: SoakImage) -> None:
-        self.current = item
-        self.hit_file.write_text(
-            f"/v2/{item.repository}/manifests/v1?ns={self.cluster.upstream_address}\n"
-        )
-        order = self.rng.sample(self.cluster.nodes, len(self.cluster.nodes))
-        now = time.monotonic()
-        for node in list(order):
-            if any(f.kind == "corrupt-peer" for f in self.injector.faults_at(node.name, now, now)):
-                # The corrupting node pulls first, so that the others' pulls (from their
-                # mirrors, from peers) meet it: the fault is exercised, not left to chance.
-                order.remove(node)
-                order.insert(0, node)
-        batches = [order[:1]] + [
-            order[i : i + self.args.parallel] for i in range(1, len(order), self.args.parallel)
-        ]
-        for batch in batches:
-            threads = [threading.Thread(target=self._pull, args=(n, item)) for n in batch]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        self.images_rolled += 1
-
-    def _pull(self, node: Node, item: SoakImage) -> None:
-        first = time.monotonic()
-        retried: list[str] = []
-        record: dict[str, Any] = {
-            "node": node.name,
-            "image": item.repository,
-            "mib": round(item.blob_bytes / MiB, 1),
-            "start": first,
-        }
-        for attempt in range(1, PULL_ATTEMPTS + 1):
-            started = time.monotonic()
-            try:
-                node.containerd.ctr(
-                    "images",
-                    "pull",
-                    "--hosts-dir",
-                    str(node.hosts_dir),
-                    item.ref,
-                    timeout=PULL_TIMEOUT,
-                )
-            except (CtrError, subprocess.TimeoutExpired) as exc:
-                cutting = [
-                    f.kind
-                    for f in self.injector.faults_at(node.name, started, time.monotonic() + 0.5)
-                    if f.kind in CUTTING_FAULTS
-                ]
-                message = getattr(exc, "stderr", None) or str(exc)
-                if cutting and attempt < PULL_ATTEMPTS and not self.stop.is_set():
-                    retried.append(f"{'+'.join(sorted(set(cutting)))}: {message.strip()[-200:]}")
-                    self._wait_fault_end(node)
-                    continue
-                lying = self._corrupt_peers(node, started, time.monotonic() + 0.5)
-                if lying and attempt < PULL_ATTEMPTS and not self.stop.is_set():
-                    # A lying peer's bytes reach containerd before the digest can be
-                    # checked (all but the last chunk), so the attempt that detects it
-                    # fails; kubelet retries. The retry runs while the peer still lies:
-                    # it must succeed because the liar is no longer asked.
-                    retried.append(f"corrupt-peer@{'+'.join(lying)}: {message.strip()[-200:]}")
-                    continue
-                record.update(ok=False, error=str(message).strip()[-2000:], attempts=attempt)
-                record["recovered_on_retry"] = self._diagnose(node, item)
-                say(
-                    f"  !! pull {item.repository} on {node.name} failed: "
-                    f"{str(message).strip()[-300:]}"
-                )
-                break
-            record.update(ok=True, attempts=attempt)
-            break
-        record["end"] = time.monotonic()
-        record["seconds"] = round(record["end"] - first, 3)
-        record["retried_because"] = retried
-        self.pulls.append(record)
-        self.content.check(node)
-
-    def _corrupt_peers(self, node: Node, start: float, end: float) -> list[str]:
-        """The other nodes that served corrupt bytes to their peers during [start, end]."""
-        return sorted(
-            other.name
-            for other in self.cluster.nodes
-            if other is not node
-            and any(
-                f.kind == "corrupt-peer" for f in self.injector.faults_at(other.name, start, end)
-            )
-        )
-
-    def _diagnose(self, node: Node, item: SoakImage) -> bool:
-        """Pull once more, for the report only: is the failure transient (a retry, as
-        kubelet would make, completes) or does it persist? The failed pull stays failed."""
-        try:
-            node.containerd.ctr(
-                "images", "pull", "--hosts-dir", str(node.hosts_dir), item.ref, timeout=PULL_TIMEOUT
-            )
-        except (CtrError, subprocess.TimeoutExpired):
-            return False
-        return True
-
-    def _wait_fault_end(self, node: Node) -> None:
-        deadline = time.monotonic() + FAULT_WAIT
-        while time.monotonic() < deadline and not self.stop.is_set():
-            now = time.monotonic()
-            on = [
-                f for f in self.injector.faults_at(node.name, now, now) if f.kind in CUTTING_FAULTS
-            ]
-            if not on and node.containerd.running:
-                return
-            time.sleep(0.2)
-
-    def _remove(self, node: Node) -> None:
-        for item in self.images:
-            for _ in range(PULL_ATTEMPTS):
-                try:
-                    node.containerd.ctr("images", "rm", "--sync", item.ref, timeout=120)
-                    break
-                except (CtrError, subprocess.TimeoutExpired):
-                    self._wait_fault_end(node)
 
 
 def start_probes(cluster: Cluster, work: Path, hit_file: Path, seconds: float) -> dict[str, Any]:
@@ -341,7 +136,15 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     }
-    with Cluster(nodes_wanted=args.nodes, base_dir=work / "cluster", progress=say) as cluster:
+    with Cluster(
+        nodes_wanted=args.nodes,
+        base_dir=work / "cluster",
+        containerd_bin_dir=args.containerd_bin_dir,
+        progress=say,
+    ) as cluster:
+        summary["containerd_version"] = version = cluster.containerd_version
+        if not version.lstrip("v").startswith(args.containerd + "."):
+            raise HarnessUnavailable(f"--containerd {args.containerd}, but the nodes run {version}")
         images = [
             SoakImage(f"soak/img-{i:02d}", b, cluster.push(b, f"soak/img-{i:02d}", "v1"))
             for i, b in enumerate(built)
@@ -461,6 +264,28 @@ def verdict(summary: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def containerd_bin_dir(version: str) -> Path | None:
+    """Where the nodes' containerd and ctr are: None (PATH) or the pinned build's dir."""
+    component = CONTAINERDS[version]
+    if component is None:
+        return None
+    try:
+        found = subprocess.run(
+            [str(BUILD), "--print-path", component],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessUnavailable(f"scripts/build-components failed: {exc}") from exc
+    if found.returncode != 0 or not found.stdout.strip():
+        raise HarnessUnavailable(
+            f"containerd {version} is not built: run scripts/build-components {component}"
+        )
+    return Path(found.stdout.strip())
+
+
 def _join(thread: threading.Thread) -> None:
     if thread.ident is not None:  # started (Ctrl-C may come before)
         thread.join(JOIN_TIMEOUT)
@@ -480,6 +305,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="the fault plan and images")
     parser.add_argument("--parallel", type=int, default=2, help="pulls at once after the first")
     parser.add_argument("--quick", action="store_true", help="a short run: every fault once")
+    parser.add_argument(
+        "--containerd",
+        choices=sorted(CONTAINERDS),
+        default="1.6",
+        help="the nodes' containerd: Debian's 1.6 (default) or the 2.3 scripts/setup builds",
+    )
     parser.add_argument("--json-out", type=Path, help="write the summary (JSON) here")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--keep-work", action="store_true", help="keep the logs and images")
@@ -489,15 +320,20 @@ def main() -> int:
     args.images = args.images or (4 if args.quick else 20)
     if not 2 <= args.nodes <= 20 or args.images < 1 or args.parallel < 1 or args.duration < 10:
         parser.error("need 2 <= nodes <= 20, images >= 1, parallel >= 1, duration >= 10")
-    problem = missing_requirement()
+    try:
+        args.containerd_bin_dir = containerd_bin_dir(args.containerd)
+    except HarnessUnavailable as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
+    problem = missing_requirement(args.containerd_bin_dir)
     if problem is not None:
         print(f"soak: {problem}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupted)
     work = Path(tempfile.mkdtemp(prefix="spegeld-soak-", dir=args.work_dir))
     say(
-        f"soak: {args.nodes} nodes, {args.images} images, {args.duration:.0f} s, seed "
-        f"{args.seed}; load {os.getloadavg()[0]:.2f}; work dir {work}"
+        f"soak: {args.nodes} nodes on containerd {args.containerd}, {args.images} images, "
+        f"{args.duration:.0f} s, seed {args.seed}; load {os.getloadavg()[0]:.2f}; work dir {work}"
     )
     try:
         summary = soak(args, work)

@@ -425,7 +425,11 @@ async def _no_chunks() -> AsyncIterator[bytes]:
 
 async def _file_chunks(path: Path, offset: int, length: int | None) -> AsyncIterator[bytes]:
     remaining = length
-    async with await trio.open_file(path, "rb") as f:
+    try:
+        opened = await trio.open_file(path, "rb")
+    except FileNotFoundError as exc:  # the GC took it since it was looked up; an open file stays
+        raise NotFound(f"{path.name} left the content store while being opened") from exc
+    async with opened as f:
         await f.seek(offset)
         while remaining is None or remaining > 0:
             want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)

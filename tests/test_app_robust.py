@@ -14,8 +14,7 @@ import trio
 
 from spegeld.app import Coordination
 from spegeld.config import ContainerdConfig, NodeConfig
-from spegeld.gossip import GossipConfig, GossipCore, Keyring
-from spegeld.gossip._shell import GossipRouter
+from spegeld.gossip import GossipConfig, GossipCore, GossipRouter, Keyring
 from spegeld.metrics import MetricsRegistry
 
 PORT = 17946  # loopback only; the core refuses port 0 for its own identity
@@ -25,8 +24,8 @@ def config(state_dir: Path) -> NodeConfig:
     return NodeConfig(
         node_name="n0",
         containerd=ContainerdConfig(),
-        registry_host="127.0.0.1",
-        registry_port=5000,
+        mirror_host="127.0.0.1",
+        mirror_port=5000,
         advertise_addr="127.0.0.1",
         mirrored_registries=frozenset(),
         resolve_tags=True,
@@ -40,7 +39,7 @@ async def test_a_lease_naming_a_bad_gossip_address_is_ignored_and_gossip_goes_on
     tmp_path: Path,
 ) -> None:
     core = GossipCore(
-        GossipConfig(node="n0", addr=("127.0.0.1", PORT), registry="127.0.0.1:5000", incarnation=1),
+        GossipConfig(node="n0", addr=("127.0.0.1", PORT), mirror="127.0.0.1:5000", incarnation=1),
         Keyring.insecure(),
         random.Random(1),
         trio.current_time(),

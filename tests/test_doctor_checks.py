@@ -33,8 +33,7 @@ from spegeld.doctor import (
     check_node,
     ping_peer,
 )
-from spegeld.gossip import GossipConfig, GossipCore, Keyring
-from spegeld.gossip._shell import GossipRouter
+from spegeld.gossip import GossipConfig, GossipCore, GossipRouter, Keyring
 from spegeld.kube import Credentials
 
 IMAGE = build_image("example.com/doctor/app:v1", [200_000, 50_000], seed=5)
@@ -67,7 +66,7 @@ async def test_a_peer_with_our_key_answers_another_key_is_silent_a_closed_port_r
     port = free_port("127.0.0.1", kind=2)  # SOCK_DGRAM
     core = GossipCore(
         GossipConfig(
-            node="peer-1", addr=("127.0.0.1", port), registry="127.0.0.1:5000", incarnation=7
+            node="peer-1", addr=("127.0.0.1", port), mirror="127.0.0.1:5000", incarnation=7
         ),
         keyring(b"k"),
         random.Random(3),

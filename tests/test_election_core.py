@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 
 from spegeld.election import (
     GOSSIP_ADDR_ANNOTATION,
-    REGISTRY_ADDR_ANNOTATION,
+    MIRROR_ADDR_ANNOTATION,
     CoordinatorView,
     CreateLease,
     ElectionConfig,
@@ -26,11 +26,13 @@ from spegeld.election import (
     ElectionTimings,
     Event,
     HolderSeen,
+    KubeLeaseStore,
     LeadershipChanged,
     LeaseConflicted,
     LeaseRead,
     LeaseRecord,
     LeaseWritten,
+    MemoryLeaseApi,
     ReadLease,
     Request,
     RequestFailed,
@@ -59,7 +61,7 @@ def make_core(identity: str = "a", now: float = 100.0, **timings: float) -> Elec
     config = ElectionConfig(
         identity,
         gossip_addr=f"{identity}.gossip:7946",
-        registry_addr=f"{identity}.registry:5000",
+        mirror_addr=f"{identity}.mirror:5000",
         timings=ElectionTimings(**timings),  # type: ignore[arg-type]
     )
     return ElectionCore(config, now)
@@ -73,7 +75,7 @@ def held_by(holder: str = "b", rv: str = "7", duration: int = 15, **fields: obje
         renew_time=WALL,
         transitions=3,
         gossip_addr=f"{holder}.gossip:7946",
-        registry_addr=f"{holder}.registry:5000",
+        mirror_addr=f"{holder}.mirror:5000",
         resource_version=rv,
     )
     return replace(base, **fields)  # type: ignore[arg-type]
@@ -144,6 +146,12 @@ def test_empty_identity_is_a_config_error() -> None:
         ElectionConfig(" ")
 
 
+@pytest.mark.parametrize(("namespace", "name"), [("", "x"), ("spegeld", "")])
+def test_an_empty_lease_namespace_or_name_is_a_config_error(namespace: str, name: str) -> None:
+    with pytest.raises(ConfigError, match="namespace and name"):
+        KubeLeaseStore(MemoryLeaseApi().client("a"), namespace, name)
+
+
 def test_micro_time_is_utc_with_six_digits_and_z() -> None:
     plus_two = timezone(timedelta(hours=2))
     assert (
@@ -194,7 +202,7 @@ def test_lease_object_round_trip_keeps_foreign_metadata() -> None:
     assert lease["metadata"]["annotations"] == {
         "other": "x",
         GOSSIP_ADDR_ANNOTATION: "b.gossip:7946",
-        REGISTRY_ADDR_ANNOTATION: "b.registry:5000",
+        MIRROR_ADDR_ANNOTATION: "b.mirror:5000",
     }
     assert lease["spec"] == {
         "holderIdentity": "b",
@@ -206,7 +214,7 @@ def test_lease_object_round_trip_keeps_foreign_metadata() -> None:
     assert "status" not in lease
     assert record_from_lease(lease) == record
     released = lease_from_record(
-        replace(record, holder="", gossip_addr="", registry_addr=""), "spegeld", "x", lease
+        replace(record, holder="", gossip_addr="", mirror_addr=""), "spegeld", "x", lease
     )
     assert released["metadata"]["annotations"] == {"other": "x"}
 
@@ -248,7 +256,7 @@ def test_absent_lease_is_created_and_leads_until_renew_deadline_after_send() -> 
     assert create.record.duration == 15
     assert create.record.resource_version is None
     assert create.record.gossip_addr == "a.gossip:7946"
-    assert create.record.registry_addr == "a.registry:5000"
+    assert create.record.mirror_addr == "a.mirror:5000"
     assert not core.is_leader(101.0)
     core.receive(LeaseWritten(create.request_id, store(create.record, "1")), 103.0)
     assert _events(core) == [LeadershipChanged(True)]
@@ -337,7 +345,7 @@ def test_without_a_resource_version_the_whole_spec_identifies_the_version() -> N
 def test_released_lease_is_taken_at_once() -> None:
     core = make_core()
     core.set_view(CoordinatorView.GONE, 100.0)
-    released = held_by("", rv="9", duration=1, gossip_addr="", registry_addr="")
+    released = held_by("", rv="9", duration=1, gossip_addr="", mirror_addr="")
     answer_read(core, 100.0, released)
     update = one(core, 100.0)
     assert isinstance(update, UpdateLease)

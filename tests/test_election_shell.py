@@ -14,11 +14,12 @@ import trio.testing
 
 from spegeld.election import (
     GOSSIP_ADDR_ANNOTATION,
-    REGISTRY_ADDR_ANNOTATION,
+    MIRROR_ADDR_ANNOTATION,
     CoordinatorView,
     ElectionConfig,
     Elector,
-    MemoryLeaseStore,
+    KubeLeaseStore,
+    MemoryLeaseApi,
     parse_micro_time,
 )
 from spegeld.errors import KubeStatusError, KubeUnreachable
@@ -98,7 +99,7 @@ class Node:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def make_node(store: MemoryLeaseStore, gossip: FakeGossip, name: str, **kwargs: Any) -> Node:
+def make_node(api: MemoryLeaseApi, gossip: FakeGossip, name: str, **kwargs: Any) -> Node:
     changes: list[bool] = []
     metrics = MetricsRegistry()
 
@@ -107,8 +108,8 @@ def make_node(store: MemoryLeaseStore, gossip: FakeGossip, name: str, **kwargs: 
         gossip.leadership(name, leader)
 
     elector = Elector(
-        store.client(name),
-        ElectionConfig(name, gossip_addr=f"{name}-gossip:7946", registry_addr=f"{name}-reg:5000"),
+        KubeLeaseStore(api.client(name), NS, NAME),
+        ElectionConfig(name, gossip_addr=f"{name}-gossip:7946", mirror_addr=f"{name}-reg:5000"),
         on_leadership=on_leadership,
         metrics=metrics,
         wall_clock=wall,
@@ -148,15 +149,15 @@ def leaders(nodes: list[Node]) -> list[str]:
 async def test_single_node_acquires_and_renews_every_retry_period(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store, gossip = MemoryLeaseStore(), FakeGossip()
-    node = make_node(store, gossip, "a")
+    api, gossip = MemoryLeaseApi(), FakeGossip()
+    node = make_node(api, gossip, "a")
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             await start(nursery, node)
             await wait_for(node.elector.is_leader, 1, "leadership")
             assert node.changes == [True]
             assert "spegeld_coordinator 1" in node.metrics.render()
-            first = store.lease(NS, NAME)
+            first = api.lease(NS, NAME)
             assert first is not None
             assert first["spec"]["holderIdentity"] == "a"
             assert first["spec"]["leaseDurationSeconds"] == 15
@@ -164,31 +165,31 @@ async def test_single_node_acquires_and_renews_every_retry_period(
             assert len(first["spec"]["renewTime"]) == len("2026-11-27T06:30:00.000000Z")
             assert first["metadata"]["annotations"] == {
                 GOSSIP_ADDR_ANNOTATION: "a-gossip:7946",
-                REGISTRY_ADDR_ANNOTATION: "a-reg:5000",
+                MIRROR_ADDR_ANNOTATION: "a-reg:5000",
             }
-            before = store.requests_by["a"]
+            before = api.requests_by["a"]
             renewals: list[float] = []
             for _ in range(10):
-                previous = store.lease(NS, NAME)
-                await wait_for(lambda p=previous: store.lease(NS, NAME) != p, 3, "a renewal")  # type: ignore[misc]
-                renewals.append(sent_at(store.lease(NS, NAME)))
+                previous = api.lease(NS, NAME)
+                await wait_for(lambda p=previous: api.lease(NS, NAME) != p, 3, "a renewal")  # type: ignore[misc]
+                renewals.append(sent_at(api.lease(NS, NAME)))
             gaps = [round(b - a, 6) for a, b in itertools.pairwise(renewals)]
             assert gaps == [2.0] * 9
-            assert store.requests_by["a"] - before == 10  # one update per renewal, no reads
-            lease = store.lease(NS, NAME)
+            assert api.requests_by["a"] - before == 10  # one update per renewal, no reads
+            lease = api.lease(NS, NAME)
             assert lease is not None
             assert lease["spec"]["acquireTime"] == first["spec"]["acquireTime"]
             stats = node.elector.statistics()
             assert (stats.role, stats.holder, stats.consecutive_failures) == ("leader", "a", 0)
-            assert stats.api_requests == store.requests_by["a"]
+            assert stats.api_requests == api.requests_by["a"]
             nursery.cancel_scope.cancel()
 
 
 async def test_three_electors_one_leader_and_silent_followers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store, gossip = MemoryLeaseStore(), FakeGossip()
-    nodes = [make_node(store, gossip, name) for name in "abc"]
+    api, gossip = MemoryLeaseApi(), FakeGossip()
+    nodes = [make_node(api, gossip, name) for name in "abc"]
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             for node in nodes:
@@ -197,12 +198,12 @@ async def test_three_electors_one_leader_and_silent_followers(
             await trio.sleep(1)
             (leader,) = leaders(nodes)
             followers = [n.name for n in nodes if n.name != leader]
-            counts = {name: store.requests_by.get(name, 0) for name in followers}
+            counts = {name: api.requests_by.get(name, 0) for name in followers}
             for _ in range(600):  # 60 s, checked every 0.1 s
                 await trio.sleep(0.1)
                 assert leaders(nodes) == [leader]
-            assert {name: store.requests_by.get(name, 0) for name in followers} == counts
-            assert store.requests_by[leader] >= 30
+            assert {name: api.requests_by.get(name, 0) for name in followers} == counts
+            assert api.requests_by[leader] >= 30
             for node in nodes:
                 if node.name != leader:
                     stats = node.elector.statistics()
@@ -217,8 +218,8 @@ async def test_three_electors_one_leader_and_silent_followers(
 async def test_leader_crash_is_taken_over_after_its_fence(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store, gossip = MemoryLeaseStore(), FakeGossip()
-    nodes = [make_node(store, gossip, name) for name in "abc"]
+    api, gossip = MemoryLeaseApi(), FakeGossip()
+    nodes = [make_node(api, gossip, name) for name in "abc"]
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             for node in nodes:
@@ -229,12 +230,12 @@ async def test_leader_crash_is_taken_over_after_its_fence(
             old.scope.cancel()  # kill -9: no release, no goodbye
             killed = trio.current_time()
             gossip.killed[old.name] = killed
-            last_renewal = sent_at(store.lease(NS, NAME))
+            last_renewal = sent_at(api.lease(NS, NAME))
             survivors = [n for n in nodes if n is not old]
             took = await wait_for(
                 lambda: len([n for n in survivors if n.elector.is_leader()]) == 1, 30, "takeover"
             )
-            new = store.lease(NS, NAME)
+            new = api.lease(NS, NAME)
             assert new is not None
             assert new["spec"]["holderIdentity"] != old.name
             assert new["spec"]["leaseTransitions"] == 1
@@ -248,8 +249,8 @@ async def test_leader_crash_is_taken_over_after_its_fence(
 async def test_graceful_release_is_taken_over_within_two_seconds(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store, gossip = MemoryLeaseStore(), FakeGossip()
-    nodes = [make_node(store, gossip, name) for name in "abc"]
+    api, gossip = MemoryLeaseApi(), FakeGossip()
+    nodes = [make_node(api, gossip, name) for name in "abc"]
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             for node in nodes:
@@ -261,7 +262,7 @@ async def test_graceful_release_is_taken_over_within_two_seconds(
             old.scope.cancel()
             assert old.changes == [True, False]
             assert old.elector.statistics().role == "disabled"
-            released = store.lease(NS, NAME)
+            released = api.lease(NS, NAME)
             assert released is not None
             assert released["spec"]["holderIdentity"] == ""
             assert released["spec"]["leaseDurationSeconds"] == 1
@@ -285,17 +286,17 @@ async def test_api_failures_are_diagnosed_once_per_streak_and_leader_steps_down(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="spegeld.election")
-    store, gossip = MemoryLeaseStore(), FakeGossip()
+    api, gossip = MemoryLeaseApi(), FakeGossip()
     diagnose = Diagnoser()
-    node = make_node(store, gossip, "a", diagnose=diagnose)
+    node = make_node(api, gossip, "a", diagnose=diagnose)
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             await start(nursery, node)
             await wait_for(node.elector.is_leader, 1, "leadership")
             await trio.sleep(5)
-            last_success = sent_at(store.lease(NS, NAME))
-            store.failure = KubeUnreachable("connection refused")
-            before = store.requests_by["a"]
+            last_success = sent_at(api.lease(NS, NAME))
+            api.failure = KubeUnreachable("connection refused")
+            before = api.requests_by["a"]
             step_down = await wait_for(lambda: not node.elector.is_leader(), 20, "step-down")
             now = trio.current_time()
             assert now == pytest.approx(last_success + 10.0, abs=0.02)
@@ -303,17 +304,17 @@ async def test_api_failures_are_diagnosed_once_per_streak_and_leader_steps_down(
             assert "spegeld_coordinator 0" in node.metrics.render()
             assert step_down < 10.0
             # Retries every retry period while leading: at most 10 / 2 of them.
-            assert store.requests_by["a"] - before <= 5
+            assert api.requests_by["a"] - before <= 5
 
             # Not leading: the retries back off, doubling up to 30 s.
             times: list[float] = []
-            original = store._call
+            original = api._call
 
             async def timed(caller: str) -> None:
                 times.append(trio.current_time())
                 await original(caller)
 
-            store._call = timed  # type: ignore[method-assign]
+            api._call = timed  # type: ignore[method-assign]
             await trio.sleep(200)
             gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
             assert gaps[-3:] == [30.0, 30.0, 30.0]
@@ -327,9 +328,9 @@ async def test_api_failures_are_diagnosed_once_per_streak_and_leader_steps_down(
             assert stats.next_attempt_in is not None
             assert 0 < stats.next_attempt_in <= 30
 
-            store.failure = KubeStatusError(403, "Forbidden", "leases is forbidden")
+            api.failure = KubeStatusError(403, "Forbidden", "leases is forbidden")
             await wait_for(lambda: len(diagnose.calls) == 2, 40, "a second diagnosis")
-            store.failure = None
+            api.failure = None
             await wait_for(node.elector.is_leader, 40, "leadership again")
             nursery.cancel_scope.cancel()
 
@@ -349,11 +350,11 @@ async def test_api_failures_are_diagnosed_once_per_streak_and_leader_steps_down(
 async def test_no_gossip_view_seeds_from_the_lease_without_polling(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = MemoryLeaseStore()
+    api = MemoryLeaseApi()
     leader_gossip, lonely_gossip = FakeGossip(), FakeGossip(members=False)
-    leader = make_node(store, leader_gossip, "a")
+    leader = make_node(api, leader_gossip, "a")
     seeds: list[str] = []
-    joiner = make_node(store, lonely_gossip, "b", on_holder=seeds.append)
+    joiner = make_node(api, lonely_gossip, "b", on_holder=seeds.append)
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             await start(nursery, leader)
@@ -363,7 +364,7 @@ async def test_no_gossip_view_seeds_from_the_lease_without_polling(
             assert seeds == ["a-gossip:7946"]
             assert not joiner.elector.is_leader()
             # one read at start, then at most one per lease duration: 1 + 61 // 15
-            assert store.requests_by["b"] == 5
+            assert api.requests_by["b"] == 5
             stats = joiner.elector.statistics()
             assert (stats.role, stats.holder) == ("follower", "a")
             nursery.cancel_scope.cancel()
@@ -372,11 +373,11 @@ async def test_no_gossip_view_seeds_from_the_lease_without_polling(
 async def test_a_malformed_lease_is_a_failure_not_a_crash(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store, gossip = MemoryLeaseStore(), FakeGossip()
-    await store.create_lease(
+    api, gossip = MemoryLeaseApi(), FakeGossip()
+    await api.create_lease(
         NS, {"metadata": {"name": NAME}, "spec": {"holderIdentity": 7, "renewTime": "never"}}
     )
-    node = make_node(store, gossip, "a")
+    node = make_node(api, gossip, "a")
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             await start(nursery, node)

@@ -178,7 +178,7 @@ def test_key_is_found_everywhere_but_never_on_self_and_withdraw_removes_it() -> 
         assert len(core.lookup(key, 1)) == 1
         peer = core.lookup(tag, 5)
         if core.node != "node-3":
-            assert [p.registry for p in peer] == [f"{sim.addr(3)[0]}:5000"]
+            assert [p.mirror for p in peer] == [f"{sim.addr(3)[0]}:5000"]
     sim.core(3).withdraw([key, tag])
     sim.wait(
         lambda: all(
@@ -1031,9 +1031,7 @@ def test_coordinator_view_follows_the_flag_and_member_states() -> None:
 
 def test_a_core_without_members_has_no_coordinator_view_and_takes_new_seeds() -> None:
     core = GossipCore(
-        GossipConfig(
-            node="lone", addr=("127.0.0.1", 7946), registry="127.0.0.1:5000", incarnation=1
-        ),
+        GossipConfig(node="lone", addr=("127.0.0.1", 7946), mirror="127.0.0.1:5000", incarnation=1),
         Keyring.insecure(),
         random.Random(1),
         0.0,

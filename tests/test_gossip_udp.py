@@ -728,13 +728,13 @@ def test_malformed_member_records_are_ignored_and_counted_and_gossip_goes_on(
     def record(node: str, **fields: Any) -> Member:
         values: dict[str, Any] = {
             "incarnation": incarnation, "state": State.ALIVE, "addr": mallory,
-            "registry": f"{ATTACKER_HOST}:5000", "version": incarnation << 20,
+            "mirror": f"{ATTACKER_HOST}:5000", "version": incarnation << 20,
         }  # fmt: skip
         values.update(fields)
         return Member(node, **values)
 
     rejected = {
-        "registry": [record("m-port", registry=f"{ATTACKER_HOST}:http")],  # non-numeric port
+        "registry": [record("m-port", mirror=f"{ATTACKER_HOST}:http")],  # non-numeric port
         "incarnation": [
             record("m-huge", incarnation=0xFFFF_FFFF),
             record(name, incarnation=0xFFFF_FFFF - 1, state=State.SUSPECT),  # push us

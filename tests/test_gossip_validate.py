@@ -44,8 +44,8 @@ from spegeld.gossip._security import Keyring, ReplayWindow, seal
 from spegeld.gossip._validate import (
     MAX_CHUNKS,
     valid_gossip_addr,
+    valid_mirror_addr,
     valid_name,
-    valid_registry,
 )
 
 RING = Keyring([(1, b"s" * 32)])
@@ -83,10 +83,10 @@ def member(
     state: State = State.ALIVE,
     host: str = "10.0.0.2",
     port: int = 7946,
-    registry: str = "10.0.0.2:5000",
+    mirror: str = "10.0.0.2:5000",
     version: int = BASE << 20,
 ) -> Member:
-    return Member(node, incarnation, state, (host, port), registry, version)
+    return Member(node, incarnation, state, (host, port), mirror, version)
 
 
 # -- the grammar -------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_node_names(name: str, ok: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("registry", "ok"),
+    ("mirror", "ok"),
     [
         ("10.0.0.2:5000", True),
         ("node-1.cluster.local:5000", True),
@@ -140,8 +140,8 @@ def test_node_names(name: str, ok: bool) -> None:
         ("r" * 254 + ":1", False),
     ],
 )
-def test_registry_addresses(registry: str, ok: bool) -> None:
-    assert valid_registry(registry) is ok
+def test_mirror_addresses(mirror: str, ok: bool) -> None:
+    assert valid_mirror_addr(mirror) is ok
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_gossip_addresses(addr: tuple[str, int], ok: bool) -> None:
     [
         (GossipConfig("bad name", ME, "10.0.0.1:5000", 1), "node name"),
         (GossipConfig("me", ("node.example", 7946), "10.0.0.1:5000", 1), "gossip address"),
-        (GossipConfig("me", ME, "fd00::1:5000", 1), "registry address"),
+        (GossipConfig("me", ME, "fd00::1:5000", 1), "mirror address"),
         (GossipConfig("me", ME, "10.0.0.1:5000", MAX_INCARNATION + 1), "32 bits"),
         (GossipConfig("me", ME, "10.0.0.1:5000", -1), "32 bits"),
     ],
@@ -180,7 +180,7 @@ def test_a_core_refuses_an_identity_its_peers_would_reject(
 # -- records that are ignored and counted -----------------------------------------------------
 
 BAD_RECORDS = {
-    "registry": member("p1", registry="10.0.0.2:http"),
+    "registry": member("p1", mirror="10.0.0.2:http"),
     "address": member("p2", host="garbage"),
     "name": member("bad name"),
     "incarnation": member("p3", incarnation=MAX_INCARNATION),
@@ -195,7 +195,7 @@ def test_an_invalid_record_is_ignored_and_counted_wherever_it_rides(
 ) -> None:
     me = core()
     bad = BAD_RECORDS[reason]
-    good = member("honest", registry="10.0.0.3:5000", host="10.0.0.3")
+    good = member("honest", mirror="10.0.0.3:5000", host="10.0.0.3")
     messages: dict[str, tuple[Message, ...]] = {
         "member": (bad, good),
         "summary": (Summary((bad, good), True),),

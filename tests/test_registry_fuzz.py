@@ -272,9 +272,9 @@ METHODS = st.one_of(
 def check_route(route: Route, method: bytes) -> None:
     """What the rest of the server may rely on once a target is routed."""
     assert method in (b"GET", b"HEAD")
-    for text in (route.name, route.digest or "", route.tag or "", route.registry or ""):
+    for text in (route.name, route.digest or "", route.tag or "", route.upstream or ""):
         assert "\x00" not in text and "\\" not in text and "%" not in text
-    for text in (route.name, route.digest or "", route.registry or ""):
+    for text in (route.name, route.digest or "", route.upstream or ""):
         assert ".." not in text  # (a tag may hold "..", and is never part of a path)
     if route.kind in (Kind.MANIFEST, Kind.BLOB):
         assert len(route.name) <= 255
@@ -289,10 +289,10 @@ def check_route(route: Route, method: bytes) -> None:
         assert "/" not in route.digest
     if route.tag is not None:
         assert OCI_TAG.fullmatch(route.tag), route
-    if route.registry is not None:
-        assert HOSTNAME.fullmatch(route.registry), route
-        assert "/" not in route.registry
-        host = route.registry.rpartition("]")[0] or route.registry.partition(":")[0]
+    if route.upstream is not None:
+        assert HOSTNAME.fullmatch(route.upstream), route
+        assert "/" not in route.upstream
+        host = route.upstream.rpartition("]")[0] or route.upstream.partition(":")[0]
         assert len(host) <= 253 and max(len(label) for label in host.split(".")) <= 63
 
 
@@ -354,7 +354,7 @@ def test_traversal_attempts_are_refused(target: bytes) -> None:
             b"/v2/a/blobs/b/manifests/v1?ns=localhost:5000",  # the last marker wins
             Route(Kind.MANIFEST, "a/blobs/b", None, "v1", "localhost:5000"),
         ),
-        (b"/v2/?ns=docker.io", Route(Kind.BASE, registry="docker.io")),
+        (b"/v2/?ns=docker.io", Route(Kind.BASE, upstream="docker.io")),
     ],
 )
 def test_valid_targets_route(target: bytes, want: Route) -> None:

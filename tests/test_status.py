@@ -26,8 +26,7 @@ from spegeld.cli import cli
 from spegeld.doctor import daemon_status
 from spegeld.election import ElectionStatistics
 from spegeld.errors import RemoteProtocolError
-from spegeld.gossip import GossipConfig, GossipCore, Keyring, MemberView
-from spegeld.gossip._shell import GossipRouter
+from spegeld.gossip import GossipConfig, GossipCore, GossipRouter, Keyring, MemberView
 from spegeld.mirror._http import ServerStatistics
 from spegeld.status import (
     ElectionStatus,
@@ -326,7 +325,7 @@ async def test_the_gossip_shells_report_reads_into_the_model_without_loss() -> N
         GossipRouter(
             GossipCore(
                 GossipConfig(node=f"n{i}", addr=("127.0.0.1", port),
-                             registry=f"127.0.0.1:{5000 + i}", incarnation=1,
+                             mirror=f"127.0.0.1:{5000 + i}", incarnation=1,
                              seeds=tuple(("127.0.0.1", p) for p in ports if p != port)),
                 keys, random.Random(i), trio.current_time(),
             ),
@@ -380,7 +379,7 @@ async def test_a_real_daemons_status_reads_through_every_consumer(
     raw = node.get("/status")[2]
     status = NodeStatus.decode(raw)
     assert status.to_json() == json.loads(raw)  # nothing dropped, nothing added
-    assert status.node == "node-e" and status.registry == (node.address,)
+    assert status.node == "node-e" and status.mirror == (node.address,)
     assert status.router == RouterStatus("gossip")
     assert status.store.synced
     assert status.gossip is not None and status.gossip.key_fingerprint == "insecure"
@@ -399,9 +398,9 @@ async def test_a_real_daemons_status_reads_through_every_consumer(
     assert shown.exit_code == 0, shown.output
     printed = NodeStatus.decode(shown.stdout)  # counters move between reads; the rest holds
     assert printed.to_json().keys() == json.loads(raw).keys()
-    assert (printed.node, printed.registry, printed.router) == (
+    assert (printed.node, printed.mirror, printed.router) == (
         status.node,
-        status.registry,
+        status.mirror,
         status.router,
     )
     assert printed.election is not None and printed.election.lease == election.lease

@@ -57,7 +57,7 @@ def load_toml(path: Path, known_keys: frozenset[str]) -> dict[str, Any]:
     return values
 
 
-DEFAULT_REGISTRY_ADDR = "0.0.0.0:5000"
+DEFAULT_MIRROR_ADDR = "0.0.0.0:5000"  # --registry-addr: where containerd reaches our mirror
 DEFAULT_GOSSIP_ADDR = "0.0.0.0:7946"  # memberlist's port
 DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
 DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
@@ -84,8 +84,8 @@ class NodeConfig:
 
     node_name: str
     containerd: ContainerdConfig
-    registry_host: str
-    registry_port: int
+    mirror_host: str  # --registry-addr: the mirror's listen address
+    mirror_port: int
     advertise_addr: str
     mirrored_registries: frozenset[str]
     resolve_tags: bool

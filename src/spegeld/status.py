@@ -78,7 +78,7 @@ class StoreStatus:
 
 @dataclass(frozen=True, slots=True)
 class HttpStatus:
-    """The mirror's HTTP server counters (``registry``'s ``ServerStatistics``)."""
+    """The mirror's HTTP server counters (``spegeld.mirror``'s ``ServerStatistics``)."""
 
     connections: int = 0
     in_flight: int = 0
@@ -132,7 +132,7 @@ class PeerStatus:
     node: str
     state: str  # alive, suspect, dead or left
     addr: str = ""  # the gossip address, host:port
-    registry: str = ""  # the peer's mirror, host:port
+    mirror: str = ""  # the peer's mirror, host:port (JSON: ``registry``)
     incarnation: int = 0
     rtt_ms: float | None = None
     keys: int = 0
@@ -147,7 +147,7 @@ class PeerStatus:
         return host.strip("[]"), int(port)
 
     def to_json(self) -> JsonObject:
-        return _flat(self)
+        return {("registry" if k == "mirror" else k): v for k, v in _flat(self).items()}
 
     @classmethod
     def from_json(cls, data: object, where: str) -> PeerStatus:
@@ -156,7 +156,7 @@ class PeerStatus:
             node=r.text("node", "?"),
             state=r.text("state", "?"),
             addr=r.text("addr"),
-            registry=r.text("registry"),
+            mirror=r.text("registry"),
             incarnation=r.integer("incarnation"),
             rtt_ms=r.number("rtt_ms"),
             keys=r.integer("keys"),
@@ -315,7 +315,7 @@ class NodeStatus:
     node: str
     version: str = ""
     advertise_addr: str = ""
-    registry: tuple[str, ...] = ()  # the mirror's bound addresses, host:port
+    mirror: tuple[str, ...] = ()  # the mirror's bound addresses, host:port (JSON: ``registry``)
     store: StoreStatus = field(default_factory=StoreStatus)
     http: HttpStatus = field(default_factory=HttpStatus)
     router: RouterStatus | None = None
@@ -332,7 +332,7 @@ class NodeStatus:
             "node": self.node,
             "version": self.version,
             "advertise_addr": self.advertise_addr,
-            "registry": list(self.registry),
+            "registry": list(self.mirror),
             "store": self.store.to_json(),
             "http": self.http.to_json(),
             "coordinator": self.coordinator,
@@ -354,7 +354,7 @@ class NodeStatus:
             node=r.text("node", "?"),
             version=r.text("version"),
             advertise_addr=r.text("advertise_addr"),
-            registry=r.texts("registry"),
+            mirror=r.texts("registry"),
             store=StoreStatus() if store is None else StoreStatus.from_json(store),
             http=HttpStatus() if http is None else HttpStatus.from_json(http),
             router=None if router is None else RouterStatus.from_json(router),

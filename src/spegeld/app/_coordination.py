@@ -11,7 +11,7 @@ import trio
 
 from spegeld.config import NodeConfig, parse_host_port
 from spegeld.doctor import ApiTarget, Status, diagnose_api
-from spegeld.election import ElectionConfig, Elector
+from spegeld.election import ElectionConfig, Elector, KubeLeaseStore
 from spegeld.errors import SpegeldError
 from spegeld.gossip import CoordinatorChanged, GossipEvent, GossipRouter
 from spegeld.kube import Credentials, KubeClient
@@ -79,15 +79,13 @@ class Coordination:
         election = ElectionConfig(
             identity=cfg.node_name,
             gossip_addr=f"{cfg.advertise_addr}:{cfg.gossip_port}",
-            registry_addr=f"{cfg.advertise_addr}:{cfg.registry_port}",
-            namespace=cfg.lease.namespace,
-            name=cfg.lease.name,
+            mirror_addr=f"{cfg.advertise_addr}:{cfg.mirror_port}",
         )
         async with KubeClient(
             self._creds, timeout=KUBE_REQUEST_TIMEOUT, metrics=self._metrics
         ) as client:
             self.elector = Elector(
-                client,
+                KubeLeaseStore(client, cfg.lease.namespace, cfg.lease.name),
                 election,
                 on_leadership=self._on_leadership,
                 on_holder=self._on_holder,

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def _status(
     cfg: NodeConfig,
     store: ContainerdStore,
-    registry: MirrorServer,
+    mirror: MirrorServer,
     gossip: GossipRouter | None,
     coordination: Coordination,
 ) -> NodeStatus:
@@ -45,7 +45,7 @@ def _status(
         node=cfg.node_name,
         version=version(),
         advertise_addr=cfg.advertise_addr,
-        registry=tuple(f"{host}:{port}" for host, port in registry.addresses),
+        mirror=tuple(f"{host}:{port}" for host, port in mirror.addresses),
         store=StoreStatus(
             images=stats.images,
             digests=stats.digests,
@@ -60,7 +60,7 @@ def _status(
             grpc_reads=stats.grpc_reads,
             warnings=stats.warnings,
         ),
-        http=HttpStatus.from_json(registry.statistics()),
+        http=HttpStatus.from_json(mirror.statistics()),
         router=(
             RouterStatus("static", tuple(cfg.static_peers))
             if gossip is None
@@ -84,10 +84,10 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
         GossipConfig(
             node=cfg.node_name,
             addr=own,
-            registry=(  # [v6]:port, as peers parse it
-                f"[{cfg.advertise_addr}]:{cfg.registry_port}"
+            mirror=(  # [v6]:port, as peers parse it
+                f"[{cfg.advertise_addr}]:{cfg.mirror_port}"
                 if ":" in cfg.advertise_addr
-                else f"{cfg.advertise_addr}:{cfg.registry_port}"
+                else f"{cfg.advertise_addr}:{cfg.mirror_port}"
             ),
             incarnation=next_incarnation(cfg.state_dir),
             seeds=await gossip_seeds(cfg, own),
@@ -128,34 +128,32 @@ async def run_node(
                 gossip.export_metrics(metrics)
             coordination = Coordination(cfg, creds, gossip, metrics)
             settings = MirrorSettings(
-                host=cfg.registry_host,
-                port=cfg.registry_port,
+                host=cfg.mirror_host,
+                port=cfg.mirror_port,
                 mirrored_registries=cfg.mirrored_registries,
                 resolve_tags=cfg.resolve_tags,
                 limits=Limits(grace_period=cfg.grace_period),
                 inherited=sup.listeners,
             )
-            registry = MirrorServer(
+            mirror = MirrorServer(
                 store,
                 router,
                 metrics,
                 settings,
                 ready=lambda: store.statistics().synced and router.ready(),
-                status=lambda: _status(cfg, store, registry, gossip, coordination).to_json(),
+                status=lambda: _status(cfg, store, mirror, gossip, coordination).to_json(),
                 discard_partial=client.abort_ingests,
             )
-            registry_done = trio.Event()
+            mirror_done = trio.Event()
 
-            async def serve_registry(
-                *, task_status: trio.TaskStatus[list[tuple[str, int]]]
-            ) -> None:
+            async def serve_mirror(*, task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
                 try:
-                    await registry.run(task_status=task_status)
+                    await mirror.run(task_status=task_status)
                 finally:
-                    registry_done.set()
+                    mirror_done.set()
 
             def status_line() -> str:
-                return status_line_of(_status(cfg, store, registry, gossip, coordination))
+                return status_line_of(_status(cfg, store, mirror, gossip, coordination))
 
             async with trio.open_nursery() as nursery:
                 if sup.watchdog is not None:
@@ -166,8 +164,8 @@ async def run_node(
                     await nursery.start(gossip.run)
                 await nursery.start(advertise_store, store, router)
                 await nursery.start(coordination.run)
-                await nursery.start(serve_registry)
-                task_status.started(registry.addresses)
+                await nursery.start(serve_mirror)
+                task_status.started(mirror.addresses)
                 nursery.start_soon(
                     notify_ready, notifier, lambda: store.statistics().synced and router.ready(),
                     status_line,
@@ -185,12 +183,12 @@ async def run_node(
                     )
                     break
                 notifier.stopping("stopping")
-                registry.shutdown()
+                mirror.shutdown()
                 await coordination.release()
                 if gossip is not None:
                     await gossip.leave()
                     save_incarnation(cfg.state_dir, gossip.incarnation)
-                await registry_done.wait()
+                await mirror_done.wait()
                 nursery.cancel_scope.cancel()
     logger.info("stopped")
 

@@ -73,10 +73,12 @@ def _stack(func: F, decorators: list[Callable[[F], F]]) -> F:
     return func
 
 
-def registry_addr_option(func: F) -> F:
+def mirror_addr_option(func: F) -> F:
+    """Our mirror's listen address. The flag, its parameter ``registry_addr`` (a config
+    file key) and ``SPEGELD_REGISTRY_ADDR`` keep their names: they are a contract."""
     return option(
         "--registry-addr",
-        default=config.DEFAULT_REGISTRY_ADDR,
+        default=config.DEFAULT_MIRROR_ADDR,
         show_default=True,
         help="HOST:PORT the registry mirror listens on.",
     )(func)

@@ -14,7 +14,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/containerd/certs.d")
 _mirror_target = option(
     "--mirror-target",
     metavar="URL",
-    help="This node's spegeld registry, http(s)://host:port (e.g. http://127.0.0.1:5000).",
+    help="This node's spegeld mirror, http(s)://host:port (e.g. http://127.0.0.1:5000).",
 )
 _mirrored_registries = option(
     "--mirrored-registries",

@@ -147,9 +147,9 @@ def _summary(console: Any, results: list[Any], size: int) -> None:
 def _how_to_poke(console: Any, cluster: Any) -> None:
     console.print("\nthe cluster is still running. Try:")
     for node in cluster.describe():
-        ns, registry = node["netns"], node["registry"]
+        ns, mirror = node["netns"], node["registry"]  # the harness's key for a node's mirror
         console.print(f"  ip netns exec {ns} .venv/bin/spegeld status "
-                      f"--registry-addr {registry.removeprefix('http://')}")  # fmt: skip
+                      f"--registry-addr {mirror.removeprefix('http://')}")  # fmt: skip
     first = cluster.describe()[0]
     console.print(
         f"  ip netns exec {first['netns']} .venv/bin/spegeld doctor --only node,gossip "

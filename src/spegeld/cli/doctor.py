@@ -19,8 +19,8 @@ from spegeld.cli._options import (
     json_option,
     kube_options,
     lease_settings,
+    mirror_addr_option,
     option,
-    registry_addr_option,
     state_dir_option,
 )
 
@@ -39,7 +39,7 @@ DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 @option("--hosts-dir", type=click.Path(path_type=Path, readable=False), default=None,
         help="containerd's registry hosts directory.  "
         "[default: config_path from config.toml]")  # fmt: skip
-@registry_addr_option
+@mirror_addr_option
 @gossip_options
 @kube_options
 @option("--api-endpoint", "api_endpoints", multiple=True, metavar="IP:PORT",
@@ -87,10 +87,10 @@ def doctor(
     config.parse_host_port(gossip_addr, "--gossip-addr")
     lease = lease_settings(kubeconfig, kube_context, lease_namespace, lease_name)
     creds, creds_problem = _credentials(lease)
-    registry = config.parse_host_port(registry_addr, "--registry-addr")
+    mirror = config.parse_host_port(registry_addr, "--registry-addr")
 
     async def main() -> checks.Report:
-        status = await checks.daemon_status(registry, min(timeout, 2.0))
+        status = await checks.daemon_status(mirror, min(timeout, 2.0))
         gossip = _gossip_target(cluster_key_file, insecure_gossip, seeds, state_dir, status)
         plan = checks.DoctorPlan(
             api=checks.ApiTarget(creds, lease.namespace, lease.name, endpoints),
@@ -98,7 +98,7 @@ def doctor(
                 containerd_config(containerd_sock, containerd_namespace, containerd_content_path),
                 containerd_config_file,
                 hosts_dir,
-                registry,
+                mirror,
             ),
             gossip=gossip,
             timeout=timeout,

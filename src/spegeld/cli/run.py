@@ -16,8 +16,8 @@ from spegeld.cli._options import (
     gossip_options,
     kube_options,
     lease_settings,
+    mirror_addr_option,
     option,
-    registry_addr_option,
     state_dir_option,
 )
 from spegeld.errors import ConfigError, SpegeldError
@@ -44,7 +44,7 @@ def registry_host(entry: str) -> str:
 @click.command()
 @option("--node-name", default=socket.gethostname, help="This node's name.  [default: hostname]")
 @containerd_options
-@registry_addr_option
+@mirror_addr_option
 @option("--advertise-addr", default=None,
         help="IP peers use to reach this node.  [default: default route's source]")  # fmt: skip
 @option("--mirrored-registries", default="", show_default=True,
@@ -55,7 +55,7 @@ def registry_host(entry: str) -> str:
 @option("--peer-dns", "peer_dns", multiple=True, metavar="NAME[:PORT]",
         help="A DNS name whose addresses are gossip seeds (repeatable).")  # fmt: skip
 @option("--static-peer", "static_peers", multiple=True, metavar="HOST:PORT",
-        help="Instead of gossip: a peer registry asked on every miss (repeatable).")  # fmt: skip
+        help="Instead of gossip: a peer's mirror asked on every miss (repeatable).")  # fmt: skip
 @kube_options
 @option("--no-election", is_flag=True,
         help="Never contend for the coordinator Lease (still follows gossip).")  # fmt: skip
@@ -80,8 +80,8 @@ def run(**params: Any) -> None:
     keyring = load_keyring(cfg)
     creds = load_credentials(cfg)
     inherited = listen_fds()
-    if inherited:  # socket activation: the registry port is the socket's
-        cfg = dataclasses.replace(cfg, registry_port=inherited[0].socket.getsockname()[1])
+    if inherited:  # socket activation: the mirror port is the socket's
+        cfg = dataclasses.replace(cfg, mirror_port=inherited[0].socket.getsockname()[1])
     supervision = Supervision(
         notifier=Notifier.from_environ(),
         watchdog=watchdog_interval(unset=True),
@@ -142,8 +142,8 @@ def node_config(
         containerd=containerd_config(
             containerd_sock, containerd_namespace, containerd_content_path
         ),
-        registry_host=host,
-        registry_port=port,
+        mirror_host=host,
+        mirror_port=port,
         advertise_addr=advertise_addr or default_advertise_addr(),
         mirrored_registries=registries,
         resolve_tags=resolve_tags,

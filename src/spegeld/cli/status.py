@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @click.command()
 @option("--registry-addr", default="127.0.0.1:5000", show_default=True,
-        help="HOST:PORT of the daemon's registry (its /status endpoint).")  # fmt: skip
+        help="HOST:PORT of the daemon's mirror (its /status endpoint).")  # fmt: skip
 @json_option
 def status(registry_addr: str, as_json: bool) -> None:
     """Show the daemon's peers, keys, coordinator and packet counters."""
@@ -52,7 +52,7 @@ def _render(node: NodeStatus) -> None:
     out = Console(markup=False, highlight=False)  # peer-supplied names are never markup
     store = node.store
     out.print(f"node {node.node}  (spegeld {node.version})")
-    out.print(f"registry {', '.join(node.registry)}  advertise {node.advertise_addr}")
+    out.print(f"mirror {', '.join(node.mirror)}  advertise {node.advertise_addr}")
     out.print(f"coordinator: {node.coordinator or 'none known'}")
     election = node.election
     if election is not None and election.role == "disabled" and election.lease is None:
@@ -69,11 +69,11 @@ def _render(node: NodeStatus) -> None:
         out.print(f"router: {'?' if node.router is None else node.router.kind}")
         return
     table = Table(title=f"peers ({gossip.known_keys} keys known)")
-    for column in ("node", "state", "address", "registry", "rtt ms", "keys"):
+    for column in ("node", "state", "address", "mirror", "rtt ms", "keys"):
         table.add_column(column)
     for peer in gossip.peers:
         rtt = "-" if peer.rtt_ms is None else f"{peer.rtt_ms:.2f}"
-        table.add_row(peer.node, peer.state, peer.addr, peer.registry, rtt, str(peer.keys))
+        table.add_row(peer.node, peer.state, peer.addr, peer.mirror, rtt, str(peer.keys))
     out.print(table)
     packets = gossip.packets
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(packets.dropped.items()))

@@ -1,20 +1,26 @@
-"""Coordinator election over a Kubernetes Lease: a sans-I/O core and its trio shell."""
+"""Coordinator election over a Kubernetes Lease: a sans-I/O core and its trio shell.
+
+The seam is :class:`LeaseStore` (one named Lease as records); :class:`KubeLeaseStore`
+implements it over the Kubernetes API's Lease calls (:class:`LeaseApi`, which
+``spegeld.kube.KubeClient`` has and :class:`MemoryLeaseApi` twins).
+"""
 
 from spegeld.election._core import ElectionCore, Role
 from spegeld.election._lease import (
-    LeaseAdapter,
-    LeaseClient,
+    KubeLeaseStore,
+    LeaseApi,
+    LeaseStore,
     format_micro_time,
     lease_from_record,
     parse_micro_time,
     record_from_lease,
 )
-from spegeld.election._memory import MemoryLeaseClient, MemoryLeaseStore
+from spegeld.election._memory import MemoryLeaseApi, MemoryLeaseApiClient
 from spegeld.election._model import (
     DEFAULT_NAME,
     DEFAULT_NAMESPACE,
     GOSSIP_ADDR_ANNOTATION,
-    REGISTRY_ADDR_ANNOTATION,
+    MIRROR_ADDR_ANNOTATION,
     CreateLease,
     ElectionConfig,
     ElectionTimings,
@@ -38,7 +44,7 @@ __all__ = [
     "DEFAULT_NAME",
     "DEFAULT_NAMESPACE",
     "GOSSIP_ADDR_ANNOTATION",
-    "REGISTRY_ADDR_ANNOTATION",
+    "MIRROR_ADDR_ANNOTATION",
     "CoordinatorView",
     "CreateLease",
     "ElectionConfig",
@@ -48,15 +54,16 @@ __all__ = [
     "Elector",
     "Event",
     "HolderSeen",
+    "KubeLeaseStore",
     "LeadershipChanged",
-    "LeaseAdapter",
-    "LeaseClient",
+    "LeaseApi",
     "LeaseConflicted",
     "LeaseRead",
     "LeaseRecord",
+    "LeaseStore",
     "LeaseWritten",
-    "MemoryLeaseClient",
-    "MemoryLeaseStore",
+    "MemoryLeaseApi",
+    "MemoryLeaseApiClient",
     "ReadLease",
     "Request",
     "RequestFailed",

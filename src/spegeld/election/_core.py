@@ -188,7 +188,7 @@ class ElectionCore:
             acquire_time=wall,
             renew_time=wall,
             gossip_addr="",
-            registry_addr="",
+            mirror_addr="",
         )
         self.api_requests += 1
         return UpdateLease(self._take_id(), released)
@@ -275,7 +275,7 @@ class ElectionCore:
             acquire_time=wall,
             renew_time=wall,
             gossip_addr=config.gossip_addr,
-            registry_addr=config.registry_addr,
+            mirror_addr=config.mirror_addr,
         )
         if base is None:
             return ours

@@ -1,9 +1,17 @@
-"""The Lease object on the wire: MicroTime, the codec, and the adapter over a Lease client.
+"""The election's seam, :class:`LeaseStore`, and its Kubernetes implementation.
 
-The codec validates the API's JSON into a :class:`LeaseRecord` so that ``Any`` stops
-here; a Lease we cannot understand is a :class:`RemoteProtocolError`. The adapter
-keeps the last object it saw, so an update carries the labels, annotations and
-other metadata that someone else put on the Lease.
+Two roles, two protocols:
+
+- :class:`LeaseStore` is what the elector uses: one named Lease as :class:`LeaseRecord`
+  values, read, created and updated with their resourceVersion (DESIGN's seam).
+- :class:`LeaseApi` is the Kubernetes API's Lease calls on plain objects:
+  ``spegeld.kube.KubeClient`` has them, and ``MemoryLeaseApi`` is their in-memory twin.
+
+:class:`KubeLeaseStore` is the one implementation of the first over the second. Its
+codec validates the API's JSON into a record so that ``Any`` stops here; a Lease we
+cannot understand is a :class:`RemoteProtocolError`. It keeps the last object it saw,
+so an update carries the labels, annotations and other metadata that someone else
+put on the Lease.
 """
 
 from __future__ import annotations
@@ -14,9 +22,15 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from spegeld.errors import RemoteProtocolError
+from spegeld.errors import ConfigError, RemoteProtocolError
 
-from ._model import GOSSIP_ADDR_ANNOTATION, REGISTRY_ADDR_ANNOTATION, LeaseRecord
+from ._model import (
+    DEFAULT_NAME,
+    DEFAULT_NAMESPACE,
+    GOSSIP_ADDR_ANNOTATION,
+    MIRROR_ADDR_ANNOTATION,
+    LeaseRecord,
+)
 
 API_VERSION = "coordination.k8s.io/v1"
 KIND = "Lease"
@@ -27,8 +41,23 @@ _RFC3339 = re.compile(
 _INT32_MAX = 2**31 - 1
 
 
-class LeaseClient(Protocol):
-    """The three calls the election needs; ``spegeld.kube.KubeClient`` has them.
+class LeaseStore(Protocol):
+    """One named Lease, as records: the election's seam.
+
+    ``update`` sends the record's resourceVersion; a Lease changed since is a
+    ``LeaseConflict`` (409), as is a ``create`` of one that exists. Other failures are
+    spegeld errors too: ``KubeStatusError``, ``KubeUnreachable``, ``RemoteProtocolError``.
+    """
+
+    async def get(self) -> LeaseRecord | None: ...
+
+    async def create(self, record: LeaseRecord) -> LeaseRecord: ...
+
+    async def update(self, record: LeaseRecord) -> LeaseRecord: ...
+
+
+class LeaseApi(Protocol):
+    """The Kubernetes API's Lease calls, on Lease objects; ``spegeld.kube.KubeClient`` has them.
 
     Failures are spegeld errors: ``LeaseConflict`` for 409, ``KubeStatusError`` for
     other error Statuses, ``KubeUnreachable`` when no answer came.
@@ -118,7 +147,7 @@ def record_from_lease(lease: object) -> LeaseRecord:
         renew_time=_time_field(spec, "renewTime"),
         transitions=_int_field(spec, "leaseTransitions"),
         gossip_addr=_str_field(annotations, GOSSIP_ADDR_ANNOTATION, "annotation"),
-        registry_addr=_str_field(annotations, REGISTRY_ADDR_ANNOTATION, "annotation"),
+        mirror_addr=_str_field(annotations, MIRROR_ADDR_ANNOTATION, "annotation"),
         resource_version=resource_version or None,
     )
 
@@ -143,7 +172,7 @@ def lease_from_record(
     annotations = metadata.get("annotations") or {}
     for key, value in (
         (GOSSIP_ADDR_ANNOTATION, record.gossip_addr),
-        (REGISTRY_ADDR_ANNOTATION, record.registry_addr),
+        (MIRROR_ADDR_ANNOTATION, record.mirror_addr),
     ):
         if value:
             annotations[key] = value
@@ -167,17 +196,21 @@ def lease_from_record(
     return lease
 
 
-class LeaseAdapter:
-    """One named Lease through a :class:`LeaseClient`, as records."""
+class KubeLeaseStore:
+    """The :class:`LeaseStore` on Kubernetes: one named Lease through a :class:`LeaseApi`."""
 
-    def __init__(self, client: LeaseClient, namespace: str, name: str) -> None:
-        self._client = client
+    def __init__(
+        self, api: LeaseApi, namespace: str = DEFAULT_NAMESPACE, name: str = DEFAULT_NAME
+    ) -> None:
+        if not namespace or not name:
+            raise ConfigError("election Lease namespace and name must not be empty")
+        self._api = api
         self.namespace = namespace
         self.name = name
         self._last: dict[str, Any] | None = None
 
     async def get(self) -> LeaseRecord | None:
-        lease = await self._client.get_lease(self.namespace, self.name)
+        lease = await self._api.get_lease(self.namespace, self.name)
         if lease is None:
             self._last = None
             return None
@@ -185,11 +218,11 @@ class LeaseAdapter:
 
     async def create(self, record: LeaseRecord) -> LeaseRecord:
         lease = lease_from_record(replace(record, resource_version=None), self.namespace, self.name)
-        return self._remember(await self._client.create_lease(self.namespace, lease))
+        return self._remember(await self._api.create_lease(self.namespace, lease))
 
     async def update(self, record: LeaseRecord) -> LeaseRecord:
         lease = lease_from_record(record, self.namespace, self.name, self._last)
-        return self._remember(await self._client.update_lease(self.namespace, self.name, lease))
+        return self._remember(await self._api.update_lease(self.namespace, self.name, lease))
 
     def _remember(self, lease: object) -> LeaseRecord:
         record = record_from_lease(lease)

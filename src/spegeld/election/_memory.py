@@ -1,10 +1,11 @@
-"""An in-memory Lease API: the twin of ``spegeld.kube.KubeClient``'s Lease calls.
+"""An in-memory Lease API: the twin of ``spegeld.kube.KubeClient``'s Lease calls (``LeaseApi``).
 
 It keeps the API server's rules that the election depends on: every write gets a
 new resourceVersion, an update whose resourceVersion is not the current one is a
 409 Conflict, a create of an existing Lease is a 409 AlreadyExists, and an update of
 a missing one is a 404. Objects go in and out as copies, as they would over HTTP.
-Tests can make it fail (``failure``), make it slow (``latency``) and count calls.
+Tests can make it fail (``failure``), make it slow (``latency``) and count calls. An
+elector uses it as any Lease API: through a ``KubeLeaseStore``, so the codec runs too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import trio
 from spegeld.errors import KubeError, KubeStatusError, LeaseConflict
 
 
-class MemoryLeaseStore:
+class MemoryLeaseApi:
+    """The shared API server's Lease objects; each node talks to it through ``client()``."""
+
     def __init__(self) -> None:
         self._leases: dict[tuple[str, str], dict[str, Any]] = {}
         self._version = 0
@@ -31,9 +34,9 @@ class MemoryLeaseStore:
         stored = self._leases.get((namespace, name))
         return copy.deepcopy(stored) if stored is not None else None
 
-    def client(self, caller: str) -> MemoryLeaseClient:
-        """A view of this store whose calls are counted under ``caller``."""
-        return MemoryLeaseClient(self, caller)
+    def client(self, caller: str) -> MemoryLeaseApiClient:
+        """One node's connection: the same Leases, its calls counted under ``caller``."""
+        return MemoryLeaseApiClient(self, caller)
 
     async def get_lease(
         self, namespace: str, name: str, *, caller: str = ""
@@ -102,20 +105,20 @@ class MemoryLeaseStore:
         return copy.deepcopy(stored)
 
 
-class MemoryLeaseClient:
-    """One caller's handle on a :class:`MemoryLeaseStore`: the LeaseClient protocol."""
+class MemoryLeaseApiClient:
+    """One caller's connection to a :class:`MemoryLeaseApi`: a ``LeaseApi``."""
 
-    def __init__(self, store: MemoryLeaseStore, caller: str) -> None:
-        self.store = store
+    def __init__(self, api: MemoryLeaseApi, caller: str) -> None:
+        self.api = api
         self.caller = caller
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self.store.get_lease(namespace, name, caller=self.caller)
+        return await self.api.get_lease(namespace, name, caller=self.caller)
 
     async def create_lease(self, namespace: str, lease: dict[str, Any]) -> dict[str, Any]:
-        return await self.store.create_lease(namespace, lease, caller=self.caller)
+        return await self.api.create_lease(namespace, lease, caller=self.caller)
 
     async def update_lease(
         self, namespace: str, name: str, lease: dict[str, Any]
     ) -> dict[str, Any]:
-        return await self.store.update_lease(namespace, name, lease, caller=self.caller)
+        return await self.api.update_lease(namespace, name, lease, caller=self.caller)

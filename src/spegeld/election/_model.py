@@ -11,7 +11,9 @@ from spegeld.errors import ConfigError
 DEFAULT_NAMESPACE = "spegeld"
 DEFAULT_NAME = "spegeld-coordinator"
 GOSSIP_ADDR_ANNOTATION = "spegeld.io/gossip-addr"
-REGISTRY_ADDR_ANNOTATION = "spegeld.io/registry-addr"
+# The coordinator's mirror address; the key keeps its old name: Leases written by
+# running daemons carry it.
+MIRROR_ADDR_ANNOTATION = "spegeld.io/registry-addr"
 # client-go requires renew deadline > JitterFactor (1.2) x retry period, so a leader gets
 # at least one retry in before it gives up.
 RETRY_JITTER_FACTOR = 1.2
@@ -67,16 +69,12 @@ class ElectionTimings:
 class ElectionConfig:
     identity: str  # the node name: holderIdentity
     gossip_addr: str = ""  # "host:port", published for joining nodes
-    registry_addr: str = ""
-    namespace: str = DEFAULT_NAMESPACE
-    name: str = DEFAULT_NAME
+    mirror_addr: str = ""  # "host:port", published beside the gossip address
     timings: ElectionTimings = field(default_factory=ElectionTimings)
 
     def __post_init__(self) -> None:
         if not self.identity or not self.identity.strip():
             raise ConfigError("election identity (the node name) must not be empty")
-        if not self.namespace or not self.name:
-            raise ConfigError("election Lease namespace and name must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +87,7 @@ class LeaseRecord:
     renew_time: datetime | None = None
     transitions: int = 0
     gossip_addr: str = ""
-    registry_addr: str = ""
+    mirror_addr: str = ""
     resource_version: str | None = None  # None: not read from the API (or the API gave none)
 
     def spec_key(self) -> object:
@@ -97,7 +95,7 @@ class LeaseRecord:
         if self.resource_version is not None:
             return ("rv", self.resource_version)
         return ("spec", self.holder, self.duration, self.acquire_time, self.renew_time,
-                self.transitions, self.gossip_addr, self.registry_addr)  # fmt: skip
+                self.transitions, self.gossip_addr, self.mirror_addr)  # fmt: skip
 
 
 # ---- requests the core asks the shell to make ------------------------------------------

@@ -20,7 +20,7 @@ from spegeld.metrics import Gauge, MetricsRegistry
 from spegeld.routing import CoordinatorView
 
 from ._core import ElectionCore
-from ._lease import LeaseAdapter, LeaseClient
+from ._lease import LeaseStore
 from ._model import (
     CreateLease,
     ElectionConfig,
@@ -75,7 +75,7 @@ def _describe(exc: Exception) -> str:
 
 
 class Elector:
-    """Contends for the coordinator Lease; tells the app when it leads.
+    """Contends for the coordinator Lease in ``store``; tells the app when it leads.
 
     ``set_coordinator_view(view, node)`` tells it what gossip knows, whenever that
     changes (gossip's CoordinatorChanged events); ``on_leadership(bool)`` runs
@@ -86,7 +86,7 @@ class Elector:
 
     def __init__(
         self,
-        client: LeaseClient,
+        store: LeaseStore,
         config: ElectionConfig,
         *,
         on_leadership: Callable[[bool], object] = _ignore,
@@ -96,7 +96,7 @@ class Elector:
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.config = config
-        self._adapter = LeaseAdapter(client, config.namespace, config.name)
+        self._store = store
         self._view: tuple[CoordinatorView, str | None] = (CoordinatorView.NONE, None)
         self._wake: trio.MemorySendChannel[Response | None] | None = None
         self._on_leadership = on_leadership
@@ -151,7 +151,7 @@ class Elector:
             if request is None:
                 return
             try:
-                await self._adapter.update(request.record)
+                await self._store.update(request.record)
             except LeaseConflict:
                 logger.info("election: the Lease changed before we released it; left as it is")
             except Exception as exc:  # shutdown goes on; the Lease simply expires
@@ -248,10 +248,10 @@ class Elector:
 
     async def _call(self, request: Request) -> Response:
         if isinstance(request, ReadLease):
-            return LeaseRead(request.request_id, await self._adapter.get())
+            return LeaseRead(request.request_id, await self._store.get())
         if isinstance(request, CreateLease):
-            return LeaseWritten(request.request_id, await self._adapter.create(request.record))
-        return LeaseWritten(request.request_id, await self._adapter.update(request.record))
+            return LeaseWritten(request.request_id, await self._store.create(request.record))
+        return LeaseWritten(request.request_id, await self._store.update(request.record))
 
     def _recovered(self) -> None:
         if self._streak is not None:

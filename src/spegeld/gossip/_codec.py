@@ -89,7 +89,7 @@ def _member_out(m: Member) -> list[Any]:
         int(m.state),
         m.addr[0],
         m.addr[1],
-        m.registry,
+        m.mirror,
         m.version,
         m.coordinator,
     ]
@@ -210,7 +210,7 @@ def _member_in(raw: Any) -> Member:
     # inlined. ``type(x) is int`` also refuses bool; msgpack yields exact types.
     if type(raw) is not list or len(raw) != 8:
         raise RemoteProtocolError("bad member")
-    node, incarnation, state, host, port, registry, version, coordinator = raw
+    node, incarnation, state, host, port, mirror, version, coordinator = raw
     if not (
         type(node) is str
         and 0 < len(node) <= MAX_ID
@@ -222,20 +222,20 @@ def _member_in(raw: Any) -> Member:
         and 0 < len(host) <= 255
         and type(port) is int
         and 0 < port < 65536
-        and type(registry) is str
-        and len(registry) <= 300
+        and type(mirror) is str
+        and len(mirror) <= 300
         and type(version) is int
         and 0 <= version <= MAX_INT
         and type(coordinator) is bool
         and node.isascii()
         and host.isascii()
-        and registry.isascii()
+        and mirror.isascii()
         and node.isprintable()
         and host.isprintable()
-        and registry.isprintable()
+        and mirror.isprintable()
     ):
         raise RemoteProtocolError("bad member")
-    return Member(node, incarnation, _STATES[state], (host, port), registry, version, coordinator)
+    return Member(node, incarnation, _STATES[state], (host, port), mirror, version, coordinator)
 
 
 def _decode(raw: Any) -> Message:

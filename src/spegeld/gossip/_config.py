@@ -28,7 +28,7 @@ class Timings:
 class GossipConfig:
     node: str
     addr: Addr
-    registry: str
+    mirror: str  # this node's mirror, host:port, as peers dial it
     incarnation: int  # start above any earlier run's: the shell uses the wall clock
     seeds: tuple[Addr, ...] = ()
     timings: Timings = field(default_factory=Timings)

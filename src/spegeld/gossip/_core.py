@@ -97,7 +97,7 @@ MAX_EVENTS = 4096
 
 class GossipCore:
     def __init__(self, config: GossipConfig, keyring: Keyring, rng: random.Random, now: float):
-        check_own_identity(config.node, config.addr, config.registry, config.incarnation)
+        check_own_identity(config.node, config.addr, config.mirror, config.incarnation)
         self.config = config
         self.node = config.node
         self._t = t = config.timings
@@ -175,7 +175,7 @@ class GossipCore:
             self.incarnation,
             State.LEFT,
             self.config.addr,
-            self.config.registry,
+            self.config.mirror,
             self.ledger.version,
             self.coordinator,
         )
@@ -488,7 +488,7 @@ class GossipCore:
             self.incarnation,
             State.ALIVE,
             self.config.addr,
-            self.config.registry,
+            self.config.mirror,
             self.ledger.version,
             self.coordinator,
         )

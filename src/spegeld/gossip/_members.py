@@ -29,7 +29,7 @@ class PeerRecord:
     incarnation: int
     state: State
     addr: Addr
-    registry: str
+    mirror: str  # the member's mirror, host:port
     coordinator: bool
     since: float  # when the state last changed
     keys: PeerKeys  # anti-entropy's account of the member's key set
@@ -42,7 +42,7 @@ class PeerRecord:
             self.incarnation,
             self.state,
             self.addr,
-            self.registry,
+            self.mirror,
             self.keys.version,
             self.coordinator,
         )
@@ -53,8 +53,8 @@ class PeerRecord:
             return member.incarnation > self.incarnation or (
                 member.incarnation == self.incarnation
                 and self.state is State.ALIVE
-                and (member.addr, member.registry, member.coordinator)
-                != (self.addr, self.registry, self.coordinator)
+                and (member.addr, member.mirror, member.coordinator)
+                != (self.addr, self.mirror, self.coordinator)
             )
         if member.state is State.SUSPECT:
             return member.incarnation > self.incarnation or (
@@ -69,7 +69,7 @@ class MemberView:
     state: str
     incarnation: int
     addr: str
-    registry: str
+    mirror: str  # the member's mirror, host:port
     rtt_ms: float | None
     keys: int
     version: int
@@ -163,7 +163,7 @@ class MemberTable:
             rtt = peer.rtt if peer.rtt is not None else 1.0
             found.append((rank, rtt, self._rng.random(), slot))
         best = heapq.nsmallest(count, found) if count < len(found) else sorted(found)
-        return [Peer(NodeId(p.node), p.registry) for p in (at_slot[e[3]] for e in best) if p]
+        return [Peer(NodeId(p.node), p.mirror) for p in (at_slot[e[3]] for e in best) if p]
 
     def next_to_probe(self) -> PeerRecord | None:
         """The next alive or suspect member in probe order; a fresh random order each round."""
@@ -185,7 +185,7 @@ class MemberTable:
                 state=peer.state.name.lower(),
                 incarnation=peer.incarnation,
                 addr=f"{peer.addr[0]}:{peer.addr[1]}",
-                registry=peer.registry,
+                mirror=peer.mirror,
                 rtt_ms=None if peer.rtt is None else round(peer.rtt * 1000, 3),
                 keys=key_count(peer.slot),
                 version=peer.keys.version,
@@ -227,7 +227,7 @@ class MemberTable:
             member.incarnation,
             member.state,
             member.addr,
-            member.registry,
+            member.mirror,
             member.coordinator,
             now,
             PeerKeys(),
@@ -253,7 +253,7 @@ class MemberTable:
                 del self._by_addr[peer.addr]
             self._by_addr[member.addr] = peer.node
         peer.incarnation, peer.addr = member.incarnation, member.addr
-        peer.registry, peer.coordinator = member.registry, member.coordinator
+        peer.mirror, peer.coordinator = member.mirror, member.coordinator
 
     def set_state(self, peer: PeerRecord, state: State, now: float, suspicion: float) -> bool:
         """Move ``peer`` to ``state``; False if it was there already.

@@ -46,7 +46,7 @@ class Member:
     incarnation: int
     state: State
     addr: Addr
-    registry: str
+    mirror: str  # its mirror's host:port, as peers dial it
     version: int
     coordinator: bool = False
 

@@ -28,6 +28,7 @@ from spegeld.routing import CoordinatorView, Peer
 from ._config import GossipConfig
 from ._core import GossipCore
 from ._events import GossipEvent
+from ._members import MemberView
 from ._messages import Addr
 from ._security import Keyring
 
@@ -117,22 +118,22 @@ class GossipRouter:
 
     # ---- metrics ------------------------------------------------------------------------
 
-    def export_metrics(self, registry: MetricsRegistry) -> None:
-        """Count dropped datagrams and rejected records on ``registry`` too.
+    def export_metrics(self, metrics: MetricsRegistry) -> None:
+        """Count dropped datagrams and rejected records on ``metrics`` too.
 
         The label values are the core's reasons, a fixed set (``_security``, ``_validate``).
         """
         self._metrics = (
-            registry.counter(
+            metrics.counter(
                 "spegeld_gossip_dropped_total",
                 "Gossip datagrams dropped whole (oversize, malformed, unknown_key, bad_mac, "
                 "self, replay, ...).",
                 ("reason",),
             ),
-            registry.counter(
+            metrics.counter(
                 "spegeld_gossip_rejected_total",
                 "Member records and messages ignored inside authentic datagrams "
-                "(name, address, registry, incarnation, version, ...).",
+                "(name, address, registry: the mirror address, incarnation, version, ...).",
                 ("reason",),
             ),
         )
@@ -234,7 +235,7 @@ class GossipRouter:
             "own_keys": stats.own_keys,
             "known_keys": stats.known_keys,
             "members": stats.members,
-            "peers": [dataclasses.asdict(m) for m in self._core.members()],
+            "peers": [_peer_json(m) for m in self._core.members()],
             "coordinator": self._core.coordinator_peer(),
             "packets": {
                 "in": stats.packets_in,
@@ -246,6 +247,14 @@ class GossipRouter:
                 "rejected": stats.rejected,
             },
         }
+
+
+def _peer_json(member: MemberView) -> dict[str, Any]:
+    """A member as ``/status`` shows it: the JSON still calls its mirror ``registry``."""
+    return {
+        ("registry" if name == "mirror" else name): value
+        for name, value in dataclasses.asdict(member).items()
+    }
 
 
 def load_members(state_dir: Path) -> list[Addr]:

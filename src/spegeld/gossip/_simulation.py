@@ -72,7 +72,7 @@ class Simulation:
         config = GossipConfig(
             node=f"node-{i}",
             addr=addr,
-            registry=f"{addr[0]}:5000",
+            mirror=f"{addr[0]}:5000",
             incarnation=incarnation,
             seeds=tuple(s for s in seeds if s != addr),
             timings=self.timings,

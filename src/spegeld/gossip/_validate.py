@@ -9,8 +9,9 @@ in ``statistics().rejected``; nothing here raises on peer input.
   with a letter or digit (Kubernetes node names and host names fit).
 - ``address``: the gossip address is an IP literal and a port 1..65535. A host
   name would make every datagram to it wait on a DNS lookup.
-- ``registry``: ``host:port``, where host is a host name, an IPv4 address or a
-  bracketed IPv6 address, and port is 1..65535 (what the proxy can dial).
+- ``registry`` (the member's mirror address; the reason keeps its old name, a metric
+  label): ``host:port``, where host is a host name, an IPv4 address or a bracketed
+  IPv6 address, and port is 1..65535 (what the proxy can dial).
 - ``incarnation``: at most the *horizon*. Every honest incarnation is a node's
   wall-clock second at its start (``app._setup.next_incarnation``) plus its
   refutations since, so none can be far past the wall clock. This node's own
@@ -44,7 +45,7 @@ __all__ = [
     "check_own_identity",
     "valid_gossip_addr",
     "valid_name",
-    "valid_registry",
+    "valid_mirror_addr",
 ]
 
 # Seconds a member's incarnation may run ahead of our own wall-clock estimate: clocks
@@ -61,14 +62,14 @@ VERSION_SHIFT: Final = 20  # versions start at incarnation << 20 (``_ownership``
 # keys, fifteen times DESIGN's 2000 per node. A larger count is refused before anything
 # is held for it, so one forged chunk cannot reserve an unbounded assembly.
 MAX_CHUNKS: Final = 1024
-# Validated (name, host, port, registry) tuples remembered: honest records repeat the
+# Validated (name, host, port, mirror) tuples remembered: honest records repeat the
 # same few, so the string checks run once per member, not once per record.
 _MEMO_SIZE: Final = 4096
 
 REJECT_REASONS: Final = (
     "name",
     "address",
-    "registry",
+    "registry",  # the mirror address; the name is a metric label value, so it stays
     "incarnation",
     "version",
     "members_full",
@@ -80,7 +81,7 @@ REJECT_REASONS: Final = (
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-_REGISTRY = re.compile(r"(?:\[([0-9A-Fa-f:.]{2,45})\]|([A-Za-z0-9.-]{1,253})):([0-9]{1,5})")
+_MIRROR_ADDR = re.compile(r"(?:\[([0-9A-Fa-f:.]{2,45})\]|([A-Za-z0-9.-]{1,253})):([0-9]{1,5})")
 
 
 def valid_name(name: str) -> bool:
@@ -100,8 +101,8 @@ def valid_gossip_addr(addr: Addr) -> bool:
     return 0 < port < 65536 and _ip(host)
 
 
-def valid_registry(registry: str) -> bool:
-    match = _REGISTRY.fullmatch(registry)
+def valid_mirror_addr(mirror: str) -> bool:
+    match = _MIRROR_ADDR.fullmatch(mirror)
     if match is None or not 0 < int(match.group(3)) < 65536:
         return False
     v6, host = match.group(1), match.group(2)
@@ -110,7 +111,7 @@ def valid_registry(registry: str) -> bool:
     return _HOSTNAME.fullmatch(host) is not None
 
 
-def check_own_identity(node: str, addr: Addr, registry: str, incarnation: int) -> None:
+def check_own_identity(node: str, addr: Addr, mirror: str, incarnation: int) -> None:
     """ConfigError unless peers would accept this node's own record: checked at start."""
     if not valid_name(node):
         raise ConfigError(
@@ -122,8 +123,8 @@ def check_own_identity(node: str, addr: Addr, registry: str, incarnation: int) -
             f"gossip address {addr[0]}:{addr[1]} is not an IP address and a port "
             "(--advertise-addr takes an IP)"
         )
-    if not valid_registry(registry):
-        raise ConfigError(f"registry address {registry!r} is not HOST:PORT ([v6]:PORT for IPv6)")
+    if not valid_mirror_addr(mirror):
+        raise ConfigError(f"mirror address {mirror!r} is not HOST:PORT ([v6]:PORT for IPv6)")
     if not 0 <= incarnation <= MAX_INCARNATION:
         raise ConfigError(f"gossip incarnation {incarnation} does not fit in 32 bits")
 
@@ -149,13 +150,13 @@ class Validator:
 
     def problem(self, member: Member, now: float) -> str | None:
         """Why ``member`` must be ignored, or None when it may be merged."""
-        identity = (member.node, member.addr[0], member.addr[1], member.registry)
+        identity = (member.node, member.addr[0], member.addr[1], member.mirror)
         if identity not in self._memo:
             if not valid_name(member.node):
                 return "name"
             if not valid_gossip_addr(member.addr):
                 return "address"
-            if not valid_registry(member.registry):
+            if not valid_mirror_addr(member.mirror):
                 return "registry"
             if len(self._memo) >= _MEMO_SIZE:
                 self._memo.clear()

@@ -1,4 +1,4 @@
-"""The registry's metrics: Spegel's names where Spegel has one, ``spegeld_`` otherwise.
+"""The mirror's metrics: Spegel's names where Spegel has one, ``spegeld_`` otherwise.
 
 Spegel's Grafana dashboard reads ``spegel_mirror_requests_total``,
 ``spegel_resolve_duration_seconds`` and the ``spegel_advertised_*`` gauges, so
@@ -15,37 +15,37 @@ RESOLVE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
 class MirrorMetrics:
-    def __init__(self, registry: MetricsRegistry) -> None:
-        self.mirror_requests = registry.counter(
+    def __init__(self, metrics: MetricsRegistry) -> None:
+        self.mirror_requests = metrics.counter(
             "spegel_mirror_requests_total",
             "Mirror requests by registry and whether they were served (hit) or not (miss).",
             ("registry", "cache", "source"),
         )
-        self.resolve_duration = registry.histogram(
+        self.resolve_duration = metrics.histogram(
             "spegel_resolve_duration_seconds",
             "Time to find the holders of a key in the router.",
             ("router",),
             buckets=RESOLVE_BUCKETS,
         )
-        self.bytes_served = registry.counter(
+        self.bytes_served = metrics.counter(
             "spegeld_bytes_served_total",
             "Body bytes sent to clients, by where they came from (local or peer).",
             ("source",),
         )
-        self.proxy_errors = registry.counter(
+        self.proxy_errors = metrics.counter(
             "spegeld_proxy_errors_total",
             "Failed fetches from peers, by reason.",
             ("reason",),
         )
-        self.bad_peers = registry.counter(
+        self.bad_peers = metrics.counter(
             "spegeld_bad_peers_total",
             "Peers marked bad for sending bytes that do not match their digest.",
         )
-        self.hedges = registry.counter(
+        self.hedges = metrics.counter(
             "spegeld_proxy_hedged_requests_total",
             "Second fetches started because the first peer was slow to answer.",
         )
-        self.http_errors = registry.counter(
+        self.http_errors = metrics.counter(
             "spegeld_http_errors_total",
             "Client connections ended by the server, by kind: handler, body or internal (an "
             "error, logged), head_timeout, write_timeout, handler_timeout or body_timeout (a "
@@ -54,7 +54,7 @@ class MirrorMetrics:
             ("kind",),
         )
         self._advertised = {
-            name: registry.gauge(f"spegel_advertised_{name}", help_text, ("registry",))
+            name: metrics.gauge(f"spegel_advertised_{name}", help_text, ("registry",))
             for name, help_text in (
                 ("images", "Images this node advertises."),
                 ("image_tags", "Image tags this node advertises."),

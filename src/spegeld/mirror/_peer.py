@@ -1,4 +1,4 @@
-"""Fetching from a peer's registry: h11 for the response head, raw reads for the body.
+"""Fetching from a peer's mirror: h11 for the response head, raw reads for the body.
 
 The body bypasses h11 because its buffer copies every byte several times, and
 the proxy's throughput target leaves no room for that. Each fetch uses its own
@@ -34,7 +34,7 @@ KEEPCNT = 3  # unanswered probes before the connection is reset
 # inactivity deadline, and it also catches a peer that drips a byte at a time. 64 KiB per
 # 2 s is 32 KiB/s: a peer below that on a local network is broken, not slow.
 MIN_PROGRESS = 64 * 1024
-# A member's registry address: a host name or IPv4 address, or a bracketed IPv6 address,
+# A member's mirror address: a host name or IPv4 address, or a bracketed IPv6 address,
 # then a port. Anything else (the gossip codec carries any string) is refused before use.
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})")
 
@@ -44,7 +44,7 @@ class PeerFailed(SpegeldError):
 
 
 class BadPeerAddress(PeerFailed):
-    """A member's registry address is not HOST:PORT: it is skipped, never contacted."""
+    """A member's mirror address is not HOST:PORT: it is skipped, never contacted."""
 
 
 @dataclass(slots=True)
@@ -78,13 +78,13 @@ class PeerResponse:
                     chunk = await self._stream.receive_some(min(RECEIVE_SIZE, remaining))
             except trio.TooSlowError as exc:
                 raise PeerFailed(
-                    f"{self.peer.registry} sent {progress} bytes in {self.idle_timeout:g} s"
+                    f"{self.peer.mirror} sent {progress} bytes in {self.idle_timeout:g} s"
                     f" with {remaining} bytes to go"
                 ) from exc
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise PeerFailed(f"{self.peer.registry} broke off: {exc}") from exc
+                raise PeerFailed(f"{self.peer.mirror} broke off: {exc}") from exc
             if not chunk:
-                raise PeerFailed(f"{self.peer.registry} closed with {remaining} bytes unsent")
+                raise PeerFailed(f"{self.peer.mirror} closed with {remaining} bytes unsent")
             waited += trio.current_time() - started
             progress += len(chunk)
             if progress >= MIN_PROGRESS:
@@ -94,7 +94,7 @@ class PeerResponse:
 
     async def read_all(self, limit: int) -> bytes:
         if self.length > limit:
-            raise PeerFailed(f"{self.peer.registry} sent {self.length} bytes, over {limit}")
+            raise PeerFailed(f"{self.peer.mirror} sent {self.length} bytes, over {limit}")
         return b"".join([chunk async for chunk in self.body()])
 
     async def aclose(self) -> None:
@@ -107,7 +107,7 @@ def split_address(address: str) -> tuple[str, int]:
     match = _ADDRESS.fullmatch(address)
     port = int(match.group(2)) if match else 0
     if match is None or not 0 < port < 65536:
-        raise BadPeerAddress(f"not a HOST:PORT registry address: {address[:100]!r}")
+        raise BadPeerAddress(f"not a HOST:PORT mirror address: {address[:100]!r}")
     return match.group(1).strip("[]"), port
 
 
@@ -135,13 +135,13 @@ async def fetch(
     reads then have the ``idle_timeout`` progress deadline. Every failure, whatever the
     peer sent or did, is a PeerFailed.
     """
-    host, port = split_address(peer.registry)
+    host, port = split_address(peer.mirror)
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
     # ValueError: a host getaddrinfo or IDNA refuses (an embedded NUL, a bad label).
     except (OSError, ValueError, trio.TooSlowError) as exc:
-        raise PeerFailed(f"cannot connect to {peer.registry}: {exc}") from exc
+        raise PeerFailed(f"cannot connect to {peer.mirror}: {exc}") from exc
     try:
         _keepalive(stream)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
@@ -149,7 +149,7 @@ async def fetch(
             method=method,
             target=target,
             headers=[
-                (b"host", peer.registry.encode()),
+                (b"host", peer.mirror.encode()),
                 (MIRRORED_HEADER, b"true"),
                 (b"connection", b"close"),
                 *headers,
@@ -168,11 +168,11 @@ async def fetch(
                     break
                 if isinstance(event, h11.InformationalResponse):
                     continue
-                raise PeerFailed(f"{peer.registry} closed before answering")
+                raise PeerFailed(f"{peer.mirror} closed before answering")
         response_headers = {bytes(k): bytes(v) for k, v in event.headers}
         length_text = response_headers.get(b"content-length", b"0" if method == b"HEAD" else b"")
         if not length_text.isdigit():
-            raise PeerFailed(f"{peer.registry} answered without a Content-Length")
+            raise PeerFailed(f"{peer.mirror} answered without a Content-Length")
         length = 0 if method == b"HEAD" else int(length_text)
         leftover, _ = conn.trailing_data
         return PeerResponse(
@@ -184,12 +184,12 @@ async def fetch(
             await stream.aclose()
         if isinstance(exc, trio.TooSlowError):
             raise PeerFailed(
-                f"{peer.registry} sent no response head in {response_timeout:g} s"
+                f"{peer.mirror} sent no response head in {response_timeout:g} s"
             ) from exc
         if isinstance(
             exc,
             (OSError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError,
              h11.ProtocolError),
         ):  # fmt: skip
-            raise PeerFailed(f"{peer.registry}: {exc}") from exc
+            raise PeerFailed(f"{peer.mirror}: {exc}") from exc
         raise

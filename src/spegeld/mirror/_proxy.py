@@ -101,7 +101,7 @@ class Proxy:
 
     def mark_bad(self, peer: Peer) -> None:
         logger.warning(
-            "peer %s (%s) sent bytes that do not match their digest", peer.node, peer.registry
+            "peer %s (%s) sent bytes that do not match their digest", peer.node, peer.mirror
         )
         self._metrics.bad_peers.inc()
         _remember(self._bad, peer, trio.current_time() + self._settings.bad_peer_ttl)
@@ -153,7 +153,7 @@ class Proxy:
                 body = await response.read_all(MAX_MANIFEST_SIZE)
             except PeerFailed as exc:
                 self._metrics.proxy_errors.labels(reason="broken").inc()
-                logger.info("manifest from %s failed: %s", peer.registry, exc)
+                logger.info("manifest from %s failed: %s", peer.mirror, exc)
                 return None
             finally:
                 await response.aclose()
@@ -205,7 +205,7 @@ class Proxy:
             if _answers_range(response, peer_range, check_length=request.method != b"HEAD"):
                 return response
             self._metrics.proxy_errors.labels(reason="bad_range").inc()
-            logger.info("peer %s answered %r with Content-Range %r", peer.registry,
+            logger.info("peer %s answered %r with Content-Range %r", peer.mirror,
                         peer_range[:100], response.header(b"content-range"))  # fmt: skip
             await response.aclose()
             return None
@@ -292,7 +292,7 @@ class Proxy:
             self._metrics.proxy_errors.labels(reason=reason).inc()
             until = trio.current_time() + self._settings.unreachable_ttl
             _remember(self._unreachable, peer, until)
-            logger.info("peer %s: %s; skipped for %g s", peer.registry, exc,
+            logger.info("peer %s: %s; skipped for %g s", peer.mirror, exc,
                         self._settings.unreachable_ttl)  # fmt: skip
             return None
         self._latency.observe(trio.current_time() - start)

@@ -63,7 +63,7 @@ class Route:
     name: str = ""
     digest: Digest | None = None
     tag: str | None = None
-    registry: str | None = None  # the ``ns`` query parameter
+    upstream: str | None = None  # the ``ns`` query parameter: the upstream registry host
 
     @property
     def reference(self) -> str:
@@ -89,7 +89,7 @@ def parse_target(method: bytes, target: bytes) -> Route:
             f"{method.decode('ascii', 'replace')} is not supported: a read-only mirror"
         )
     if path in _PLAIN:
-        return Route(_PLAIN[path], registry=_ns(query))
+        return Route(_PLAIN[path], upstream=_ns(query))
     if not path.startswith("/v2/"):
         raise not_found(f"no route for {path[:100]}")
     rest = path[len("/v2/") :]
@@ -100,7 +100,7 @@ def parse_target(method: bytes, target: bytes) -> Route:
     raise not_found(f"no route for {path[:100]}")
 
 
-def _content_route(kind: Kind, name: str, reference: str, registry: str | None) -> Route:
+def _content_route(kind: Kind, name: str, reference: str, upstream: str | None) -> Route:
     if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
         raise name_invalid(f"invalid repository name {name[:100]!r}")
     if kind is Kind.BLOB or ":" in reference:
@@ -110,10 +110,10 @@ def _content_route(kind: Kind, name: str, reference: str, registry: str | None) 
             digest = parse_digest(reference)
         except RemoteProtocolError as exc:  # pragma: no cover - is_digest said yes
             raise digest_invalid(str(exc)) from exc
-        return Route(kind, name=name, digest=digest, registry=registry)
+        return Route(kind, name=name, digest=digest, upstream=upstream)
     if not TAG_RE.fullmatch(reference):
         raise OciError(400, "TAG_INVALID", f"invalid tag {reference[:100]!r}")
-    return Route(kind, name=name, tag=reference, registry=registry)
+    return Route(kind, name=name, tag=reference, upstream=upstream)
 
 
 def _ns(query: str) -> str | None:
@@ -126,13 +126,13 @@ def _ns(query: str) -> str | None:
     values = [value for key, value in fields if key == "ns"]
     if not values:
         return None
-    if len(values) > 1 or not is_registry_host(values[0]):
+    if len(values) > 1 or not is_upstream_host(values[0]):
         raise name_invalid(f"invalid ns {values[0][:100]!r}")
     return values[0]
 
 
-def is_registry_host(value: str) -> bool:
-    """Whether ``value`` is ``host[:port]`` that a registry can really be named by."""
+def is_upstream_host(value: str) -> bool:
+    """Whether ``value`` is ``host[:port]`` that an upstream registry can really be named by."""
     if len(value) > MAX_HOST_LENGTH + len(":65535") or not REGISTRY_RE.fullmatch(value):
         return False
     if value.startswith("["):

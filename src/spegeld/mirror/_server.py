@@ -100,7 +100,7 @@ class MirrorServer:
                 listeners = await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise ListenError(f"registry cannot listen on {host}:{port}: {reason}") from exc
+            raise ListenError(f"the mirror cannot listen on {host}:{port}: {reason}") from exc
         self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
 
         async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,21 +141,21 @@ class MirrorServer:
         return await self._content(route, request)
 
     async def _content(self, route: Route, request: Request) -> Response:
-        registry = route.registry or "unknown"
+        upstream = route.upstream or "unknown"
         mirrored = request.header(MIRRORED_HEADER) == b"true"
         source = "internal" if mirrored else "external"
         unknown = manifest_unknown if route.kind is Kind.MANIFEST else blob_unknown
         allow = self._settings.mirrored_registries
-        if allow and route.registry not in allow:
-            raise unknown(f"registry {registry} is not mirrored here")
+        if allow and route.upstream not in allow:
+            raise unknown(f"registry {upstream} is not mirrored here")
         key = self._key(route)
         response = await self._local(route, request, key)
         if response is None and not mirrored:
             response = await self._proxied(route, request, key)
         cache = "hit" if response is not None else "miss"
-        if response is not None and route.tag is not None and route.registry is not None:
-            self._labels.tag_hit(route.registry)
-        label = self._labels.label(route.registry)  # bounded: ``ns`` is the client's choice
+        if response is not None and route.tag is not None and route.upstream is not None:
+            self._labels.tag_hit(route.upstream)
+        label = self._labels.label(route.upstream)  # bounded: ``ns`` is the client's choice
         self._metrics.mirror_requests.labels(registry=label, cache=cache, source=source).inc()
         if response is None:
             raise unknown(f"{route.name}:{route.reference} is not held by this cluster")
@@ -167,9 +167,9 @@ class MirrorServer:
         assert route.tag is not None
         if not self._settings.resolve_tags:
             raise manifest_unknown("tags are not resolved by this mirror")
-        if route.registry is None:
+        if route.upstream is None:
             raise manifest_unknown("the ns query parameter is required to resolve a tag")
-        return tag_key(route.registry, route.name, route.tag)
+        return tag_key(route.upstream, route.name, route.tag)
 
     async def _local(self, route: Route, request: Request, key: str) -> Response | None:
         try:
@@ -220,8 +220,8 @@ class MirrorServer:
             return None
         kind = "manifests" if route.kind is Kind.MANIFEST else "blobs"
         target = f"/v2/{route.name}/{kind}/{route.reference}"
-        if route.registry is not None:
-            target += f"?ns={route.registry}"
+        if route.upstream is not None:
+            target += f"?ns={route.upstream}"
         if route.kind is Kind.MANIFEST:
             return await self._proxy.manifest(holders, request, target.encode(), route.digest)
         assert route.digest is not None

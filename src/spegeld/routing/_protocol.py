@@ -11,10 +11,10 @@ NodeId = NewType("NodeId", str)
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A member that may hold content: its id and its registry's ``host:port``."""
+    """A member that may hold content: its id and its mirror's ``host:port``."""
 
     node: NodeId
-    registry: str
+    mirror: str
 
 
 class Router(Protocol):

@@ -13,8 +13,8 @@ class MemoryCluster:
     def __init__(self) -> None:
         self._holders: dict[str, dict[NodeId, Peer]] = {}
 
-    def router(self, node: NodeId, registry: str) -> MemoryRouter:
-        return MemoryRouter(self, Peer(node, registry))
+    def router(self, node: NodeId, mirror: str) -> MemoryRouter:
+        return MemoryRouter(self, Peer(node, mirror))
 
     def holders(self, key: str) -> list[Peer]:
         return list(self._holders.get(key, {}).values())

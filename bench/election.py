@@ -11,7 +11,7 @@ is the ground truth: Lease requests are counted by the apiserver's own
 ``apiserver_request_total`` (GET /metrics as the admin, before and after each window),
 and its audit log gives each request's user (how many nodes called). For each N, N
 nodes run in this one trio process: for each node the daemon's
-real election and gossip code, without containerd and the registry (the election uses
+real election and gossip code, without containerd and the mirror (the election uses
 neither). A node is a ``GossipCore`` + ``GossipRouter`` on its own loopback address
 (127.0.0.20 upwards) with a real UDP socket and a shared cluster key, node 0 being the
 others' seed, plus ``spegeld.app.Coordination`` (preflight, ``Elector``, ``KubeClient``)
@@ -29,12 +29,12 @@ Modes, same code, same setup, one after the other for each N:
   coordinator.
 * ``polling``, the anchor: Spegel's old election was client-go's, where every
   follower reads the lock every retry period whatever else it knows. Reproduced by
-  blinding each follower's elector to gossip: its ``coordinator_view`` always says GONE
-  (the core's "read every retry period until the record expires" rule, which is
-  client-go's follower loop), while gossip itself runs normally. Timings are the
-  same as spegeld's (client-go's 15 s / 10 s / 2 s). client-go adds up to 1.2x jitter
-  to the retry period, which would make the anchor about 1/1.6 of this; the O(N)
-  shape is the same.
+  blinding each follower's elector to gossip: its router tells the election GONE unless
+  this node itself leads (the core's "read every retry period until the record
+  expires" rule, which is client-go's follower loop), while gossip itself runs
+  normally. Timings are the same as spegeld's (client-go's 15 s / 10 s / 2 s).
+  client-go adds up to 1.2x jitter to the retry period, which would make the anchor
+  about 1/1.6 of this; the O(N) shape is the same.
 
 After the spegeld window a node joins with no gossip seed at all, as a fresh node with
 only a kubeconfig does: its preflight, its Lease reads (the Lease names the coordinator,
@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,17 @@ from spegeld_harness import free_port  # noqa: E402
 
 from spegeld.app import Coordination  # noqa: E402
 from spegeld.config import ContainerdConfig, LeaseSettings, NodeConfig  # noqa: E402
-from spegeld.gossip import CoordinatorState, GossipConfig, GossipCore, Keyring  # noqa: E402
-from spegeld.gossip._shell import GossipRouter  # noqa: E402
+from spegeld.gossip import (  # noqa: E402
+    CoordinatorChanged,
+    GossipConfig,
+    GossipCore,
+    GossipEvent,
+    GossipRouter,
+    Keyring,
+)
 from spegeld.kube import load_kubeconfig  # noqa: E402
 from spegeld.metrics import MetricsRegistry  # noqa: E402
+from spegeld.routing import CoordinatorView  # noqa: E402
 from tests.kubeapi._process import write_kubeconfig  # noqa: E402
 from tests.realkube._accounts import follow_readme  # noqa: E402
 from tests.realkube._apiserver import RealKubeApi  # noqa: E402
@@ -90,20 +98,39 @@ TARGET_RPS = 1.0  # DESIGN §11, cluster-wide, at N = 1000
 TARGET_N = 1000
 RETRY_PERIOD = 2.0  # client-go's default, spegeld's too: the anchor's polling period
 HOST_BASE = 20  # nodes on 127.0.0.20, .21, ...
-REGISTRY_PORT = 5000  # published in the Lease only; nothing listens
+MIRROR_PORT = 5000  # published in the Lease only; nothing listens
 POLL = 0.1
 JOINER = "joiner"
 LEASE_PREFIX = "/apis/coordination.k8s.io/v1/namespaces/spegeld/leases/"
 
 
-class BlindCore(GossipCore):
-    """Gossip as usual, but the elector is told GONE: a client-go follower's view."""
+View = tuple[CoordinatorView, str | None]
 
-    def coordinator_view(self) -> tuple[CoordinatorState, str | None]:
-        state, node = super().coordinator_view()
-        if state is CoordinatorState.SELF:
-            return state, node
-        return CoordinatorState.GONE, None
+
+def _blinded(view: View, own: str) -> View:
+    """GONE, unless this node leads: what a client-go follower knows of the coordinator."""
+    if view == (CoordinatorView.ALIVE, own):
+        return view
+    return CoordinatorView.GONE, None
+
+
+class BlindRouter(GossipRouter):
+    """Gossip as usual, but the election hears GONE unless this node leads."""
+
+    def __init__(self, core: GossipCore, bind: tuple[str, int]) -> None:
+        super().__init__(core, bind, None)
+        self._own = core.config.node
+
+    def coordinator_view(self) -> View:
+        return _blinded(super().coordinator_view(), self._own)
+
+    def subscribe(self, listener: Callable[[GossipEvent], object]) -> None:
+        def blinded(event: GossipEvent) -> None:
+            if isinstance(event, CoordinatorChanged):
+                event = CoordinatorChanged(*_blinded((event.view, event.node), self._own))
+            listener(event)
+
+        super().subscribe(blinded)
 
 
 @dataclass
@@ -117,8 +144,8 @@ class Node:
         return elector is not None and elector.is_leader()
 
     def sees(self, leader: str) -> bool:
-        # the real view, even for a BlindCore: did gossip spread the coordinator flag?
-        return GossipCore.coordinator_view(self.core) == (CoordinatorState.ALIVE, leader)
+        # the core's own view, even under a BlindRouter: did gossip spread the flag?
+        return self.core.coordinator_view() == (CoordinatorView.ALIVE, leader)
 
 
 @dataclass
@@ -187,10 +214,10 @@ class Bench:
     async def lease_counts(self) -> dict[str, float]:
         """apiserver_request_total for Leases, by verb (kubectl in a thread: trio runs on)."""
         counts = await trio.to_thread.run_sync(self.api.request_counts)
-        by_verb: Counter[str] = Counter()
+        by_verb: dict[str, float] = {}
         for (verb, _code), value in counts.items():
-            by_verb[verb] += value
-        return dict(by_verb)
+            by_verb[verb] = by_verb.get(verb, 0.0) + value
+        return by_verb
 
     def server_cpu(self) -> float:
         total = 0.0
@@ -204,12 +231,11 @@ class Bench:
         self, name: str, host: str, seeds: tuple[tuple[str, int], ...], lease: str, blind: bool
     ) -> tuple[Node, GossipRouter]:
         port = free_port(host, socket.SOCK_DGRAM)
-        core_class = BlindCore if blind else GossipCore
-        core = core_class(
+        core = GossipCore(
             GossipConfig(
                 node=name,
                 addr=(host, port),
-                registry=f"{host}:{REGISTRY_PORT}",
+                mirror=f"{host}:{MIRROR_PORT}",
                 incarnation=int(time.time()),
                 seeds=seeds,
             ),
@@ -217,13 +243,13 @@ class Bench:
             random.Random(),
             trio.current_time(),
         )
-        router = GossipRouter(core, (host, port), None)
+        router = BlindRouter(core, (host, port)) if blind else GossipRouter(core, (host, port))
         kubeconfig = self.kubeconfigs[name]
         cfg = NodeConfig(
             node_name=name,
             containerd=ContainerdConfig(),
-            registry_host=host,
-            registry_port=REGISTRY_PORT,
+            mirror_host=host,
+            mirror_port=MIRROR_PORT,
             advertise_addr=host,
             mirrored_registries=frozenset(),
             resolve_tags=False,
@@ -252,7 +278,7 @@ class Bench:
                 await nursery.start(router.run)
                 await nursery.start(node.coordination.run)
                 nodes.append(node)
-                seeds = seeds or (router.core.config.addr,)
+                seeds = seeds or (node.core.config.addr,)
             leader = await self.converge(nodes, first)
             converged = time.time()
             result.converge_s = converged - first

@@ -441,7 +441,7 @@ def test_a_bad_second_fd_fails_cleanly_after_a_good_first() -> None:
         try:
             error = first_line(proc)["error"]
             assert error == (
-                "socket activation fd 4 (extra) is not a stream socket: the registry needs "
+                "socket activation fd 4 (extra) is not a stream socket: the mirror needs "
                 "ListenStream=, not ListenDatagram="
             )
         finally:

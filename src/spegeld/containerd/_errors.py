@@ -2,7 +2,7 @@
 
 A lost connection can surface from any layer under the client, depending on which
 line grpclib was at when containerd went away. Each shape seen or read in grpclib 0.4's
-source is listed here; nothing from them reaches the store or the registry.
+source is listed here; nothing from them reaches the store or the mirror.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 CHUNK_SIZE = 1024 * 1024
 # containerd's ContentCreate event carries a digest and a size, no media type. A blob
 # served by digest needs neither more nor the type (it goes out as octet-stream), and
-# the registry serves as a manifest only what an image's descriptor calls one.
+# the mirror serves as a manifest only what an image's descriptor calls one.
 LOOSE_MEDIA_TYPE = "application/octet-stream"
 # containerd's garbage collector deletes content silently, and an import or pull
 # leaves content behind that the GC removes a moment later (a multi-platform

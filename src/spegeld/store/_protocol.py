@@ -1,4 +1,4 @@
-"""The Store seam: what this node holds, as the registry and the router see it."""
+"""The Store seam: what this node holds, as the mirror and the router see it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Socket activation (sd_listen_fds(3)): listening sockets systemd opened for us.
 
-With ``spegeld.socket`` systemd binds the registry port before spegeld starts and keeps
+With ``spegeld.socket`` systemd binds the mirror's port before spegeld starts and keeps
 it bound across restarts, so containerd's connections queue instead of being refused
-while the daemon restarts; the registry then serves the inherited socket instead of
+while the daemon restarts; the mirror then serves the inherited socket instead of
 binding ``--registry-addr``.
 """
 
@@ -46,7 +46,7 @@ def listen_fds(
     fds close-on-exec, and by default removes the three variables afterwards, as
     ``sd_listen_fds(unset_environment=1)`` does, so no child believes it was passed them.
     Anything but a listening IPv4/IPv6 stream socket is a ConfigError naming the fd: the
-    registry speaks HTTP over TCP and cannot serve a datagram or unbound socket.
+    mirror speaks HTTP over TCP and cannot serve a datagram or unbound socket.
     """
     env = os.environ if environ is None else environ
     pid_text = env.get("LISTEN_PID")
@@ -107,11 +107,11 @@ def _adopt(fd: int, name: str) -> socket.socket:
     try:
         if sock.type != socket.SOCK_STREAM:
             raise ConfigError(
-                f"{what} is not a stream socket: the registry needs ListenStream=, "
+                f"{what} is not a stream socket: the mirror needs ListenStream=, "
                 "not ListenDatagram="
             )
         if sock.family not in _STREAM_FAMILIES:
-            raise ConfigError(f"{what} is not an IPv4 or IPv6 socket: the registry speaks TCP")
+            raise ConfigError(f"{what} is not an IPv4 or IPv6 socket: the mirror speaks TCP")
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise ConfigError(f"{what} is not listening")
     except BaseException:

@@ -34,7 +34,7 @@ class NodeTarget:
     containerd: ContainerdConfig
     containerd_config: Path
     hosts_dir: Path | None  # None: take containerd's config_path
-    registry: tuple[str, int]  # where this node's spegeld listens
+    mirror: tuple[str, int]  # where this node's spegeld mirror listens (containerd's side)
 
 
 @dataclass(slots=True)
@@ -43,7 +43,7 @@ class _Found:
 
     blob: ContentInfo | None = None
     repository: str = "spegeld/doctor"
-    registry_ns: str = ""
+    upstream: str = ""  # the registry of the local image the blob check fetches
     config_paths: tuple[Path, ...] = ()  # containerd's hosts dirs, in its order
     containerd_major: int | None = None
 
@@ -58,7 +58,7 @@ async def check_node(target: NodeTarget, timeout: float) -> list[CheckResult]:
     found = _Found()
     results = await _containerd_checks(target, timeout, found)
     results += _config_checks(target, found)
-    results += await _registry_checks(target, timeout, found)
+    results += await _mirror_checks(target, timeout, found)
     return results
 
 
@@ -122,7 +122,7 @@ async def _containerd_checks(
             ref = parse_reference(image.name)
         except RemoteProtocolError:
             continue
-        found.repository, found.registry_ns = ref.repository, ref.registry
+        found.repository, found.upstream = ref.repository, ref.registry
         break
     results.append(_content_dir_check(cfg.content_path))
     return results
@@ -248,7 +248,7 @@ def _hosts_check(target: NodeTarget, found: _Found) -> CheckResult:
     else:
         directories = found.config_paths or (Path("/etc/containerd/certs.d"),)
     directory = directories[0]  # where `spegeld configure containerd` should write
-    host, port = target.registry
+    host, port = target.mirror
     ours = {f"{h}:{port}" for h in (host, "127.0.0.1", "localhost", "[::1]")}
     pointing: list[str] = []
     others: list[str] = []
@@ -277,8 +277,8 @@ def _hosts_check(target: NodeTarget, found: _Found) -> CheckResult:
     )
 
 
-async def _registry_checks(target: NodeTarget, timeout: float, found: _Found) -> list[CheckResult]:
-    host, port = target.registry
+async def _mirror_checks(target: NodeTarget, timeout: float, found: _Found) -> list[CheckResult]:
+    host, port = target.mirror
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     results: list[CheckResult] = []
@@ -322,7 +322,7 @@ async def _blob_check(http: httpx.AsyncClient, found: _Found) -> CheckResult:
     if blob is None:
         return skipped("registry.blob", "blob through the mirror", "no local blob to fetch")
     path = f"/v2/{found.repository}/blobs/{blob.digest}"
-    params = {"ns": found.registry_ns} if found.registry_ns else {}
+    params = {"ns": found.upstream} if found.upstream else {}
     try:
         response = await http.get(path, params=params)
     except httpx.HTTPError as exc:

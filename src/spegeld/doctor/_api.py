@@ -160,7 +160,10 @@ async def diagnose_api(target: ApiTarget, timeout: float) -> CheckResult:
 
     /readyz gets ``timeout`` alone: the elector bounds a whole diagnosis."""
     results = await check_api(target, timeout, readyz_wait=timeout)
-    found = first_failure(results)
+    # A TLS warning is the kubeconfig's http:// or insecure-skip-tls-verify, which the
+    # credential loader already logged once at start, with its fix: not news at runtime.
+    news = [r for r in results if not (r.check == ApiStep.TLS.check and r.status is Status.WARN)]
+    found = first_failure(news)
     if found is not None:
         return found
     return CheckResult("api", "Kubernetes API", Status.OK, "reachable, credentials and RBAC ok")
@@ -221,15 +224,17 @@ async def _connect_failure(
 
 def _tls_result(tls: TlsResult, insecure: bool, now: float) -> CheckResult:
     evidence = tls.certificate.evidence() if tls.certificate else ()
-    if tls.ok:
-        return _result(ApiStep.TLS, Status.OK, "certificate verified", evidence)
     if insecure:
+        # The context does not verify (CERT_NONE), so a handshake proves nothing either way.
+        detail = "the certificate is not checked" if tls.ok else tls.detail
         return _result(
             ApiStep.TLS,
             Status.WARN,
-            f"verification is OFF (insecure-skip-tls-verify): {tls.detail}",
+            f"verification is OFF (insecure-skip-tls-verify): {detail}",
             evidence,
         )
+    if tls.ok:
+        return _result(ApiStep.TLS, Status.OK, "certificate verified", evidence)
     verdicts = {
         "unknown-ca": (
             "TLS: the server's certificate is not signed by the CA in the kubeconfig",

@@ -48,7 +48,19 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 # Group or other may read or write: either leaks or lets someone redirect our credentials.
 _LOOSE_MODE_BITS = 0o066
 _Fail = Callable[[str], KubeconfigError]
-_HTTP_WARNING = "server {server} uses plain http: requests, and any token, travel unencrypted"
+# The two settings that remove the API server's authentication: say what each means and the fix.
+_HTTP_WARNING = (
+    "{where}: server {server} uses plain http: requests and the token travel unencrypted "
+    "and the API server is not authenticated, so anyone on the path can read the token or "
+    "answer in its place; use the https:// address (Talos KubePrism: https://127.0.0.1:7445) "
+    "with the cluster's CA in certificate-authority-data"
+)
+_INSECURE_WARNING = (
+    "{where}: insecure-skip-tls-verify is true: the API server's certificate is not checked, "
+    "so anyone on the path can impersonate it and receive the token; remove "
+    "insecure-skip-tls-verify and put the cluster's CA in certificate-authority-data "
+    "(kubectl config view --raw --minify shows it)"
+)
 
 # Fields kubectl understands that spegeld deliberately refuses, with the name to show.
 _UNSUPPORTED_USER_FIELDS = {
@@ -134,7 +146,7 @@ def load_kubeconfig(path: Path, context: str | None = None) -> Credentials:
     user = _named(document, "users", "user", user_name, fail) if user_name else {}
 
     server, ca_pem, insecure, tls_server_name = _cluster_fields(
-        cluster, f"cluster {cluster_name!r}", path.parent, fail, warnings
+        cluster, f"cluster {cluster_name!r}", path, fail, warnings
     )
     who = f"user {user_name!r}" if user_name else f"context {context!r}"
     token, token_file, cert, key = _user_fields(user, who, path.parent, fail, warnings)
@@ -168,9 +180,10 @@ def _parse(path: Path, text: bytes) -> dict[str, Any]:
 
 
 def _cluster_fields(
-    cluster: dict[str, Any], where: str, base: Path, fail: _Fail, warnings: list[str]
+    cluster: dict[str, Any], where: str, path: Path, fail: _Fail, warnings: list[str]
 ) -> tuple[str, bytes | None, bool, str | None]:
     """The server URL, CA, insecure flag and TLS server name of one cluster entry."""
+    named = f"kubeconfig {path}, {where}"  # a warning is a log line: it names the file
     for name, feature in _UNSUPPORTED_CLUSTER_FIELDS.items():
         if cluster.get(name):
             raise fail(f"{where} uses {feature}, which spegeld does not support")
@@ -179,11 +192,15 @@ def _cluster_fields(
         raise fail(f"{where} has no server")
     server = _validate_server(server, fail)
     if server.startswith("http://"):
-        warnings.append(_HTTP_WARNING.format(server=server))
+        warnings.append(_HTTP_WARNING.format(where=named, server=server))
     insecure = cluster.get("insecure-skip-tls-verify", False)
     if not isinstance(insecure, bool):
         raise fail(f"{where}: insecure-skip-tls-verify must be true or false")
-    ca_pem = _data_or_file(cluster, "certificate-authority", where, base, fail, warnings=None)
+    if insecure:
+        warnings.append(_INSECURE_WARNING.format(where=named))
+    ca_pem = _data_or_file(
+        cluster, "certificate-authority", where, path.parent, fail, warnings=None
+    )
     if insecure and ca_pem is not None:
         raise fail(f"{where} sets both insecure-skip-tls-verify and a certificate authority")
     tls_server_name = _string(cluster, "tls-server-name", where, fail) or None

@@ -11,7 +11,7 @@ On containerd 1.6 and 2.3 (``containerd_bin_dir``; the 2.3 runs are marked ``con
 - with spegeld stopped, containerd pulls from the upstream as fast as without a mirror;
 - a pull that fails leaves nothing the mirror claims but cannot serve: the retry pulls.
 
-Every fault test runs on both versions (about 40 s more for 2.3): each meets a place where
+Every fault test runs on both versions (about 35 s more for 2.3): each meets a place where
 2.x differs. ``ctr images pull`` goes through the transfer service (the pull runs inside
 containerd, with its own resolver, retries and host fallback: the cut peer, the refused
 mirror, the mirror that 404s); content events spread an image blob by blob (what a killed

@@ -7,6 +7,7 @@ SIGTERM by PID, and passes a listening TCP socket as fd 3 with LISTEN_FDS/LISTEN
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
@@ -175,5 +176,68 @@ def test_a_wrong_listen_pid_is_ignored_and_the_daemon_binds_its_own_port(
     try:
         node.start()
         assert node.status()["registry"] == [f"127.0.0.1:{node.port}"]
+    finally:
+        node.stop()
+
+
+def get_status(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_socket_activation_with_the_mirror_and_peer_sockets(
+    tmp_path: Path, containerd: PrivateContainerd
+) -> None:
+    """systemd/spegeld.socket and spegeld-peer.socket, as systemd passes them: two fds named
+    by their FileDescriptorName=. Each must land on its own listener: the mirror (status,
+    no node signature) and the peer listener (pull API only, signed requests only)."""
+    from tests.test_systemd_units import PEER_SOCKET, SOCKET, values
+
+    (mirror_name,) = values(SOCKET, "FileDescriptorName")
+    (peer_name,) = values(PEER_SOCKET, "FileDescriptorName")
+    mirror_sock = socket.create_server(("127.0.0.1", 0))
+    peer_sock = socket.create_server(("127.0.0.1", 0))
+    mirror_port, peer_port = mirror_sock.getsockname()[1], peer_sock.getsockname()[1]
+    fds = [mirror_sock.fileno(), peer_sock.fileno()]
+
+    class Activated(SpegeldProcess):
+        def argv(self) -> list[str]:
+            # fds 3 and 4 in the units' order, named as systemd names them.
+            wrapper = (
+                "import os, sys; "
+                f"os.dup2({fds[0]}, 3); os.dup2({fds[1]}, 4); "
+                f"os.close({fds[0]}); os.close({fds[1]}); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='2', "
+                f"LISTEN_FDNAMES='{mirror_name}:{peer_name}'); "
+                "os.execv(sys.argv[1], sys.argv[1:])"
+            )
+            return [sys.executable, "-c", wrapper, *super().argv()]
+
+    node = Activated(
+        tmp_path / "node", containerd, port=mirror_port, peer_port=peer_port,
+        key_file=write_cluster_key(tmp_path / "key"),
+    )  # fmt: skip
+    try:
+        assert min(fds) > 4  # dup2 onto 3 and 4 must not clobber the sources
+        node.launch(pass_fds=fds)
+        mirror_sock.close()
+        peer_sock.close()  # only the daemon holds the ports now
+        deadline = time.monotonic() + 15
+        while node.get_or_none("/readyz") != 200:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.05)
+        assert node.status()["registry"] == [f"127.0.0.1:{mirror_port}"]
+        assert node.get("/v2/")[0] == 200  # containerd's side: no signature needed
+
+        assert get_status(peer_port, "/status") == 404  # never on the peer listener
+        assert get_status(peer_port, "/metrics") == 404
+        assert get_status(peer_port, "/v2/") == 401  # unsigned: not a node
+        assert node.stop() == 0
     finally:
         node.stop()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 from click.testing import CliRunner
 
 from spegeld.cli import cli
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "spegeld.service"
 SOCKET = UNITS / "spegeld.socket"
+PEER_SOCKET = UNITS / "spegeld-peer.socket"
 EXAMPLE = UNITS / "spegeld.toml.example"
 README = UNITS / "README.md"
 INSTALLED_BINARY = "/usr/local/bin/spegeld"
@@ -66,14 +69,16 @@ def installable_copy(tmp_path: Path) -> Path:
     (directory / SERVICE.name).write_text(
         text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={real} ")
     )
-    shutil.copy(SOCKET, directory / SOCKET.name)
+    for socket_unit in (SOCKET, PEER_SOCKET):
+        shutil.copy(socket_unit, directory / socket_unit.name)
     return directory
 
 
 @needs_analyze
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     directory = installable_copy(tmp_path)
-    result = analyze("verify", directory / SERVICE.name, directory / SOCKET.name)
+    units = [directory / u.name for u in (SERVICE, SOCKET, PEER_SOCKET)]
+    result = analyze("verify", *units)
     # verify exits 0 on warnings (unknown keys, bad values) but prints them: allow none.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
@@ -97,8 +102,9 @@ def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
     result = analyze("verify", broken, directory / SOCKET.name)
     assert "Unknown key" in result.stdout + result.stderr
     (directory / SERVICE.name).unlink()
-    orphan = analyze("verify", directory / SOCKET.name)
-    assert "spegeld.service not loaded" in orphan.stdout + orphan.stderr
+    for socket_unit in (SOCKET, PEER_SOCKET):
+        orphan = analyze("verify", directory / socket_unit.name)
+        assert "spegeld.service not loaded" in orphan.stdout + orphan.stderr
 
 
 def exposure(output: str) -> tuple[float, list[str]]:
@@ -145,9 +151,33 @@ def test_unit_keeps_the_design_contract() -> None:
     assert values(SERVICE, "SetCredential") == [
         f"{KUBECONFIG_CREDENTIAL}:{ABSENT_CREDENTIAL.decode()}"
     ]
-    assert values(SOCKET, "ListenStream") == ["5000"]
     readme = README.read_text()
     assert INSTALLED_BINARY in readme
+
+
+def test_socket_units_match_the_daemons_listeners() -> None:
+    """Issue 13: the mirror socket on loopback at --registry-addr's default, the peer socket
+    on every address at --peer-addr's port, each named so the daemon routes it right."""
+    from spegeld.cli.run import split_inherited
+    from spegeld.config import DEFAULT_MIRROR_ADDR, DEFAULT_PEER_ADDR, parse_host_port
+    from spegeld.systemd import InheritedSocket
+
+    assert values(SOCKET, "ListenStream") == [DEFAULT_MIRROR_ADDR] == ["127.0.0.1:5000"]
+    peer_port = parse_host_port(DEFAULT_PEER_ADDR, "--peer-addr")[1]
+    assert values(PEER_SOCKET, "ListenStream") == [str(peer_port)]  # every address
+    # A socket unit not named like the service must name it, or it activates nothing.
+    assert values(PEER_SOCKET, "Service") == [SERVICE.name]
+    assert values(SOCKET, "Service") == []  # spegeld.socket → spegeld.service by name
+    names = {"mirror": values(SOCKET, "FileDescriptorName"),
+             "peer": values(PEER_SOCKET, "FileDescriptorName")}  # fmt: skip
+    assert names == {"mirror": ["registry"], "peer": ["peer"]}
+    with socket.socket() as a, socket.socket() as b:
+        passed = [InheritedSocket(names["mirror"][0], trio.socket.from_stdlib_socket(a)),
+                  InheritedSocket(names["peer"][0], trio.socket.from_stdlib_socket(b))]  # fmt: skip
+        routed = split_inherited(passed)
+        assert [s.name for s in routed["mirror"]] == ["registry"]
+        assert [s.name for s in routed["peer"]] == ["peer"]
+        assert routed["metrics"] == []
 
 
 def test_execstart_command_line_parses_with_the_example_config() -> None:

@@ -378,6 +378,15 @@ def test_service_args_are_options_of_spegeld_run() -> None:
     assert given["containerd-sock"] == "/run/containerd/containerd.sock"
     assert given["containerd-namespace"] == "k8s.io"
     assert given["log-format"] == "json"
+    # The listeners (issue 13): the mirror on the host's loopback, where the machine-config
+    # patch points containerd; the peer listener on every address, at the daemon's default.
+    from spegeld.config import DEFAULT_MIRROR_ADDR, DEFAULT_PEER_ADDR
+
+    assert given["registry-addr"] == DEFAULT_MIRROR_ADDR == "127.0.0.1:5000"
+    assert given["peer-addr"] == DEFAULT_PEER_ADDR
+    patch = yaml.safe_load((TALOS / "examples" / "machine-config-patch.yaml").read_text())
+    endpoints = patch["machine"]["registries"]["mirrors"]["*"]["endpoints"]
+    assert endpoints == [f"http://{given['registry-addr']}"]
     config = yaml.safe_load((TALOS / "examples" / "extensionserviceconfig.yaml").read_text())
     assert (config["apiVersion"], config["kind"], config["name"]) == (
         "v1alpha1",

@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
+from spegeld.cli import cli as cli_main
 from tests._components import component_binary
 from tests.test_talos import layer_problems
 
@@ -254,6 +255,38 @@ def test_examples_together_give_the_service_its_config(
     assert service_config["name"] == service["name"]
     mounted = {f["mountPath"] for f in service_config["configFiles"]}
     assert {"/etc/spegeld/kubeconfig", "/etc/spegeld/gossip.key"} == mounted
+
+
+def test_ingress_firewall_example_covers_the_node_to_node_ports(
+    talosvalidate: Path, generated: dict[str, Path], tmp_path: Path
+) -> None:
+    """The firewall example lands as two NetworkRuleConfig documents for the ports the
+    daemon listens on by default (--peer-addr, --gossip-addr); Talos rejects a broken one."""
+    from spegeld.config import DEFAULT_PEER_ADDR, parse_host_port
+
+    example = TALOS / "examples" / "ingress-firewall.yaml"
+    out = tmp_path / "worker.yaml"
+    proc = validate(talosvalidate, generated["worker"], [example], "metal", out)
+    assert proc.returncode == 0, proc.stderr
+    rules = {d["name"]: d for d in documents(out) if d.get("kind") == "NetworkRuleConfig"}
+    assert set(rules) == {"spegeld-peer", "spegeld-gossip"}
+    peer_port = parse_host_port(DEFAULT_PEER_ADDR, "--peer-addr")[1]
+    run = cli_main.commands["run"]
+    gossip_default = next(p.default for p in run.params if p.name == "gossip_addr")
+    gossip_port = parse_host_port(str(gossip_default), "--gossip-addr")[1]
+    selected = {(r["portSelector"]["protocol"], tuple(r["portSelector"]["ports"])) for r in
+                rules.values()}  # fmt: skip
+    assert selected == {("tcp", (peer_port,)), ("udp", (gossip_port,))}
+    assert all(r["ingress"] and all("subnet" in i for i in r["ingress"]) for r in rules.values())
+    service = yaml.safe_load((TALOS / "rootfs/usr/local/etc/containers/spegeld.yaml").read_text())
+    assert f"--peer-addr=:{peer_port}" in service["container"]["args"]
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        example.read_text().replace("subnet: 192.168.1.0/24", "subnet: 192.168.1.0/33")
+    )
+    proc = validate(talosvalidate, generated["worker"], [broken], "metal")
+    assert proc.returncode != 0 and "192.168.1.0/33" in proc.stderr, proc.stderr
 
 
 # --- the CRI part -----------------------------------------------------------------------------

@@ -103,6 +103,8 @@ NODE1_HOST = "127.0.0.2"
 NODE2_HOST = "127.0.0.3"
 SENDFILE_HOST = "127.0.0.4"
 FRESH_HOST = "127.0.0.20"  # node 3: started on an empty containerd, the image arrives later
+# Tag quorum nodes (empty containerds, static peers node 1 and node 3): --tag-quorum 1 and 2.
+QUORUM_HOSTS = {1: "127.0.0.21", 2: "127.0.0.22"}
 BASELINE_FIRST_HOST = 5  # baseline proxy nodes listen on 127.0.0.5, 127.0.0.6, ...
 RECV_BUFFER = 1024 * 1024
 DRAIN_SIZE = 4 * 1024 * 1024
@@ -277,6 +279,7 @@ def start_spegeld(
     *,
     profile: Path | None = None,
     src: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> tuple[Process, str]:
     port = free_port(host)
     state = work / f"{name}-state"
@@ -289,6 +292,7 @@ def start_spegeld(
     argv += ["--containerd-content-path", str(containerd.content_path)]
     argv += ["--registry-addr", f"{host}:{port}", "--advertise-addr", host]
     argv += ["--state-dir", str(state), "--grace-period", "2", "--log-format", "json"]
+    argv += [*extra]
     if peers:  # a static router: asks these peers on every miss, no gossip
         for peer in peers:
             argv += ["--static-peer", peer]
@@ -595,8 +599,9 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
         )
         processes.append(node1)
         node2, node2_addr = start_spegeld(
-            "node-2", work, node2_cd, NODE2_HOST, [node1_addr], profile=profile_path("node-2")
-        )
+            "node-2", work, node2_cd, NODE2_HOST, [node1_addr], profile=profile_path("node-2"),
+            extra=("--tag-quorum", "1"),  # one holder: a tag from peers needs a quorum of 1
+        )  # fmt: skip
         processes.append(node2)
         node3_cd = stack.enter_context(PrivateContainerd(work / "containerd-3"))
         if (node3_cd.content_path / "blobs").exists():
@@ -610,6 +615,14 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
         print(f"   imported into containerd 3 (after node 3 started) in"
               f" {time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
         archive.unlink()
+        quorum_addrs: dict[int, str] = {}  # the same two holders, a tag quorum of 1 and of 2
+        for quorum, host in QUORUM_HOSTS.items():
+            cd = stack.enter_context(PrivateContainerd(work / f"containerd-q{quorum}"))
+            proc, quorum_addrs[quorum] = start_spegeld(
+                f"node-q{quorum}", work, cd, host, [node1_addr, node3_addr],
+                extra=("--tag-quorum", str(quorum)),
+            )  # fmt: skip
+            processes.append(proc)
         baselines: list[tuple[str, Process, str]] = []  # (ref, process, address)
         for i, ref in enumerate(args.baseline_ref):
             cd = stack.enter_context(PrivateContainerd(work / f"containerd-b{i}"))
@@ -775,6 +788,15 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                 200,
                 max(50, n // 4),
             ),
+        ]
+        latencies += [
+            Latency(
+                f"spegeld proxied tag, quorum {quorum} (nodes 1, 3)",
+                f"http://{address}{tag}?ns={REGISTRY}",
+                200,
+                max(50, n // 4),
+            )
+            for quorum, address in quorum_addrs.items()
         ]
         fresh = f"/v2/{repo}/manifests/{{digest}}?ns={REGISTRY}"
         latencies.append(
@@ -963,6 +985,10 @@ def report(
             line += f"  {text}: {verdict(ok)}"
         print(line)
     by_label = {lat.label.split(" (")[0]: lat for lat in latencies}
+    one, two = (by_label.get(f"spegeld proxied tag, quorum {q}") for q in (1, 2))
+    if one is not None and two is not None:
+        print(f"{'tag quorum 2 / quorum 1 (proxied tag HEAD)':<42} {'':5} "
+              f"{two.ms(50) / one.ms(50):7.2f} {two.ms(99) / one.ms(99):7.2f}")  # fmt: skip
     pairs = [
         ("hit", "spegeld hit", "Spegel hit"),
         ("proxied hit", "spegeld proxied hit", "Spegel proxied hit"),

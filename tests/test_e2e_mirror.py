@@ -34,6 +34,9 @@ pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
 IMAGE = build_image("example.com/team/app:v1", [3_000_000, 1_000_000, 500_000], seed=61)
 HOST = host_platform()
+# Two nodes: a tag held by one peer is answered only under a quorum of 1 (the default, 2,
+# sends it to the upstream, which is down here: docs/security.md, "Tags").
+ONE_HOLDER = ["--tag-quorum", "1"]
 
 
 @pytest.fixture
@@ -70,11 +73,11 @@ def test_pull_through_the_mirror_then_from_the_peer_with_the_upstream_down(
     peer_a, peer_b = f"127.0.0.2:{port_a}", f"127.0.0.3:{port_b}"
     spegeld_a = SpegeldProcess(
         tmp_path / "node-a", containerd_a, host="127.0.0.2", port=port_a,
-        extra_args=["--static-peer", peer_b],
+        extra_args=["--static-peer", peer_b, *ONE_HOLDER],
     )  # fmt: skip
     spegeld_b = SpegeldProcess(
         tmp_path / "node-b", containerd_b, host="127.0.0.3", port=port_b,
-        extra_args=["--static-peer", peer_a],
+        extra_args=["--static-peer", peer_a, *ONE_HOLDER],
     )  # fmt: skip
     with spegeld_a, spegeld_b:
         configure_hosts(tmp_path / "hosts-a", spegeld_a.url, upstream.url)
@@ -137,10 +140,11 @@ def test_pull_through_the_mirror_then_from_the_peer_with_gossip(
     containerd_a, containerd_b = nodes
     ref = upstream.push(IMAGE, "team/app", "v1")
     key = write_cluster_key(tmp_path / "cluster.key")
-    spegeld_a = SpegeldProcess(tmp_path / "node-a", containerd_a, host="127.0.0.2", key_file=key)
+    spegeld_a = SpegeldProcess(tmp_path / "node-a", containerd_a, host="127.0.0.2", key_file=key,
+                               extra_args=ONE_HOLDER)  # fmt: skip
     spegeld_b = SpegeldProcess(
         tmp_path / "node-b", containerd_b, host="127.0.0.3", key_file=key,
-        peers=[spegeld_a.gossip_address],
+        peers=[spegeld_a.gossip_address], extra_args=ONE_HOLDER,
     )  # fmt: skip
     with spegeld_a, spegeld_b:
         # No static peers: B knows of A only through the gossip seed.

@@ -63,6 +63,12 @@ DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
 DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
 
 
+# --tag-quorum: holders on distinct hosts that must name one digest before a tag is
+# answered from peers. 2: one node that lies (or one stolen key) cannot pick what others
+# run; with fewer agreeing holders containerd asks the upstream (docs/security.md, "Tags").
+DEFAULT_TAG_QUORUM = 2
+
+
 DEFAULT_LEASE_NAMESPACE = "spegeld"
 DEFAULT_LEASE_NAME = "spegeld-coordinator"
 
@@ -99,6 +105,10 @@ class NodeConfig:
     cluster_key_file: Path | None = None
     insecure_gossip: bool = False
     lease: LeaseSettings = field(default_factory=LeaseSettings)
+    # Registry filters (oci.ShareFilter): regular expressions on registry/repository[:tag].
+    registry_filters: tuple[str, ...] = ()  # excluded from sharing
+    registry_includes: tuple[str, ...] = ()  # if any: only these are shared
+    tag_quorum: int = DEFAULT_TAG_QUORUM
 
 
 # RFC 1123 host names: what getaddrinfo can be asked without an encoding error.

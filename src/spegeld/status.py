@@ -31,6 +31,7 @@ __all__ = [
     "PacketCounts",
     "PeerStatus",
     "RouterStatus",
+    "SharingStatus",
     "StoreStatus",
 ]
 
@@ -309,6 +310,23 @@ class ElectionStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class SharingStatus:  # --registry-filter, --registry-include, --tag-quorum
+    registry_filters: tuple[str, ...] = ()
+    registry_includes: tuple[str, ...] = ()
+    tag_quorum: int = 1
+    withheld_images: int = 0  # local images the filters keep out of the index
+
+    def to_json(self) -> JsonObject:
+        return _flat(self)
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "sharing") -> SharingStatus:
+        r = _Reader(data, where)
+        filters, includes = r.texts("registry_filters"), r.texts("registry_includes")
+        return cls(filters, includes, r.integer("tag_quorum"), r.integer("withheld_images"))
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStatus:
     """Everything ``/status`` says; ``gossip`` is None under static peers."""
 
@@ -321,6 +339,7 @@ class NodeStatus:
     router: RouterStatus | None = None
     gossip: GossipStatus | None = None
     election: ElectionStatus | None = None  # None only from daemons older than the election
+    sharing: SharingStatus | None = None  # None only from daemons older than the filters
 
     @property
     def coordinator(self) -> str | None:
@@ -343,13 +362,15 @@ class NodeStatus:
             data["gossip"] = self.gossip.to_json()
         if self.election is not None:
             data["election"] = self.election.to_json()
+        if self.sharing is not None:
+            data["sharing"] = self.sharing.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: object) -> NodeStatus:
         r = _Reader(data, "")
         store, http, router = r.nested("store"), r.nested("http"), r.nested("router")
-        gossip, election = r.nested("gossip"), r.nested("election")
+        gossip, election, sharing = r.nested("gossip"), r.nested("election"), r.nested("sharing")
         return cls(
             node=r.text("node", "?"),
             version=r.text("version"),
@@ -360,6 +381,7 @@ class NodeStatus:
             router=None if router is None else RouterStatus.from_json(router),
             gossip=None if gossip is None else GossipStatus.from_json(gossip),
             election=None if election is None else ElectionStatus.from_json(election),
+            sharing=None if sharing is None else SharingStatus.from_json(sharing),
         )
 
     @classmethod

@@ -15,7 +15,8 @@ from spegeld.containerd import open_containerd
 from spegeld.gossip import GossipConfig, GossipRouter, Keyring
 from spegeld.kube import Credentials
 from spegeld.metrics import MetricsRegistry
-from spegeld.mirror import Limits, MirrorServer, MirrorSettings
+from spegeld.mirror import Limits, MirrorServer, MirrorSettings, ProxySettings
+from spegeld.oci import ShareFilter
 from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
 from spegeld.status import (
     ElectionStatus,
@@ -23,6 +24,7 @@ from spegeld.status import (
     HttpStatus,
     NodeStatus,
     RouterStatus,
+    SharingStatus,
     StoreStatus,
 )
 from spegeld.store import ContainerdStore
@@ -69,6 +71,12 @@ def _status(
         # The gossip shell and the coordination report plain dicts; read them once, here.
         gossip=None if gossip is None else GossipStatus.from_json(gossip.status()),
         election=ElectionStatus.from_json(coordination.status()),
+        sharing=SharingStatus(
+            registry_filters=cfg.registry_filters,
+            registry_includes=cfg.registry_includes,
+            tag_quorum=cfg.tag_quorum,
+            withheld_images=store.withheld_images(),
+        ),
     )
 
 
@@ -117,11 +125,13 @@ async def run_node(
     notifier = sup.notifier
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with open_containerd(cfg.containerd.socket, cfg.containerd.namespace) as client:
+            share = ShareFilter.parse(cfg.registry_includes, cfg.registry_filters)
             store = ContainerdStore(
                 client,
                 cfg.containerd.content_path,
                 cfg.containerd.resync_interval,
                 metrics=metrics,
+                share=share,
             )
             router, gossip = await _router(cfg, keyring)
             if gossip is not None:
@@ -132,6 +142,8 @@ async def run_node(
                 port=cfg.mirror_port,
                 mirrored_registries=cfg.mirrored_registries,
                 resolve_tags=cfg.resolve_tags,
+                share=share,
+                proxy=ProxySettings(tag_quorum=cfg.tag_quorum),
                 limits=Limits(grace_period=cfg.grace_period),
                 inherited=sup.listeners,
             )

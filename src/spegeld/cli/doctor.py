@@ -105,6 +105,8 @@ def doctor(
             groups=groups,
         )
         report = await checks.run_doctor(plan)
+        if status is not None and status.sharing is not None:
+            report = checks.Report((*report.results, _sharing_check(status.sharing)))
         if creds_problem is not None and "api" in groups:
             bad = checks.CheckResult("api.credentials", "Kubernetes credentials",
                                      checks.Status.FAIL, creds_problem)  # fmt: skip
@@ -165,6 +167,22 @@ def _gossip_target(
         key_problem=problem,
         peers=checks.merge_peers(seeds, running, checks.saved_members(state_dir)),
         daemon_fingerprint=None if gossip is None else gossip.key_fingerprint,
+    )
+
+
+def _sharing_check(sharing: Any) -> Any:
+    """The daemon's registry filters and tag quorum; a quorum of 1 trusts any one node."""
+    from spegeld import doctor as checks
+    from spegeld.cli.status import sharing_line
+
+    ok = sharing.tag_quorum >= 2
+    return checks.CheckResult(
+        "node.sharing",
+        "Sharing: registry filters, tag quorum",
+        checks.Status.OK if ok else checks.Status.WARN,
+        sharing_line(sharing),
+        (),
+        "" if ok else "One node can decide a tag for the others: run with --tag-quorum 2.",
     )
 
 

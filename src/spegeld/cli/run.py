@@ -21,6 +21,7 @@ from spegeld.cli._options import (
     state_dir_option,
 )
 from spegeld.errors import ConfigError, SpegeldError
+from spegeld.oci import ShareFilter
 
 
 def default_advertise_addr() -> str:
@@ -51,7 +52,19 @@ def registry_host(entry: str) -> str:
         help="Comma-separated registries to mirror (URLs or hosts); empty: all.")  # fmt: skip
 @option("--resolve-tags/--no-resolve-tags", default=True, show_default=True,
         help="Answer tag lookups (manifests by tag) as well as digests.")  # fmt: skip
+@option("--registry-filter", "registry_filters", multiple=True, metavar="REGEX",
+        help="Keep images whose registry/repository[:tag] matches REGEX out of sharing: not "
+        "advertised, not served (repeatable; Spegel's --registry-filters).")  # fmt: skip
+@option("--registry-include", "registry_includes", multiple=True, metavar="REGEX",
+        help="Share only images whose registry/repository[:tag] matches REGEX (repeatable; "
+        "--registry-filter still excludes).")  # fmt: skip
+@option("--tag-quorum", type=click.IntRange(min=1), default=config.DEFAULT_TAG_QUORUM,
+        show_default=True, help="Holders on distinct hosts that must return one digest before "
+        "a tag is answered from peers; fewer: 404, containerd asks the upstream.")  # fmt: skip
 @gossip_options
+@option("--gossip-v1", type=click.Choice(["accept", "refuse"]), default="accept",
+        show_default=True, help="Gossip datagram version 1 (authenticated, not encrypted): "
+        "accept it during an upgrade; refuse it once every node speaks version 2.")  # fmt: skip
 @option("--peer-dns", "peer_dns", multiple=True, metavar="NAME[:PORT]",
         help="A DNS name whose addresses are gossip seeds (repeatable).")  # fmt: skip
 @option("--static-peer", "static_peers", multiple=True, metavar="HOST:PORT",
@@ -108,6 +121,9 @@ def node_config(
     advertise_addr: str | None,
     mirrored_registries: str,
     resolve_tags: bool,
+    registry_filters: tuple[str, ...],
+    registry_includes: tuple[str, ...],
+    tag_quorum: int,
     gossip_addr: str,
     peers: tuple[str, ...],
     peer_dns: tuple[str, ...],
@@ -135,6 +151,7 @@ def node_config(
     for peer in static_peers:
         config.parse_host_port(peer, "--static-peer")
     registries = frozenset(registry_host(e) for e in mirrored_registries.split(",") if e.strip())
+    ShareFilter.parse(registry_includes, registry_filters)  # a bad pattern stops us here
     # Under systemd, LoadCredential=kubeconfig:... delivers it when no flag names one.
     kubeconfig = kubeconfig or credential_path(KUBECONFIG_CREDENTIAL)
     return config.NodeConfig(
@@ -159,6 +176,9 @@ def node_config(
         lease=lease_settings(
             kubeconfig, kube_context, lease_namespace, lease_name, enabled=not no_election
         ),
+        registry_filters=tuple(registry_filters),
+        registry_includes=tuple(registry_includes),
+        tag_quorum=tag_quorum,
     )
 
 

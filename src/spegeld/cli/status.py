@@ -10,7 +10,7 @@ import click
 from spegeld.cli._options import json_option, option
 
 if TYPE_CHECKING:
-    from spegeld.status import NodeStatus
+    from spegeld.status import NodeStatus, SharingStatus
 
 
 @click.command()
@@ -64,6 +64,8 @@ def _render(node: NodeStatus) -> None:
         out.print(line)
     out.print(f"own keys: {store.digests} digests, {store.tags} tags"
               f"  (store synced: {store.synced})")  # fmt: skip
+    if node.sharing is not None:
+        out.print(sharing_line(node.sharing))
     gossip = node.gossip
     if gossip is None:
         out.print(f"router: {'?' if node.router is None else node.router.kind}")
@@ -79,4 +81,15 @@ def _render(node: NodeStatus) -> None:
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(packets.dropped.items()))
     out.print(
         f"packets in {packets.packets_in} out {packets.packets_out}; dropped: {dropped or 'none'}"
+    )
+
+
+def sharing_line(sharing: SharingStatus) -> str:
+    """Registry filters and the tag quorum, one line (``spegeld status`` and doctor)."""
+    rules = [f"exclude {p!r}" for p in sharing.registry_filters]
+    rules += [f"include only {p!r}" for p in sharing.registry_includes]
+    shared = "; ".join(rules) if rules else "every registry"
+    return (
+        f"sharing: {shared} ({sharing.withheld_images} local images withheld); "
+        f"a tag from peers needs {sharing.tag_quorum} agreeing hosts"
     )

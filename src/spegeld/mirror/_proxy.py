@@ -28,6 +28,7 @@ from ._hedge import LatencyTracker, first_success
 from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
 from ._metrics import MirrorMetrics
 from ._peer import BadPeerAddress, PeerFailed, PeerResponse, fetch
+from ._quorum import agreed
 from ._ranges import ByteRange, parse_range, unsatisfiable
 from ._unproven import UnprovenBytes
 
@@ -74,6 +75,9 @@ class ProxySettings:
     # Seconds a peer that did not answer is skipped: the rest of the pull's requests
     # then go to other holders, or 404 at once, instead of each waiting out a connect.
     unreachable_ttl: float = 5.0
+    # Holders on distinct hosts that must name one digest before a tag is answered from
+    # peers (_quorum). 1 trusts any one holder; the daemon passes --tag-quorum (default 2).
+    tag_quorum: int = 1
 
 
 DiscardPartial = Callable[[Digest], Awaitable[object]]
@@ -125,9 +129,10 @@ class Proxy:
                 else:
                     logger.warning("discarded the partial write of %s: %s", digest, discarded)
 
-    def holders(self, key: str) -> list[Peer]:
+    def holders(self, key: str, *, tag: bool = False) -> list[Peer]:
         start = trio.current_time()
-        found = self._router.lookup(key, self._settings.holders_to_try * 2)
+        want = max(self._settings.holders_to_try, self._settings.tag_quorum if tag else 0)
+        found = self._router.lookup(key, want * 2)
         self._metrics.resolve_duration.labels(router="local").observe(trio.current_time() - start)
         now = trio.current_time()
         # A peer that sent corrupt bytes is not asked at all while it is marked: bytes it
@@ -136,45 +141,60 @@ class Proxy:
         usable = [
             p for p in found if self._unreachable.get(p, 0) <= now and self._bad.get(p, 0) <= now
         ]
-        return usable[: self._settings.holders_to_try]
+        return usable[: want if tag else self._settings.holders_to_try]
+
+    async def tag(
+        self, holders: Sequence[Peer], request: Request, target: bytes
+    ) -> Response | None:
+        """A manifest by tag: from one holder, or only when ``tag_quorum`` hosts agree."""
+        if self._settings.tag_quorum <= 1:
+            return await self.manifest(holders, request, target, None)
+        won = await agreed(
+            holders,
+            lambda peer: self._manifest_from(peer, request, target, None),
+            self._settings.tag_quorum,
+            within=self._settings.first_byte_timeout,
+            disagreed=self._metrics.proxy_errors.labels(reason="tag_disagreement").inc,
+        )
+        return None if won is None else self._manifest_response(*won)
+
+    async def _manifest_from(
+        self, peer: Peer, request: Request, target: bytes, digest: Digest | None
+    ) -> tuple[PeerResponse, bytes] | None:
+        # Always GET, even for a HEAD: a manifest is small, and only its bytes
+        # prove the digest the peer claims.
+        response = await self._open(peer, request, target, None, method=b"GET")
+        if response is None:
+            return None
+        try:
+            body = await response.read_all(MAX_MANIFEST_SIZE)
+        except PeerFailed as exc:
+            self._metrics.proxy_errors.labels(reason="broken").inc()
+            logger.info("manifest from %s failed: %s", peer.mirror, exc)
+            return None
+        finally:
+            await response.aclose()
+        claimed = (response.header(b"docker-content-digest") or b"").decode("latin-1")
+        if "sha256:" + hashlib.sha256(body).hexdigest() != (digest or claimed):
+            await self._caught_lying([peer])
+            return None
+        return response, body
 
     async def manifest(
         self, holders: Sequence[Peer], request: Request, target: bytes, digest: Digest | None
     ) -> Response | None:
         """A manifest from the first holder whose bytes hash to the digest they claim."""
-
-        async def attempt(peer: Peer) -> tuple[PeerResponse, bytes] | None:
-            # Always GET, even for a HEAD: a manifest is small, and only its bytes
-            # prove the digest the peer claims.
-            response = await self._open(peer, request, target, None, method=b"GET")
-            if response is None:
-                return None
-            try:
-                body = await response.read_all(MAX_MANIFEST_SIZE)
-            except PeerFailed as exc:
-                self._metrics.proxy_errors.labels(reason="broken").inc()
-                logger.info("manifest from %s failed: %s", peer.mirror, exc)
-                return None
-            finally:
-                await response.aclose()
-            actual = "sha256:" + hashlib.sha256(body).hexdigest()
-            claimed = (response.header(b"docker-content-digest") or b"").decode("latin-1")
-            if actual != (digest or claimed):
-                await self._caught_lying([peer])
-                return None
-            return response, body
-
         won = await first_success(
             holders,
-            attempt,
+            lambda peer: self._manifest_from(peer, request, target, digest),
             _release_pair,
             self._latency.hedge_delay(),
             within=self._settings.first_byte_timeout,
             on_timeout=self._first_byte_timed_out,
         )
-        if won is None:
-            return None
-        response, body = won
+        return None if won is None else self._manifest_response(*won)
+
+    def _manifest_response(self, response: PeerResponse, body: bytes) -> Response:
         self._metrics.bytes_served.labels(source="peer").inc(len(body))
         content_type = response.header(b"content-type") or b"application/octet-stream"
         digest_text = ("sha256:" + hashlib.sha256(body).hexdigest()).encode()

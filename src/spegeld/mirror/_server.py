@@ -14,7 +14,7 @@ import trio
 from spegeld.errors import ContainerdError, ListenError, NotFound
 from spegeld.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from spegeld.metrics import MetricsRegistry
-from spegeld.oci import Digest, is_index, is_manifest, tag_key
+from spegeld.oci import Digest, ShareFilter, is_index, is_manifest, tag_key
 from spegeld.routing import Router
 from spegeld.store import Store
 
@@ -50,6 +50,7 @@ class MirrorSettings:
     port: int = 5000
     mirrored_registries: frozenset[str] = frozenset()  # empty: every registry
     resolve_tags: bool = True
+    share: ShareFilter = field(default_factory=ShareFilter)  # registry filters: 404 if not shared
     limits: Limits = field(default_factory=Limits)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     # Sockets systemd passed (socket activation): served instead of host:port.
@@ -148,6 +149,8 @@ class MirrorServer:
         allow = self._settings.mirrored_registries
         if allow and route.upstream not in allow:
             raise unknown(f"registry {upstream} is not mirrored here")
+        if not self._settings.share.shares(route.upstream, route.name, route.tag):
+            raise unknown(f"{upstream}/{route.name} is not shared (registry filters)")
         key = self._key(route)
         response = await self._local(route, request, key)
         if response is None and not mirrored:
@@ -215,13 +218,16 @@ class MirrorServer:
         return Response(status, headers, StreamBody(blob.chunks, length))
 
     async def _proxied(self, route: Route, request: Request, key: str) -> Response | None:
-        holders = self._proxy.holders(key)
+        by_tag = route.kind is Kind.MANIFEST and route.digest is None
+        holders = self._proxy.holders(key, tag=by_tag)
         if not holders:
             return None
         kind = "manifests" if route.kind is Kind.MANIFEST else "blobs"
         target = f"/v2/{route.name}/{kind}/{route.reference}"
         if route.upstream is not None:
             target += f"?ns={route.upstream}"
+        if by_tag:
+            return await self._proxy.tag(holders, request, target.encode())
         if route.kind is Kind.MANIFEST:
             return await self._proxy.manifest(holders, request, target.encode(), route.digest)
         assert route.digest is not None

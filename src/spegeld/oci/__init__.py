@@ -1,6 +1,7 @@
 """Pure OCI vocabulary: digests, media types, references, documents. No I/O."""
 
 from spegeld.oci._digest import Digest, digest_hex, is_digest, parse_digest
+from spegeld.oci._filter import ShareFilter
 from spegeld.oci._manifest import Descriptor, Index, IndexEntry, Manifest, parse_document
 from spegeld.oci._media import (
     DOCKER_CONFIG,
@@ -43,6 +44,7 @@ __all__ = [
     "IndexEntry",
     "Manifest",
     "Reference",
+    "ShareFilter",
     "digest_hex",
     "is_digest",
     "is_index",

@@ -36,7 +36,7 @@ from spegeld.containerd import (
 )
 from spegeld.errors import ContainerdError, NotFound, RemoteProtocolError
 from spegeld.metrics import MetricsRegistry
-from spegeld.oci import Descriptor, Digest, digest_hex, parse_reference
+from spegeld.oci import Descriptor, Digest, ShareFilter, digest_hex, parse_reference
 
 from ._index import ImageEntry, Index, LooseBlob
 from ._protocol import KeysChanged, OpenBlob, Snapshot
@@ -96,11 +96,13 @@ class ContainerdStore:
         resync_interval: float = 300.0,
         *,
         metrics: MetricsRegistry | None = None,
+        share: ShareFilter | None = None,
     ) -> None:
         self._client = client
+        self._share = share or ShareFilter()  # registry filters: images kept out of the index
         self._blobs_dir = content_path / "blobs" / "sha256"
         self._resync_interval = resync_interval
-        self._index = Index()
+        self._index = Index(self._share)
         self._watchers = Watchers()
         self._cache = DocumentCache()
         self._synced = trio.Event()
@@ -160,6 +162,10 @@ class ContainerdStore:
     async def wait_synced(self) -> None:
         await self._synced.wait()
 
+    def withheld_images(self) -> int:
+        """How many images the registry filters keep out of the index (and of sharing)."""
+        return self._index.withheld()
+
     def statistics(self) -> StoreStatistics:
         snap = self._index.snapshot()
         return StoreStatistics(
@@ -201,7 +207,13 @@ class ContainerdStore:
             async def is_present(digest: Digest) -> bool:
                 return digest in present
 
-            entries = {image.name: await self._entry(image, is_present) for image in images}
+            # A withheld image is not walked: the index keeps only its name.
+            entries = {
+                image.name: await self._entry(image, is_present)
+                if self._share.shares_image(image.name)
+                else ImageEntry({}, {})
+                for image in images
+            }
             self._cache.retain(present)
             loose = [
                 blob
@@ -319,6 +331,9 @@ class ContainerdStore:
                 self._watchers.publish(self._index.remove_loose(blob.descriptor.digest))
 
     async def _refresh_image(self, name: str) -> None:
+        if not self._share.shares_image(name):
+            self._watchers.publish(self._index.put(name, ImageEntry({}, {})))
+            return
         try:
             image = await self._client.get_image(name)
         except NotFound:

@@ -9,6 +9,11 @@ like an image holding one digest, until an image that reaches it takes it over
 (``put``), containerd deletes it (``remove_loose``), or a full resync drops it
 (``replace_all`` keeps only what its caller carries over). Digests only: a tag
 still comes from an image.
+
+Registry filters (``ShareFilter``): an image the filter does not share never enters the
+index, so a digest stays only while a shared image reaches it. While any rule is set, a
+loose blob is not held at all: nothing says yet which image it belongs to, and a private
+layer must not be advertised for the length of its pull.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from spegeld.oci import Descriptor, Digest
+from spegeld.oci import Descriptor, Digest, ShareFilter
 
 from ._protocol import KeysChanged, Snapshot
 
@@ -42,7 +47,9 @@ class ImageEntry:
 
 
 class Index:
-    def __init__(self) -> None:
+    def __init__(self, share: ShareFilter | None = None) -> None:
+        self._share = share or ShareFilter()
+        self._withheld: set[str] = set()  # image names the filter keeps out
         self._images: dict[str, ImageEntry] = {}
         self._refs: Counter[str] = Counter()
         self._digests: dict[Digest, Descriptor] = {}
@@ -67,7 +74,15 @@ class Index:
     def loose(self) -> list[LooseBlob]:
         return list(self._loose.values())
 
+    def withheld(self) -> int:
+        """How many images the registry filters keep out of the index."""
+        return len(self._withheld)
+
     def put(self, name: str, entry: ImageEntry) -> KeysChanged:
+        if not self._share.shares_image(name):
+            change = self.remove(name)  # it may have been shared under an older filter
+            self._withheld.add(name)
+            return change
         before = self._images.get(name)
         self._images[name] = entry
         change = self._apply(add=entry, remove=before)
@@ -77,7 +92,7 @@ class Index:
     def add_loose(self, blob: LooseBlob) -> KeysChanged:
         """Hold committed content by digest; O(1), nothing if already held any way."""
         digest = blob.descriptor.digest
-        if digest in self._refs:
+        if digest in self._refs or self._share.active:
             return KeysChanged(frozenset(), frozenset())
         self._loose[digest] = blob
         self._bump(digest, +1)
@@ -95,6 +110,7 @@ class Index:
         return KeysChanged(added=frozenset(), removed=frozenset((digest,)))
 
     def remove(self, name: str) -> KeysChanged:
+        self._withheld.discard(name)
         before = self._images.pop(name, None)
         return self._apply(add=None, remove=before)
 
@@ -109,7 +125,10 @@ class Index:
         old_keys = frozenset(self._refs)
         self._images, self._refs, self._digests, self._tags = {}, Counter(), {}, {}
         self._loose = {}
+        self._withheld = {name for name in entries if not self._share.shares_image(name)}
         for name, entry in entries.items():
+            if name in self._withheld:
+                continue
             self._images[name] = entry
             self._count(entry, +1)
         for blob in loose:

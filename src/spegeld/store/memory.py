@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 import trio
 
 from spegeld.errors import NotFound
-from spegeld.oci import Descriptor, Digest
+from spegeld.oci import Descriptor, Digest, ShareFilter
 
 from ._index import ImageEntry, Index
 from ._protocol import KeysChanged, OpenBlob, Snapshot
@@ -25,8 +25,8 @@ def sha256_digest(data: bytes) -> Digest:
 class MemoryStore:
     """Holds images as plain bytes; ``add_image`` and ``remove_image`` drive ``watch()``."""
 
-    def __init__(self) -> None:
-        self._index = Index()
+    def __init__(self, share: ShareFilter | None = None) -> None:
+        self._index = Index(share)
         self._blobs: dict[Digest, bytes] = {}
         self._watchers = Watchers()
 

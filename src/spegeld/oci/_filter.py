@@ -1,0 +1,84 @@
+"""Which references this node shares: include and exclude rules on registry and repository.
+
+A rule is a regular expression searched (not anchored: write ``^`` and ``$`` yourself) in
+``registry/repository[:tag]``, the string Spegel's ``--registry-filters`` matches, so its
+patterns carry over unchanged. A reference is shared when no exclude rule matches it and,
+if any include rule is given, one of them does. Exclude wins.
+
+The same filter decides what the store indexes (so what is advertised: a digest is
+advertised only while an image that is shared reaches it) and what the mirror serves (a
+request whose ``ns`` registry and repository are not shared gets 404, locally and from
+peers). A request or an image name that does not name its registry is not shared while
+any rule is set: no rule can be applied to it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from spegeld.errors import ConfigError, RemoteProtocolError
+from spegeld.oci._reference import parse_reference
+
+
+@dataclass(frozen=True, slots=True)
+class ShareFilter:
+    include: tuple[re.Pattern[str], ...] = ()
+    exclude: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def parse(cls, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> ShareFilter:
+        """Compile the rules; a pattern that is not a regular expression is a ConfigError."""
+        return cls(
+            include=tuple(_compile(p, "--registry-include") for p in include),
+            exclude=tuple(_compile(p, "--registry-filter") for p in exclude),
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule is set (with none, everything is shared)."""
+        return bool(self.include or self.exclude)
+
+    def shares(self, registry: str | None, repository: str, tag: str | None = None) -> bool:
+        """Whether a request for ``registry/repository[:tag]`` may be answered."""
+        if not self.active:
+            return True
+        if registry is None:
+            return False
+        return self._shares_text(_text(registry, repository, tag))
+
+    def shares_image(self, name: str) -> bool:
+        """Whether a containerd image (by its name) is indexed, advertised and served."""
+        if not self.active:
+            return True
+        try:
+            ref = parse_reference(name)
+        except RemoteProtocolError:
+            return False
+        return self._shares_text(_text(ref.registry, ref.repository, ref.tag))
+
+    def rules(self) -> dict[str, list[str]]:
+        """The patterns as given, for ``/status`` and doctor."""
+        return {
+            "include": [p.pattern for p in self.include],
+            "exclude": [p.pattern for p in self.exclude],
+        }
+
+    def _shares_text(self, text: str) -> bool:
+        if any(p.search(text) for p in self.exclude):
+            return False
+        return not self.include or any(p.search(text) for p in self.include)
+
+
+def _text(registry: str, repository: str, tag: str | None) -> str:
+    return f"{registry}/{repository}" + (f":{tag}" if tag is not None else "")
+
+
+def _compile(pattern: str, flag: str) -> re.Pattern[str]:
+    if not pattern:
+        raise ConfigError(f"{flag}: an empty pattern would match every reference")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{flag} {pattern!r} is not a regular expression: {exc}") from exc

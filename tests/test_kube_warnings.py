@@ -244,3 +244,49 @@ def test_doctor_never_calls_an_unverified_certificate_verified(
     assert tls["status"] == "warn", tls
     assert "verification is OFF (insecure-skip-tls-verify)" in tls["verdict"], tls
     assert stderr.count(INSECURE) == 1, stderr  # the loader's line, with the fix
+
+
+# -- a healthy API server ----------------------------------------------------------------
+
+
+@pytest.mark.kubeapiserver
+@pytest.mark.slow
+def test_with_a_healthy_api_server_the_warning_is_still_said_once(tmp_path: Path) -> None:
+    """The real kube-apiserver, a kubeconfig minted as deploy/README.md says, then switched
+    to insecure-skip-tls-verify. Every API check passes except the unverified TLS, and the
+    daemon's preflight must not say it a second time."""
+    from tests.realkube._accounts import follow_readme
+    from tests.realkube._apiserver import RealKubeApi
+
+    api = RealKubeApi(tmp_path / "api")
+    api.start()
+    containerd = PrivateContainerd(tmp_path / "containerd")  # never started: not needed
+    node = None
+    try:
+        minted = follow_readme(api, tmp_path / "readme")
+        document = yaml.safe_load(minted.read_text())
+        cluster = document["clusters"][0]["cluster"]
+        del cluster["certificate-authority-data"]
+        cluster["insecure-skip-tls-verify"] = True
+        insecure = tmp_path / "insecure.kubeconfig"
+        insecure.write_text(yaml.safe_dump(document))  # the README's token and context
+        insecure.chmod(0o600)
+        node = SpegeldProcess(
+            tmp_path / "node", containerd, extra_args=["--kubeconfig", str(insecure)]
+        )
+        node.launch()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not any(str(r.get("msg", "")).startswith("preflight") for r in log_records(node)):
+            assert node.poll() is None, node.log_tail()
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.1)
+        assert node.stop() == 0, node.log_tail()
+        messages = [str(r.get("msg")) for r in log_records(node)]
+        assert "preflight: Kubernetes API reachable; Lease permissions ok" in messages, messages
+        assert sum("insecure-skip-tls-verify" in m for m in messages) == 1, messages
+        assert len(kube_warnings(log_records(node))) == 1
+    finally:
+        if node is not None:
+            node.stop()
+        containerd.close()
+        api.stop()

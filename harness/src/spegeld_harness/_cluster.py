@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,9 @@ class Cluster:
         self.upstream: UpstreamRegistry | None = None
         self._state = STATE_DIR / f"{os.getpid()}-{self.network.bridge}.json"
         self._pids: list[int] = []
+        # Nodes start in a thread pool, and each records its PIDs: one writer at a time,
+        # or two threads race on the same temporary file.
+        self._record_lock = threading.RLock()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -267,8 +271,9 @@ class Cluster:
 
     def _track(self, pid: int | None) -> None:
         if pid is not None:
-            self._pids.append(pid)
-            self._record()
+            with self._record_lock:
+                self._pids.append(pid)
+                self._record()
 
     def _record(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -280,9 +285,10 @@ class Cluster:
             "dir": str(self.base) if self._owns_dir else None,
             "kept": self.keep,
         }
-        tmp = self._state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self._state)
+        with self._record_lock:
+            tmp = self._state.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            tmp.replace(self._state)
 
     # ---- using it -------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ StateChunks); every sync interval a Summary of some members goes to a random
 member; a joiner gets the whole member list; and now and then a dead member or a
 seed is tried again, in case a partition is over.
 
-``AntiEntropy`` owns the set of lagging peers and the summary window's cursor, and
+``AntiEntropy`` owns the lagging peers and the summary window's cursor, and
 each member's key account (``PeerRecord.keys``). It reads the member table, the
 holder table and this node's ledger through their public interfaces, takes the
 time as an input, and returns what the core must do (``_actions``): sends, deltas
@@ -51,7 +51,10 @@ class AntiEntropy:
         self._rng = rng
         self._rejected = rejected  # the core's tally, by reason
         self._gap_timeout = gap_timeout
-        self.lagging: set[str] = set()  # peers whose keys we know we lack
+        # Peers whose keys we know we lack, in the order we noticed. A dict, not a set: a
+        # set of names iterates in PYTHONHASHSEED's order, and the order of the pulls
+        # must not change from one run of the same simulation to the next.
+        self.lagging: dict[str, None] = {}
         self.cursor = 0  # where the next Summary's window of members starts
 
     def answer_summary(self, members: tuple[Member, ...], addr: Addr, me: Member) -> list[Action]:
@@ -64,7 +67,7 @@ class AntiEntropy:
     ) -> list[Action]:
         """Someone says ``peer``'s keys reached ``version``; pull them if we lag."""
         if peer.keys.note_claim(version, now):
-            self.lagging.add(peer.node)
+            self.lagging[peer.node] = None
             if peer.keys.should_pull(now, self._gap_timeout):
                 return [Send(source, (StatePull(peer.node, peer.keys.version),), False)]
         return []
@@ -75,7 +78,7 @@ class AntiEntropy:
         for node in list(self.lagging):
             peer = self._members.get(node)
             if peer is None or peer.keys.gap_since is None or peer.state is not State.ALIVE:
-                self.lagging.discard(node)
+                self.lagging.pop(node, None)
             elif peer.keys.should_pull(now, self._gap_timeout):
                 actions.append(Send(peer.addr, (StatePull(node, peer.keys.version),), False))
         return actions
@@ -95,7 +98,7 @@ class AntiEntropy:
             return []
         actions: list[Action] = []
         if not applied:
-            self.lagging.add(peer.node)
+            self.lagging[peer.node] = None
             if peer.keys.should_pull(now, self._gap_timeout):
                 actions.append(Send(peer.addr, (StatePull(peer.node, peer.keys.version),), False))
         for change in applied:
@@ -238,4 +241,4 @@ class AntiEntropy:
 
     def forget(self, node: str) -> None:
         """``node`` left the member table."""
-        self.lagging.discard(node)
+        self.lagging.pop(node, None)

@@ -18,7 +18,12 @@ containerd and pushed to a Distribution registry), it measures:
   socket (``TCP_NODELAY``, ``TCP_NOTSENT_LOWAT`` 16 KiB); a second instance without them is
   shown too, because that option alone changes loopback sendfile throughput a lot;
 * **proxied**: a second ``spegeld run`` (node 2, ``127.0.0.3``) with an empty containerd and
-  ``--static-peer`` node 1: it streams the blob from node 1 and verifies its digest;
+  ``--static-peer`` node 1's peer listener: it streams the blob from node 1 and verifies its
+  digest. Both hold the cluster key, so every request to node 1 is signed and checked
+  (node authentication, the default);
+* **proxied, no node auth**: the same path without a cluster key: a keyless node over
+  containerd 1 (``127.0.0.23``, the same files) and a keyless proxy over containerd 2
+  (``127.0.0.24``); ``proxied / proxied, no node auth`` is what authentication costs;
 * **fresh**: a third ``spegeld run`` (node 3, ``127.0.0.20``) started on an *empty*
   containerd, one whose ``blobs/sha256`` directory does not exist yet (a new node); the
   image is imported only after it is ready. It must serve from the file as node 1 does;
@@ -106,6 +111,8 @@ FRESH_HOST = "127.0.0.20"  # node 3: started on an empty containerd, the image a
 # Tag quorum nodes (empty containerds, static peers node 1 and node 3): --tag-quorum 1 and 2.
 QUORUM_HOSTS = {1: "127.0.0.21", 2: "127.0.0.22"}
 BASELINE_FIRST_HOST = 5  # baseline proxy nodes listen on 127.0.0.5, 127.0.0.6, ...
+NOAUTH_HOSTS = ("127.0.0.23", "127.0.0.24")  # a keyless holder (node 1's files) and its proxy
+UNUSED_PEER = "127.0.0.1:9"  # a static peer never asked (its node holds what is asked for)
 RECV_BUFFER = 1024 * 1024
 DRAIN_SIZE = 4 * 1024 * 1024
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -182,6 +189,7 @@ class Process:
     ) -> None:
         self.name = name
         self.log = log
+        self.peer = ""  # a spegeld node's peer listener (--peer-addr): what peers fetch from
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 argv,
@@ -280,8 +288,15 @@ def start_spegeld(
     profile: Path | None = None,
     src: Path | None = None,
     extra: tuple[str, ...] = (),
+    key: Path | None = None,
 ) -> tuple[Process, str]:
+    """A node; its mirror address is returned, its peer listener's is ``Process.peer``.
+
+    ``key``: the cluster key file (peer requests signed and checked); None: a static node
+    without one (unsigned, unchecked), or a gossip node alone with a key of its own.
+    """
     port = free_port(host)
+    peer = f"{host}:{free_port(host)}"
     state = work / f"{name}-state"
     state.mkdir()
     argv = [PYTHON]
@@ -291,21 +306,28 @@ def start_spegeld(
     argv += ["--containerd-sock", str(containerd.socket)]
     argv += ["--containerd-content-path", str(containerd.content_path)]
     argv += ["--registry-addr", f"{host}:{port}", "--advertise-addr", host]
+    if src is None or "--peer-addr" in (src / "spegeld" / "cli" / "run.py").read_text():
+        argv += ["--peer-addr", peer]  # an older baseline has no peer listener
+    else:
+        peer = f"{host}:{port}"
     argv += ["--state-dir", str(state), "--grace-period", "2", "--log-format", "json"]
     argv += [*extra]
     if peers:  # a static router: asks these peers on every miss, no gossip
-        for peer in peers:
-            argv += ["--static-peer", peer]
+        for static in peers:
+            argv += ["--static-peer", static]
     else:  # gossip with no seeds: a node alone on purpose, so a miss has nobody to ask
-        key = work / f"{name}-gossip.key"
-        key.touch(mode=0o600)
-        key.write_text(secrets.token_hex(32) + "\n")
+        if key is None:
+            key = work / f"{name}-gossip.key"
+            key.touch(mode=0o600)
+            key.write_text(secrets.token_hex(32) + "\n")
         argv += ["--gossip-addr", f"{host}:{free_port(host, socket.SOCK_DGRAM)}"]
+    if key is not None:
         argv += ["--cluster-key-file", str(key)]
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
     proc = Process(name, argv, work / f"{name}.log", env)
+    proc.peer = peer
     address = f"{host}:{port}"
     try:
         wait_http(proc, f"http://{address}/readyz")
@@ -594,20 +616,46 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             profiles[name] = work / f"{name}.prof"
             return profiles[name]
 
+        cluster_key = work / "cluster.key"  # nodes 1, 2, 3 and the quorum nodes: one cluster
+        cluster_key.touch(mode=0o600)
+        cluster_key.write_text(secrets.token_hex(32) + "\n")
         node1, node1_addr = start_spegeld(
-            "node-1", work, node1_cd, NODE1_HOST, [], profile=profile_path("node-1")
+            "node-1",
+            work,
+            node1_cd,
+            NODE1_HOST,
+            [],
+            profile=profile_path("node-1"),
+            key=cluster_key,
         )
         processes.append(node1)
         node2, node2_addr = start_spegeld(
-            "node-2", work, node2_cd, NODE2_HOST, [node1_addr], profile=profile_path("node-2"),
+            "node-2", work, node2_cd, NODE2_HOST, [node1.peer], profile=profile_path("node-2"),
             extra=("--tag-quorum", "1"),  # one holder: a tag from peers needs a quorum of 1
+            key=cluster_key,  # signed requests to node 1's peer listener: the default
         )  # fmt: skip
         processes.append(node2)
+        # The same blob files served by a holder without a cluster key, to a proxy without
+        # one: the proxied path with no node authentication, for the ratio. The holder is
+        # static (its peer is never asked: it holds the blob) so it runs keyless.
+        holder_n, _ = start_spegeld("node-1n", work, node1_cd, NOAUTH_HOSTS[0], [UNUSED_PEER])
+        processes.append(holder_n)
+        node2n, node2n_addr = start_spegeld(
+            "node-2n", work, node2_cd, NOAUTH_HOSTS[1], [holder_n.peer],
+            profile=profile_path("node-2n"),
+        )  # fmt: skip
+        processes.append(node2n)
         node3_cd = stack.enter_context(PrivateContainerd(work / "containerd-3"))
         if (node3_cd.content_path / "blobs").exists():
             raise SystemExit("containerd 3 is not empty at start")
         node3, node3_addr = start_spegeld(
-            "node-3", work, node3_cd, FRESH_HOST, [], profile=profile_path("node-3")
+            "node-3",
+            work,
+            node3_cd,
+            FRESH_HOST,
+            [],
+            profile=profile_path("node-3"),
+            key=cluster_key,
         )
         processes.append(node3)
         t0 = time.perf_counter()
@@ -619,8 +667,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
         for quorum, host in QUORUM_HOSTS.items():
             cd = stack.enter_context(PrivateContainerd(work / f"containerd-q{quorum}"))
             proc, quorum_addrs[quorum] = start_spegeld(
-                f"node-q{quorum}", work, cd, host, [node1_addr, node3_addr],
-                extra=("--tag-quorum", str(quorum)),
+                f"node-q{quorum}", work, cd, host, [node1.peer, node3.peer],
+                extra=("--tag-quorum", str(quorum)), key=cluster_key,
             )  # fmt: skip
             processes.append(proc)
         baselines: list[tuple[str, Process, str]] = []  # (ref, process, address)
@@ -628,7 +676,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
             cd = stack.enter_context(PrivateContainerd(work / f"containerd-b{i}"))
             src = Path(ref) if Path(ref).is_dir() else export_src(ref, work / f"baseline-{i}")
             host = f"127.0.0.{BASELINE_FIRST_HOST + i}"
-            proc, address = start_spegeld(f"node-b{i}", work, cd, host, [node1_addr], src=src)
+            # Unsigned, as an older node's requests are: to the keyless holder.
+            proc, address = start_spegeld(f"node-b{i}", work, cd, host, [holder_n.peer], src=src)
             processes.append(proc)
             baselines.append((ref, proc, address))
         spegel_nodes: tuple[_spegel.SpegelNode, _spegel.SpegelNode] | None = None
@@ -698,6 +747,12 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[Server], list[La
                 "spegeld proxied from a peer",
                 f"http://{node2_addr}{mirror_blob}",
                 {"server": node2.pid, "peer": node1.pid},
+            ),
+            Server(
+                "proxied-noauth",
+                "spegeld proxied, no node auth",
+                f"http://{node2n_addr}{mirror_blob}",
+                {"server": node2n.pid, "peer": holder_n.pid},
             ),
         ]
         for i, (ref, proc, address) in enumerate(baselines):
@@ -936,6 +991,8 @@ def report(
         ("fresh node / Distribution", "fresh", "distribution", 1.5),
         ("fresh node / bare sendfile", "fresh", "sendfile", 0.8),
         ("proxied / Distribution", "proxied", "distribution", 0.6),
+        ("proxied, no node auth / Distribution", "proxied-noauth", "distribution", 0.0),
+        ("proxied / proxied, no node auth", "proxied", "proxied-noauth", 0.0),
         ("bare sendfile / Distribution", "sendfile", "distribution", 0.0),
     ]
     if "spegel-local" in by_key:

@@ -582,10 +582,19 @@ def test_cli_bad_urls_exit_2_with_one_line(
 
 
 @pytest.mark.parametrize("command", ["containerd", "talos"])
-def test_cli_without_mirror_target_exits_2(tmp_path: Path, command: str) -> None:
+def test_cli_without_mirror_target_points_at_the_loopback_mirror(
+    tmp_path: Path, command: str
+) -> None:
+    """The daemon's mirror listens on 127.0.0.1:5000 by default (issue 13): so does the
+    configuration written without --mirror-target."""
     extra = ["--config-path", str(tmp_path)] if command == "containerd" else []
-    line = one_line_error(invoke("configure", command, *extra))
-    assert "--mirror-target (or SPEGELD_MIRROR_TARGET) is required" in line
+    result = invoke("configure", command, *extra)
+    assert result.exit_code == 0, result.stderr
+    if command == "containerd":
+        written = (tmp_path / "_default" / "hosts.toml").read_text()
+    else:
+        written = result.stdout
+    assert "http://127.0.0.1:5000" in written
 
 
 def test_cli_talos_prints_the_patch() -> None:

@@ -89,11 +89,11 @@ def test_crictl_pull_through_the_mirror_then_from_the_peer_with_the_upstream_dow
     ref = upstream.push(IMAGE, "team/cri", "v1")
     port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
     spegeld_a = SpegeldProcess(
-        tmp_path / "node-a", containerd_a, host="127.0.0.2", port=port_a,
+        tmp_path / "node-a", containerd_a, host="127.0.0.2", peer_port=port_a,
         extra_args=["--static-peer", f"127.0.0.3:{port_b}"],
     )  # fmt: skip
     spegeld_b = SpegeldProcess(
-        tmp_path / "node-b", containerd_b, host="127.0.0.3", port=port_b,
+        tmp_path / "node-b", containerd_b, host="127.0.0.3", peer_port=port_b,
         extra_args=["--static-peer", f"127.0.0.2:{port_a}"],
     )  # fmt: skip
     with spegeld_a, spegeld_b:

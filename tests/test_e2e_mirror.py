@@ -6,10 +6,14 @@ upstream); the upstream is stopped; B pulls the same image and every byte
 comes from A. Twice: once with ``--static-peer``, once with B finding A's
 content through gossip alone (one ``--peer`` seed, a shared cluster key).
 Each on containerd 1.6 (Debian) and 2.3 (built; its ctr pulls through the transfer service).
+Peers fetch from each other's peer listener (``--peer-addr``): unsigned with static peers
+and no key, signed with the cluster key under gossip (issue 13), where a client without
+the key gets a 401 and no ``/status``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import time
@@ -29,6 +33,8 @@ from spegeld_harness import (
 )
 
 from ._support import configure_hosts
+
+AUTH_REASONS = ("missing", "malformed", "unknown_key", "bad_signature", "stale", "replay")
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -54,6 +60,18 @@ def nodes(
         b.close()
 
 
+def plain_get(address: str, path: str) -> tuple[int, bytes]:
+    """GET without a node signature, as any client on the network could send it."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def wait_for(condition: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
@@ -72,11 +90,11 @@ def test_pull_through_the_mirror_then_from_the_peer_with_the_upstream_down(
     port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
     peer_a, peer_b = f"127.0.0.2:{port_a}", f"127.0.0.3:{port_b}"
     spegeld_a = SpegeldProcess(
-        tmp_path / "node-a", containerd_a, host="127.0.0.2", port=port_a,
+        tmp_path / "node-a", containerd_a, host="127.0.0.2", peer_port=port_a,
         extra_args=["--static-peer", peer_b, *ONE_HOLDER],
     )  # fmt: skip
     spegeld_b = SpegeldProcess(
-        tmp_path / "node-b", containerd_b, host="127.0.0.3", port=port_b,
+        tmp_path / "node-b", containerd_b, host="127.0.0.3", peer_port=port_b,
         extra_args=["--static-peer", peer_a, *ONE_HOLDER],
     )  # fmt: skip
     with spegeld_a, spegeld_b:
@@ -114,7 +132,7 @@ def test_pull_through_the_mirror_then_from_the_peer_with_the_upstream_down(
 
         # skopeo is a second real client, by digest (tags need containerd's ?ns=).
         manifest = IMAGE.platforms[0].manifest
-        source = f"docker://{peer_b}/team/app@{manifest}"
+        source = f"docker://{spegeld_b.address}/team/app@{manifest}"
         inspected = subprocess.run(
             ["skopeo", "inspect", "--raw", "--tls-verify=false", source],
             capture_output=True, timeout=60, check=True,
@@ -162,7 +180,8 @@ def test_pull_through_the_mirror_then_from_the_peer_with_gossip(
             "A and B to see each other alive",
         )
         assert peer_of(spegeld_b)["node"] == "node-a"
-        assert peer_of(spegeld_b)["registry"] == spegeld_a.address
+        # B fetches from A's peer listener: gossip advertises it, not A's mirror.
+        assert peer_of(spegeld_b)["registry"] == spegeld_a.peer_address
         configure_hosts(tmp_path / "hosts-a", spegeld_a.url, upstream.url)
         configure_hosts(tmp_path / "hosts-b", spegeld_b.url, upstream.url)
 
@@ -197,6 +216,16 @@ def test_pull_through_the_mirror_then_from_the_peer_with_gossip(
         assert peer_bytes >= sum(IMAGE.blobs[d].size for d in want)
         hit = f'spegel_mirror_requests_total{{registry="{upstream.address}",cache="hit",source="internal"}}'
         assert spegeld_a.metric(hit) >= len(want)
+        # B fetched from A's peer listener with signed requests: A refused none of them...
+        refused = 'spegeld_peer_auth_failures_total{{reason="{}"}}'
+        assert all(spegeld_a.metric(refused.format(r)) == 0 for r in AUTH_REASONS)
+        # ...while a client without the key gets a 401 there, and no /status at all.
+        layer = IMAGE.platforms[0].layers[0]
+        status, body = plain_get(spegeld_a.peer_address, f"/v2/team/app/blobs/{layer}")
+        assert status == 401 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+        assert spegeld_a.metric(refused.format("missing")) == 1
+        assert plain_get(spegeld_a.peer_address, "/status")[0] == 404
+        assert plain_get(spegeld_a.peer_address, "/metrics")[0] == 404
 
         # skopeo is a second real client, by digest (tags need containerd's ?ns=).
         manifest = IMAGE.platforms[0].manifest

@@ -320,7 +320,7 @@ def test_five_daemons_converge_and_an_import_is_pullable_through_every_mirror_wi
             entry = view[other.name]
             assert entry["state"] == "alive"
             assert entry["addr"] == other.spegeld.gossip_address
-            assert entry["registry"] == other.spegeld.address
+            assert entry["registry"] == other.spegeld.peer_address
             assert entry["incarnation"] == incarnations[other.name]
         assert gossip["packets"]["in"] > 0 and gossip["packets"]["out"] > 0
         assert gossip["packets"]["dropped"] == {}, "an honest cluster drops nothing"
@@ -417,6 +417,7 @@ def test_a_killed_node_goes_dead_everywhere_its_keys_leave_and_it_rejoins_higher
     reborn = SpegeldProcess(
         victim.spegeld.base_dir, victim.containerd, host=victim.spegeld.host,
         port=victim.spegeld.port, gossip_port=victim.spegeld.gossip_port,
+        peer_port=victim.spegeld.peer_port,
         key_file=cluster.key, peers=[cluster.nodes[0].spegeld.gossip_address],
     )  # fmt: skip
     victim.spegeld = reborn

@@ -51,7 +51,7 @@ class Cluster:
         self.containerds.append(containerd)
         args: list[str] = []
         for peer in peers:
-            args += ["--static-peer", peer.address]
+            args += ["--static-peer", peer.peer_address]
         return SpegeldProcess(self.base / name, containerd, host="127.0.0.4", extra_args=args)
 
 
@@ -71,11 +71,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             containerd.import_image(archive)
         port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
         a = SpegeldProcess(
-            base / "node-a", containerds[0], host="127.0.0.2", port=port_a,
+            base / "node-a", containerds[0], host="127.0.0.2", peer_port=port_a,
             extra_args=["--static-peer", f"127.0.0.3:{port_b}"],
         )  # fmt: skip
         b = SpegeldProcess(
-            base / "node-b", containerds[1], host="127.0.0.3", port=port_b,
+            base / "node-b", containerds[1], host="127.0.0.3", peer_port=port_b,
             extra_args=["--static-peer", f"127.0.0.2:{port_a}"],
         )  # fmt: skip
         nodes += [a.start(), b.start()]

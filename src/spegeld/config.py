@@ -57,7 +57,11 @@ def load_toml(path: Path, known_keys: frozenset[str]) -> dict[str, Any]:
     return values
 
 
-DEFAULT_MIRROR_ADDR = "0.0.0.0:5000"  # --registry-addr: where containerd reaches our mirror
+# --registry-addr: where containerd, on this host, reaches our mirror. Loopback: nothing
+# off the node reaches it (no node authentication there, containerd cannot sign).
+DEFAULT_MIRROR_ADDR = "127.0.0.1:5000"
+# --peer-addr: where other nodes reach this one (the pull API, node authentication required).
+DEFAULT_PEER_ADDR = ":5001"
 DEFAULT_GOSSIP_ADDR = "0.0.0.0:7946"  # memberlist's port
 DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
 DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
@@ -98,6 +102,10 @@ class NodeConfig:
     static_peers: tuple[str, ...]
     state_dir: Path
     grace_period: float = DEFAULT_GRACE_PERIOD
+    peer_host: str = "0.0.0.0"  # --peer-addr: the peer listener; gossip advertises its port
+    peer_port: int = 5001
+    metrics_host: str | None = None  # --metrics-addr: None, no metrics listener
+    metrics_port: int = 0
     gossip_host: str = "0.0.0.0"
     gossip_port: int = 7946
     peers: tuple[tuple[str, int], ...] = ()

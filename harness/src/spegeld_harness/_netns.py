@@ -154,12 +154,17 @@ class NetnsContainerd(PrivateContainerd):
         self.netns = netns
 
 
+PEER_PORT = 5001  # spegeld's default --peer-addr port
+
+
 class NetnsSpegeld(SpegeldProcess):
     """``spegeld run`` inside a namespace; every request to it is a curl from inside too."""
 
     def __init__(
         self, netns: str, base_dir: Path, containerd: PrivateContainerd, **kwargs: Any
     ) -> None:
+        # The namespace's own ports: the default, not a port probed in the root namespace.
+        kwargs.setdefault("peer_port", PEER_PORT)
         super().__init__(base_dir, containerd, **kwargs)
         self.netns = netns
 

@@ -36,7 +36,8 @@ def write_cluster_key(path: Path) -> Path:
 
 
 class SpegeldProcess(ManagedProcess):
-    """``spegeld run`` against ``containerd``, on ``host:port``; gossip on ``gossip_port``."""
+    """``spegeld run`` against ``containerd``: its mirror on ``host:port``, its peer listener
+    on ``host:peer_port`` (what other nodes fetch from), gossip on ``gossip_port``."""
 
     kind = "spegeld"
     log_banner = False  # the log is JSON lines
@@ -55,6 +56,7 @@ class SpegeldProcess(ManagedProcess):
         extra_args: Sequence[str] = (),
         ready_timeout: float = 15.0,
         gossip_port: int | None = None,
+        peer_port: int | None = None,
         key_file: Path | None = None,
         peers: Sequence[str] = (),
         env: dict[str, str] | None = None,
@@ -68,12 +70,18 @@ class SpegeldProcess(ManagedProcess):
         self.port = port if port is not None else free_port(host)
         self.extra_args = list(extra_args)
         self.gossip_port = gossip_port or free_port(host, socket.SOCK_DGRAM)
+        self.peer_port = peer_port or free_port(host)
         self.key_file = key_file
         self.peers = list(peers)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def peer_address(self) -> str:
+        """Where other nodes fetch from (``--peer-addr``; ``--static-peer`` names this)."""
+        return f"{self.host}:{self.peer_port}"
 
     @property
     def gossip_address(self) -> str:
@@ -94,6 +102,7 @@ class SpegeldProcess(ManagedProcess):
             "--containerd-sock", str(self.containerd.socket),
             "--containerd-content-path", str(self.containerd.content_path),
             "--registry-addr", self.address,
+            "--peer-addr", self.peer_address,
             "--advertise-addr", self.host,
             "--state-dir", str(self.base_dir / "state"),
             "--log-format", "json",

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from spegeld.app._setup import peer_address
 from spegeld.config import NodeConfig, parse_host_port
 from spegeld.doctor import ApiTarget, Status, diagnose_api
 from spegeld.election import ElectionConfig, Elector, KubeLeaseStore
@@ -79,7 +80,7 @@ class Coordination:
         election = ElectionConfig(
             identity=cfg.node_name,
             gossip_addr=f"{cfg.advertise_addr}:{cfg.gossip_port}",
-            mirror_addr=f"{cfg.advertise_addr}:{cfg.mirror_port}",
+            mirror_addr=peer_address(cfg),  # where peers fetch: the peer listener
         )
         async with KubeClient(
             self._creds, timeout=KUBE_REQUEST_TIMEOUT, metrics=self._metrics

@@ -8,14 +8,21 @@ import signal
 import trio
 
 from spegeld.app._coordination import Coordination
-from spegeld.app._setup import gossip_seeds, next_incarnation, save_incarnation, version
+from spegeld.app._setup import (
+    gossip_seeds,
+    next_incarnation,
+    peer_address,
+    peer_keys,
+    save_incarnation,
+    version,
+)
 from spegeld.app._supervision import Supervision, apply_reload, notify_ready, status_line_of
 from spegeld.config import NodeConfig
 from spegeld.containerd import open_containerd
 from spegeld.gossip import GossipConfig, GossipRouter, Keyring
 from spegeld.kube import Credentials
 from spegeld.metrics import MetricsRegistry
-from spegeld.mirror import Limits, MirrorServer, MirrorSettings, ProxySettings
+from spegeld.mirror import Limits, Listen, MirrorServer, MirrorSettings, PeerKeys, ProxySettings
 from spegeld.oci import ShareFilter
 from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
 from spegeld.status import (
@@ -92,11 +99,7 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
         GossipConfig(
             node=cfg.node_name,
             addr=own,
-            mirror=(  # [v6]:port, as peers parse it
-                f"[{cfg.advertise_addr}]:{cfg.mirror_port}"
-                if ":" in cfg.advertise_addr
-                else f"{cfg.advertise_addr}:{cfg.mirror_port}"
-            ),
+            mirror=peer_address(cfg),  # peers fetch from the peer listener
             incarnation=next_incarnation(cfg.state_dir),
             seeds=await gossip_seeds(cfg, own),
         ),
@@ -105,6 +108,28 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
         cfg.state_dir,
     )
     return gossip, gossip
+
+
+def _metrics_listener(cfg: NodeConfig, sup: Supervision) -> Listen | None:
+    """``--metrics-addr``, or a passed socket named ``metrics``; None: neither."""
+    if sup.metrics_listeners:
+        return Listen(cfg.metrics_host or "", cfg.metrics_port, sup.metrics_listeners)
+    if cfg.metrics_host is None:
+        return None
+    return Listen(cfg.metrics_host, cfg.metrics_port)
+
+
+def _peer_keys(cfg: NodeConfig, keyring: Keyring | None) -> PeerKeys:
+    """The keys peer requests are signed and checked with; a warning, once, if none."""
+    keys = peer_keys(cfg, keyring)
+    if not keys.secure:
+        logger.warning(
+            "node-to-node requests are NOT authenticated (no cluster key): anyone who "
+            "reaches --peer-addr %s:%d can fetch any content this node holds",
+            cfg.peer_host,
+            cfg.peer_port,
+        )
+    return keys
 
 
 async def run_node(
@@ -146,6 +171,8 @@ async def run_node(
                 proxy=ProxySettings(tag_quorum=cfg.tag_quorum),
                 limits=Limits(grace_period=cfg.grace_period),
                 inherited=sup.listeners,
+                peer=Listen(cfg.peer_host, cfg.peer_port, sup.peer_listeners),
+                metrics=_metrics_listener(cfg, sup),
             )
             mirror = MirrorServer(
                 store,
@@ -155,6 +182,7 @@ async def run_node(
                 ready=lambda: store.statistics().synced and router.ready(),
                 status=lambda: _status(cfg, store, mirror, gossip, coordination).to_json(),
                 discard_partial=client.abort_ingests,
+                peer_keys=_peer_keys(cfg, keyring),
             )
             mirror_done = trio.Event()
 
@@ -185,7 +213,7 @@ async def run_node(
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         notifier.reloading("reloading")
-                        apply_reload(cfg, sup, gossip)
+                        apply_reload(cfg, sup, gossip, mirror)
                         notifier.ready(status_line())
                         continue
                     logger.info(

@@ -21,6 +21,7 @@ from spegeld.gossip import (
     resolve_seeds,
 )
 from spegeld.kube import Credentials, discover, ssl_context
+from spegeld.mirror import AUTH_KEY_LABEL, PeerKeys
 from spegeld.store import ContainerdStore, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,12 @@ async def index_once(cfg: ContainerdConfig) -> IndexReport:
 
 
 def load_keyring(cfg: NodeConfig) -> Keyring | None:
-    """The gossip keyring, read once at start; None when gossip is off (static peers)."""
-    if cfg.static_peers:
+    """The cluster keyring (gossip, and the peer requests), read at start and on SIGHUP.
+
+    With static peers there is no gossip: the key file, when one is named, still signs
+    and checks peer requests; without one, None (peer requests unauthenticated).
+    """
+    if cfg.static_peers and cfg.cluster_key_file is None:
         return None
     if cfg.cluster_key_file is not None:
         keyring, warnings = load_key_file(cfg.cluster_key_file)
@@ -145,6 +150,19 @@ async def gossip_seeds(cfg: NodeConfig, own: tuple[str, int]) -> tuple[tuple[str
     seeds += await resolve_seeds(cfg.peer_dns, cfg.gossip_port)
     seeds += load_members(cfg.state_dir)
     return tuple(s for s in dict.fromkeys(seeds) if s != own)
+
+
+def peer_address(cfg: NodeConfig) -> str:
+    """Where peers reach this node's peer listener, as gossip and the Lease advertise it:
+    ``host:port``, or ``[v6]:port`` as peers parse it."""
+    host = f"[{cfg.advertise_addr}]" if ":" in cfg.advertise_addr else cfg.advertise_addr
+    return f"{host}:{cfg.peer_port}"
+
+
+def peer_keys(cfg: NodeConfig, keyring: Keyring | None) -> PeerKeys:
+    """The mirror's view of the cluster key: keys derived for peer requests only."""
+    keys = () if keyring is None else keyring.derive(AUTH_KEY_LABEL)
+    return PeerKeys(cfg.node_name, keys)
 
 
 def version() -> str:

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from spegeld.app._setup import load_keyring
+from spegeld.app._setup import load_keyring, peer_keys
 from spegeld.config import NodeConfig
 from spegeld.errors import SpegeldError
 from spegeld.gossip import GossipRouter
+from spegeld.mirror import MirrorServer
 from spegeld.status import NodeStatus
 from spegeld.systemd import Notifier
 
@@ -29,7 +30,9 @@ class Supervision:
 
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
     watchdog: float | None = None  # seconds systemd expects pings within
-    listeners: tuple[trio.SocketListener, ...] = ()
+    listeners: tuple[trio.SocketListener, ...] = ()  # the mirror listener's
+    peer_listeners: tuple[trio.SocketListener, ...] = ()  # FileDescriptorName=peer
+    metrics_listeners: tuple[trio.SocketListener, ...] = ()  # FileDescriptorName=metrics
     reload_config: Callable[[], NodeConfig] | None = None
 
 
@@ -57,17 +60,22 @@ def status_line_of(status: NodeStatus) -> str:
     return f"{line}; last error: {error}" if error else line
 
 
-def apply_reload(cfg: NodeConfig, sup: Supervision, gossip: GossipRouter | None) -> None:
-    """SIGHUP: re-read the key file (applied at once) and the config (changes are named;
-    they apply at the next restart). A bad file is logged, never fatal."""
-    if gossip is not None:
+def apply_reload(
+    cfg: NodeConfig, sup: Supervision, gossip: GossipRouter | None, mirror: MirrorServer
+) -> None:
+    """SIGHUP: re-read the key file (applied at once, to gossip and to peer requests) and
+    the config (changes are named; they apply at the next restart). A bad file is logged,
+    never fatal."""
+    if gossip is not None or cfg.cluster_key_file is not None:
         try:
             keyring = load_keyring(cfg)
         except SpegeldError as exc:
             logger.error("reload: the cluster key was not reloaded: %s", exc)  # noqa: TRY400
         else:
             if keyring is not None:
-                gossip.set_keyring(keyring)
+                if gossip is not None:
+                    gossip.set_keyring(keyring)
+                mirror.set_peer_keys(peer_keys(cfg, keyring))
                 logger.info("reload: cluster key reloaded (%s)", keyring.fingerprint())
     if sup.reload_config is None:
         return

@@ -80,8 +80,23 @@ def mirror_addr_option(func: F) -> F:
         "--registry-addr",
         default=config.DEFAULT_MIRROR_ADDR,
         show_default=True,
-        help="HOST:PORT the registry mirror listens on.",
+        help="HOST:PORT the registry mirror containerd uses listens on (keep it loopback).",
     )(func)
+
+
+def listener_options(func: F) -> F:
+    """The peer listener (other nodes) and the optional metrics listener."""
+    return _stack(
+        func,
+        [
+            option("--peer-addr", default=config.DEFAULT_PEER_ADDR, show_default=True,
+                   help="HOST:PORT other nodes fetch from (node authentication required); "
+                   "gossip advertises its port."),
+            option("--metrics-addr", default=None,
+                   help="HOST:PORT serving only /metrics and /status (e.g. :9090).  "
+                   "[default: none; both stay on --registry-addr]"),
+        ],
+    )  # fmt: skip
 
 
 def state_dir_option(func: F) -> F:

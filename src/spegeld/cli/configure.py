@@ -6,15 +6,20 @@ from pathlib import Path
 
 import click
 
+from spegeld import config
 from spegeld.cli._options import option
-from spegeld.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/containerd/certs.d")
+# The daemon's default --registry-addr: containerd runs on the same host (under systemd
+# and on Talos alike), so it reaches the mirror on loopback, where nothing else can.
+DEFAULT_MIRROR_TARGET = f"http://{config.DEFAULT_MIRROR_ADDR}"
 
 _mirror_target = option(
     "--mirror-target",
     metavar="URL",
-    help="This node's spegeld mirror, http(s)://host:port (e.g. http://127.0.0.1:5000).",
+    default=DEFAULT_MIRROR_TARGET,
+    show_default=True,
+    help="This node's spegeld mirror, http(s)://host:port: the daemon's --registry-addr.",
 )
 _mirrored_registries = option(
     "--mirrored-registries",
@@ -30,11 +35,9 @@ _resolve_tags = option(
 )
 
 
-def _required_target(mirror_target: str | None) -> str:
+def _required_target(mirror_target: str) -> str:
     from spegeld.mirrorconfig import parse_mirror_target
 
-    if not mirror_target:
-        raise ConfigError("--mirror-target (or SPEGELD_MIRROR_TARGET) is required")
     return parse_mirror_target(mirror_target)
 
 
@@ -61,7 +64,7 @@ def configure() -> None:
 )
 def containerd(
     config_path: Path,
-    mirror_target: str | None,
+    mirror_target: str,
     mirrored_registries: str,
     resolve_tags: bool,
     remove: bool,
@@ -99,7 +102,7 @@ def containerd(
 @_mirror_target
 @_mirrored_registries
 @_resolve_tags
-def talos(mirror_target: str | None, mirrored_registries: str, resolve_tags: bool) -> None:
+def talos(mirror_target: str, mirrored_registries: str, resolve_tags: bool) -> None:
     """Print the Talos machine-config patch for the mirror.
 
     Talos generates containerd's hosts directory from its machine config, so the patch

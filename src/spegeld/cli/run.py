@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,12 +16,16 @@ from spegeld.cli._options import (
     gossip_options,
     kube_options,
     lease_settings,
+    listener_options,
     mirror_addr_option,
     option,
     state_dir_option,
 )
 from spegeld.errors import ConfigError, SpegeldError
 from spegeld.oci import ShareFilter
+
+if TYPE_CHECKING:
+    from spegeld.systemd import InheritedSocket
 
 
 def default_advertise_addr() -> str:
@@ -46,6 +50,7 @@ def registry_host(entry: str) -> str:
 @option("--node-name", default=socket.gethostname, help="This node's name.  [default: hostname]")
 @containerd_options
 @mirror_addr_option
+@listener_options
 @option("--advertise-addr", default=None,
         help="IP peers use to reach this node.  [default: default route's source]")  # fmt: skip
 @option("--mirrored-registries", default="", show_default=True,
@@ -92,13 +97,18 @@ def run(**params: Any) -> None:
     configure_logging(params["log_level"], params["log_format"])
     keyring = load_keyring(cfg)
     creds = load_credentials(cfg)
-    inherited = listen_fds()
-    if inherited:  # socket activation: the mirror port is the socket's
-        cfg = dataclasses.replace(cfg, mirror_port=inherited[0].socket.getsockname()[1])
+    inherited = split_inherited(listen_fds())
+    for name, sockets in inherited.items():  # socket activation: the port is the socket's
+        if sockets and name != "metrics":
+            port = sockets[0].socket.getsockname()[1]
+            field = "peer_port" if name == "peer" else "mirror_port"
+            cfg = dataclasses.replace(cfg, **{field: port})
     supervision = Supervision(
         notifier=Notifier.from_environ(),
         watchdog=watchdog_interval(unset=True),
-        listeners=tuple(s.listener() for s in inherited),
+        listeners=tuple(s.listener() for s in inherited["mirror"]),
+        peer_listeners=tuple(s.listener() for s in inherited["peer"]),
+        metrics_listeners=tuple(s.listener() for s in inherited["metrics"]),
         reload_config=lambda: _reload_config(ctx),
     )
     try:
@@ -111,6 +121,16 @@ def run(**params: Any) -> None:
         raise _first_leaf(known) from None
 
 
+def split_inherited(sockets: list[InheritedSocket]) -> dict[str, list[InheritedSocket]]:
+    """Passed sockets by the listener they serve, from their ``FileDescriptorName=``:
+    ``peer`` and ``metrics`` name theirs; any other name (``registry``, systemd's default
+    of the socket unit's name, ``unknown``) is the mirror's, as before there were three."""
+    found: dict[str, list[InheritedSocket]] = {"mirror": [], "peer": [], "metrics": []}
+    for sock in sockets:
+        found[sock.name if sock.name in ("peer", "metrics") else "mirror"].append(sock)
+    return found
+
+
 def node_config(
     *,
     node_name: str,
@@ -118,6 +138,8 @@ def node_config(
     containerd_namespace: str,
     containerd_content_path: Path,
     registry_addr: str,
+    peer_addr: str,
+    metrics_addr: str | None,
     advertise_addr: str | None,
     mirrored_registries: str,
     resolve_tags: bool,
@@ -143,6 +165,13 @@ def node_config(
     from spegeld.systemd import KUBECONFIG_CREDENTIAL, credential_path
 
     host, port = config.parse_host_port(registry_addr, "--registry-addr")
+    peer_host, peer_port = config.parse_host_port(peer_addr, "--peer-addr")
+    metrics_host, metrics_port = (
+        config.parse_host_port(metrics_addr, "--metrics-addr") if metrics_addr else (None, 0)
+    )
+    if peer_port == 0:
+        # Peers reach this node at the port gossip advertises: it must be known up front.
+        raise ConfigError(f"--peer-addr {peer_addr}: peers need a fixed port, not 0")
     gossip_host, gossip_port = config.parse_host_port(gossip_addr, "--gossip-addr")
     if gossip_port == 0 and not static_peers:
         # Peers reach this node at the port it advertises, before any datagram is sent.
@@ -161,6 +190,10 @@ def node_config(
         ),
         mirror_host=host,
         mirror_port=port,
+        peer_host=peer_host,
+        peer_port=peer_port,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
         advertise_addr=advertise_addr or default_advertise_addr(),
         mirrored_registries=registries,
         resolve_tags=resolve_tags,

@@ -252,6 +252,15 @@ class Keyring:
         digest = hashlib.sha256(b"spegeld gossip key fingerprint\0" + self._primary.secret)
         return f"{self._primary.key_id}:{digest.hexdigest()[:16]}"
 
+    def derive(self, label: bytes) -> tuple[tuple[int, bytes], ...]:
+        """(key id, HMAC-SHA256(secret, ``label``)) per key, the primary first: a key for
+        another use of the cluster key (the mirror's peer requests) that tells nothing of
+        the gossip secret. Empty in insecure mode."""
+        if self._primary is None:
+            return ()
+        order = [self._primary, *(k for k in self._keys.values() if k is not self._primary)]
+        return tuple((k.key_id, hmac.digest(k.secret, label, "sha256")) for k in order)
+
     def _primary_key(self) -> Key | None:
         return self._primary
 

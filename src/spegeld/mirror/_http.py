@@ -142,15 +142,23 @@ class HttpServer:
         self,
         listeners: Sequence[trio.SocketListener],
         *,
+        names: Sequence[str] = (),
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until :meth:`shutdown`, then drain within the grace period and return."""
+        """Serve until :meth:`shutdown`, then drain within the grace period and return.
+
+        ``names[i]`` (default ``""``) is the listener name each request from
+        ``listeners[i]`` carries (``Request.listener``): the handler knows where it came in.
+        """
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptors:
-                for listener in listeners:
+                for i, listener in enumerate(listeners):
                     scope = trio.CancelScope()
                     self._accepting.append(scope)
-                    acceptors.start_soon(self._accept, listener, scope, connections.start_soon)
+                    name = names[i] if i < len(names) else ""
+                    acceptors.start_soon(
+                        self._accept, listener, name, scope, connections.start_soon
+                    )
                 task_status.started()
             with trio.move_on_after(self._limits.grace_period):
                 await self._drained.wait()
@@ -159,6 +167,7 @@ class HttpServer:
     async def _accept(
         self,
         listener: trio.SocketListener,
+        name: str,
         scope: trio.CancelScope,
         spawn: Callable[..., object],
     ) -> None:
@@ -173,7 +182,7 @@ class HttpServer:
                         stream.socket.close()  # no await: the accept loop never waits on it
                         self._refused(source)
                         continue
-                    spawn(self._connection, stream, source)
+                    spawn(self._connection, stream, source, name)
         finally:
             listener.socket.close()  # however we leave: shutdown, or a crash
 
@@ -211,7 +220,7 @@ class HttpServer:
             self._refused_logged_at = now
             self._refused_since_log = 0
 
-    async def _connection(self, stream: trio.SocketStream, source: Source) -> None:
+    async def _connection(self, stream: trio.SocketStream, source: Source, name: str) -> None:
         self.stats.connections += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
         try:
@@ -219,7 +228,7 @@ class HttpServer:
                 event = await self._next_request(conn, stream)
                 if event is None:
                     return
-                await self._exchange(conn, stream, event)
+                await self._exchange(conn, stream, event, name)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -306,7 +315,7 @@ class HttpServer:
         return None
 
     async def _exchange(
-        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request
+        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request, name: str = ""
     ) -> None:
         self.stats.requests += 1
         self.stats.in_flight += 1
@@ -315,6 +324,7 @@ class HttpServer:
                 method=bytes(req.method),
                 target=bytes(req.target),
                 headers={bytes(k): bytes(v) for k, v in req.headers},
+                listener=name,
             )
             response: Response | None = None
             try:  # outside the scope too: what a cancelled nursery leaves is an ExceptionGroup

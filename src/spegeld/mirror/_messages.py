@@ -64,6 +64,7 @@ class Request:
     method: bytes
     target: bytes
     headers: dict[bytes, bytes]
+    listener: str = ""  # the name of the listener the connection came in on
 
     def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)

@@ -53,6 +53,12 @@ class MirrorMetrics:
             "failed: out of file descriptors).",
             ("kind",),
         )
+        self.peer_auth_failures = metrics.counter(
+            "spegeld_peer_auth_failures_total",
+            "Requests on the peer listener refused (401) for their node authentication, by "
+            "reason: missing, malformed, unknown_key, bad_signature, stale or replay.",
+            ("reason",),
+        )
         self._advertised = {
             name: metrics.gauge(f"spegel_advertised_{name}", help_text, ("registry",))
             for name, help_text in (

@@ -22,6 +22,7 @@ from spegeld.errors import SpegeldError
 from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 
+from ._auth import HEADER as AUTH_HEADER
 from ._errors import OciError
 from ._hashing import stream_hasher
 from ._hedge import LatencyTracker, first_success
@@ -81,6 +82,8 @@ class ProxySettings:
 
 
 DiscardPartial = Callable[[Digest], Awaitable[object]]
+# (method, target) → the node authentication header's value, or None to send none.
+Signer = Callable[[bytes, bytes], bytes | None]
 
 
 class Proxy:
@@ -90,11 +93,13 @@ class Proxy:
         metrics: MirrorMetrics,
         settings: ProxySettings,
         discard_partial: DiscardPartial | None = None,
+        sign: Signer | None = None,
     ) -> None:
         # Called with a digest whose proxied bytes did not match it, before the response is
         # cut: the client (containerd on this node) holds them in a partial write it would
         # resume from, and never re-check, on every later pull of that blob.
         self._discard_partial = discard_partial
+        self._sign = sign
         self._unproven = UnprovenBytes(settings.bad_peer_ttl)
         self._router = router
         self._metrics = metrics
@@ -296,11 +301,16 @@ class Proxy:
         ]
         if range_header is not None:
             headers.append((b"range", range_header))
+        method = method or request.method
+        # Signed per attempt, as it is sent: each carries its own nonce and time.
+        auth = self._sign(method, target) if self._sign is not None else None
+        if auth is not None:
+            headers.append((AUTH_HEADER, auth))
         start = trio.current_time()
         try:
             response = await fetch(
                 peer,
-                method or request.method,
+                method,
                 target,
                 headers,
                 connect_timeout=self._settings.connect_timeout,
@@ -319,7 +329,15 @@ class Proxy:
         # A 206 is only an answer to a Range this side sent.
         if response.status == 200 or (response.status == 206 and range_header is not None):
             return response
-        if response.status != 404:
+        if response.status == 401:
+            # The peer does not take our signature (another cluster key, a clock far off)
+            # or it is an old node's mirror port: a failed peer, skipped like one.
+            self._metrics.proxy_errors.labels(reason="unauthorized").inc()
+            until = trio.current_time() + self._settings.unreachable_ttl
+            _remember(self._unreachable, peer, until)
+            logger.warning("peer %s (%s) refused our node authentication (401); skipped for %g s",
+                           peer.node, peer.mirror, self._settings.unreachable_ttl)  # fmt: skip
+        elif response.status != 404:
             self._metrics.proxy_errors.labels(reason=_status_reason(response.status)).inc()
         await response.aclose()
         return None

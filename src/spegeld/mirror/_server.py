@@ -1,10 +1,21 @@
-"""The OCI distribution pull API over the node's store, with the peer proxy on a miss."""
+"""The OCI distribution pull API over the node's store, with the peer proxy on a miss.
+
+Up to three listeners, one server: every request knows which it came in on.
+
+- ``mirror`` (``--registry-addr``, loopback by default): containerd's. The pull API
+  (proxying misses to peers), ``/status``, ``/metrics``, ``/healthz``, ``/readyz``.
+- ``peer`` (``--peer-addr``): other nodes'. The pull API only, from this node's store
+  (never proxied on), and only for a request signed with the cluster key (``_auth``);
+  anything else is a 401, counted by reason.
+- ``metrics`` (``--metrics-addr``, optional): ``/metrics`` and ``/status`` only.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +29,9 @@ from spegeld.oci import Digest, ShareFilter, is_index, is_manifest, tag_key
 from spegeld.routing import Router
 from spegeld.store import Store
 
-from ._errors import OciError, blob_unknown, manifest_unknown
+from ._auth import HEADER as AUTH_HEADER
+from ._auth import NonceMemory, PeerKeys, Refused, sign, verify
+from ._errors import OciError, blob_unknown, manifest_unknown, not_found
 from ._http import (
     ERROR_KINDS,
     BytesBody,
@@ -42,11 +55,24 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 JSON = b"application/json"
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 UNBOUNDED = 1 << 62  # validates a Range header's syntax when the size is not known here
+MIRROR, PEER, METRICS = "mirror", "peer", "metrics"  # the listeners' names (Request.listener)
+_PULL = frozenset({Kind.BASE, Kind.MANIFEST, Kind.BLOB})
+_METRICS_ONLY = frozenset({Kind.METRICS, Kind.STATUS})
+_CHALLENGE = (b"www-authenticate", b'SpegeldPeer realm="spegeld"')
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """One more listener: ``host:port`` to bind, or the sockets systemd passed for it."""
+
+    host: str
+    port: int
+    inherited: tuple[trio.SocketListener, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class MirrorSettings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 5000
     mirrored_registries: frozenset[str] = frozenset()  # empty: every registry
     resolve_tags: bool = True
@@ -55,6 +81,10 @@ class MirrorSettings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     # Sockets systemd passed (socket activation): served instead of host:port.
     inherited: tuple[trio.SocketListener, ...] = ()
+    # The peer listener. None: no separate one, peers use the mirror listener unsigned
+    # (in-process tests and benchmarks; the daemon always has one).
+    peer: Listen | None = None
+    metrics: Listen | None = None  # None: /metrics and /status on the mirror listener only
 
 
 class MirrorServer:
@@ -68,7 +98,10 @@ class MirrorServer:
         ready: Callable[[], bool],
         status: Callable[[], dict[str, Any]],
         discard_partial: DiscardPartial | None = None,
+        peer_keys: PeerKeys | None = None,
     ) -> None:
+        """``peer_keys``: this node's name and cluster keys, to sign requests to peers and
+        check requests on the peer listener; None or keyless: neither (insecure mode)."""
         self._store = store
         self._router = router
         self._metrics_registry = metrics
@@ -76,13 +109,30 @@ class MirrorServer:
         self._settings = settings
         self._ready = ready
         self._status = status
-        self._proxy = Proxy(router, self._metrics, settings.proxy, discard_partial)
+        self._keys = peer_keys
+        self._nonces = NonceMemory()
+        self._proxy = Proxy(router, self._metrics, settings.proxy, discard_partial, sign=self._sign)
+        self._refused = {
+            reason: self._metrics.peer_auth_failures.labels(reason=reason)
+            for reason in ("missing", "malformed", "unknown_key", "bad_signature", "stale",
+                           "replay")
+        }  # fmt: skip
         self._labels = RegistryLabels(settings.mirrored_registries)
         errors = {kind: self._metrics.http_errors.labels(kind=kind) for kind in ERROR_KINDS}
         self._server = HttpServer(
             self.handle, settings.limits, on_error=lambda kind: errors[kind].inc()
         )
-        self.addresses: list[tuple[str, int]] = []
+        self.addresses: list[tuple[str, int]] = []  # the mirror listener's
+        self.peer_addresses: list[tuple[str, int]] = []
+        self.metrics_addresses: list[tuple[str, int]] = []
+
+    def set_peer_keys(self, keys: PeerKeys | None) -> None:
+        """New keys (a reload rotated the cluster key): they sign and verify from now on."""
+        self._keys = keys
+
+    def _sign(self, method: bytes, target: bytes) -> bytes | None:
+        keys = self._keys
+        return None if keys is None else sign(method, target, time.time(), keys)
 
     def statistics(self) -> dict[str, int]:
         return dataclasses.asdict(self._server.stats)
@@ -93,28 +143,58 @@ class MirrorServer:
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen, report the bound addresses, and serve until :meth:`shutdown` has drained."""
-        host, port = self._settings.host, self._settings.port
-        listeners = list(self._settings.inherited)
+        """Listen, report the mirror listener's addresses, and serve until :meth:`shutdown`
+        has drained. Every listener is bound before any is served: one that cannot be is a
+        ListenError, and the others are closed."""
+        settings = self._settings
+        wanted = [(MIRROR, Listen(settings.host, settings.port, settings.inherited))]
+        wanted += [(name, spec) for name, spec in ((PEER, settings.peer),
+                   (METRICS, settings.metrics)) if spec is not None]  # fmt: skip
+        listeners: list[trio.SocketListener] = []
+        names: list[str] = []
         try:
-            if not listeners:
-                listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ListenError(f"the mirror cannot listen on {host}:{port}: {reason}") from exc
-        self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
+            for name, spec in wanted:
+                bound = list(spec.inherited) or await _listen(name, spec)
+                listeners += bound
+                names += [name] * len(bound)
+        except BaseException:
+            for listener in listeners:
+                listener.socket.close()
+            raise
+        found: dict[str, list[tuple[str, int]]] = {MIRROR: [], PEER: [], METRICS: []}
+        for name, listener in zip(names, listeners, strict=True):
+            found[name].append(listener.socket.getsockname()[:2])
+        self.addresses, self.peer_addresses = found[MIRROR], found[PEER]
+        self.metrics_addresses = found[METRICS]
 
         async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            await self._server.serve(listeners, task_status=task_status)
+            await self._server.serve(listeners, names=names, task_status=task_status)
 
         async with trio.open_nursery() as nursery:
             await nursery.start(serve)
             logger.info("registry mirror listening on %s", _describe(self.addresses))
+            if self.peer_addresses:
+                logger.info(
+                    "peer listener on %s (%s)",
+                    _describe(self.peer_addresses),
+                    "node authentication required"
+                    if self._keys is not None and self._keys.secure
+                    else "NOT authenticated",
+                )
+            if self.metrics_addresses:
+                logger.info("metrics listener on %s", _describe(self.metrics_addresses))
             task_status.started(self.addresses)
 
     async def handle(self, request: Request) -> Response:
         try:
             route = parse_target(request.method, request.target)
+            if request.listener == PEER:
+                if route.kind not in _PULL:
+                    raise not_found(f"{route.kind.value} is not served to peers")
+                self._authenticate(request)
+                return await self._route(route, request, from_peer=True)
+            if request.listener == METRICS and route.kind not in _METRICS_ONLY:
+                raise not_found("only /metrics and /status are served here")
             return await self._route(route, request)
         except OciError as exc:
             return _error(exc)
@@ -124,7 +204,30 @@ class MirrorServer:
             self._server.record_error("handler")
             return _error(OciError(500, "UNKNOWN", "internal error"))
 
-    async def _route(self, route: Route, request: Request) -> Response:
+    def _authenticate(self, request: Request) -> None:
+        """Nothing for a signed request (or in insecure mode); else the 401 OciError."""
+        keys = self._keys
+        if keys is None or not keys.secure:
+            return
+        verdict = verify(
+            request.method,
+            request.target,
+            request.header(AUTH_HEADER),
+            time.time(),
+            keys,
+            self._nonces,
+        )
+        if isinstance(verdict, Refused):
+            self._refused[verdict.reason].inc()
+            logger.debug("peer request refused (%s): %s", verdict.reason, verdict.detail)
+            raise OciError(
+                401,
+                "UNAUTHORIZED",
+                f"node authentication failed ({verdict.reason}): {verdict.detail}",
+                (_CHALLENGE,),
+            )
+
+    async def _route(self, route: Route, request: Request, *, from_peer: bool = False) -> Response:
         if route.kind is Kind.BASE:
             return Response(200, [(b"content-type", JSON), API_VERSION], BytesBody(b"{}"))
         if route.kind is Kind.HEALTHZ:
@@ -139,11 +242,12 @@ class MirrorServer:
         if route.kind is Kind.STATUS:
             body = json.dumps(self._status(), indent=2, sort_keys=True).encode()
             return Response(200, [(b"content-type", JSON)], BytesBody(body))
-        return await self._content(route, request)
+        return await self._content(route, request, from_peer)
 
-    async def _content(self, route: Route, request: Request) -> Response:
+    async def _content(self, route: Route, request: Request, from_peer: bool) -> Response:
         upstream = route.upstream or "unknown"
-        mirrored = request.header(MIRRORED_HEADER) == b"true"
+        # A peer's request is answered from this node's store only: never proxied on.
+        mirrored = from_peer or request.header(MIRRORED_HEADER) == b"true"
         source = "internal" if mirrored else "external"
         unknown = manifest_unknown if route.kind is Kind.MANIFEST else blob_unknown
         allow = self._settings.mirrored_registries
@@ -245,6 +349,17 @@ def _error(exc: OciError) -> Response:
 
 def _text(status: int, body: bytes) -> Response:
     return Response(status, [(b"content-type", b"text/plain; charset=utf-8")], BytesBody(body))
+
+
+async def _listen(name: str, spec: Listen) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(spec.port, host=spec.host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        what = {MIRROR: "the mirror", PEER: "the peer listener", METRICS: "the metrics listener"}
+        raise ListenError(
+            f"{what[name]} cannot listen on {spec.host}:{spec.port}: {reason}"
+        ) from exc
 
 
 def _describe(addresses: list[tuple[str, int]]) -> str:

@@ -54,6 +54,7 @@ NODES = 3
 SUBNET = "10.213.0"  # /24, private to the namespaces this test creates
 REGISTRY_PORT = 5000
 GOSSIP_PORT = 7946
+PEER_PORT = 5001  # NetnsSpegeld's --peer-addr port
 LOSS_PERCENT = 30
 LOSS_TABLE = "spegeld_test_loss"
 CONVERGE_WITHIN = 30.0  # seconds; the joins themselves lose 30 % of their datagrams
@@ -150,7 +151,8 @@ def test_gossip_converges_and_spreads_keys_through_30_percent_udp_loss(
         for i, other in enumerate(nodes):
             if other is not node:
                 assert view[other.name]["addr"] == f"{network.address(i)}:{GOSSIP_PORT}"
-                assert view[other.name]["registry"] == f"{network.address(i)}:{REGISTRY_PORT}"
+                # Gossip advertises the peer listener (--peer-addr, 5001 by default).
+                assert view[other.name]["registry"] == f"{network.address(i)}:{PEER_PORT}"
         assert node.gossip()["packets"]["dropped"] == {}, "loss is not tampering"
     print(
         f"\n[netns] {NODES} nodes under {LOSS_PERCENT} % loss: all alive "

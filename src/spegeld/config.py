@@ -112,6 +112,7 @@ class NodeConfig:
     peer_dns: tuple[str, ...] = ()
     cluster_key_file: Path | None = None
     insecure_gossip: bool = False
+    gossip_v1: str = "accept"  # --gossip-v1: accept or refuse gossip datagram version 1
     lease: LeaseSettings = field(default_factory=LeaseSettings)
     # Registry filters (oci.ShareFilter): regular expressions on registry/repository[:tag].
     registry_filters: tuple[str, ...] = ()  # excluded from sharing

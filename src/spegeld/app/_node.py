@@ -102,6 +102,7 @@ async def _router(cfg: NodeConfig, keyring: Keyring | None) -> tuple[Router, Gos
             mirror=peer_address(cfg),  # peers fetch from the peer listener
             incarnation=next_incarnation(cfg.state_dir),
             seeds=await gossip_seeds(cfg, own),
+            v1="refuse" if cfg.gossip_v1 == "refuse" else "accept",
         ),
         keyring,
         (cfg.gossip_host, cfg.gossip_port),

@@ -151,6 +151,7 @@ def node_config(
     peer_dns: tuple[str, ...],
     cluster_key_file: Path | None,
     insecure_gossip: bool,
+    gossip_v1: str,
     static_peers: tuple[str, ...],
     kubeconfig: Path | None,
     kube_context: str | None,
@@ -176,6 +177,8 @@ def node_config(
     if gossip_port == 0 and not static_peers:
         # Peers reach this node at the port it advertises, before any datagram is sent.
         raise ConfigError(f"--gossip-addr {gossip_addr}: gossip needs a fixed port, not 0")
+    if gossip_v1 == "refuse" and insecure_gossip:
+        raise ConfigError("--gossip-v1 refuse needs a cluster key: version 2 encrypts with it")
     seeds = tuple(config.parse_host_port(peer, "--peer") for peer in peers)
     for peer in static_peers:
         config.parse_host_port(peer, "--static-peer")
@@ -206,6 +209,7 @@ def node_config(
         peer_dns=tuple(config.parse_seed_name(name, "--peer-dns") for name in peer_dns),
         cluster_key_file=cluster_key_file,
         insecure_gossip=insecure_gossip,
+        gossip_v1=gossip_v1,
         lease=lease_settings(
             kubeconfig, kube_context, lease_namespace, lease_name, enabled=not no_election
         ),

@@ -106,7 +106,18 @@ class AntiEntropy:
         actions.append(Forward(delta))
         return actions
 
-    def on_state_pull(self, node: str, have: int, addr: Addr) -> list[Action]:
+    def on_state_pull(self, node: str, have: int, sender: str) -> list[Action]:
+        """Answer ``sender``'s pull of ``node``'s keys, at ``sender``'s registered address.
+
+        Never at the datagram's source: a pull is a few bytes and its answer up to about
+        70 datagrams, so a replayed pull with a forged source would aim them at anyone.
+        A pull from a node we do not hold as a member is not answered (``stranger``).
+        """
+        puller = self._members.get(sender)
+        if puller is None or puller.state in (State.DEAD, State.LEFT):
+            self._rejected["stranger"] += 1
+            return []
+        addr = puller.addr
         if node == self._node:
             keys, version = sorted(self._ledger.own_keys), self._ledger.version
         else:

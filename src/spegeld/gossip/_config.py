@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._messages import Addr
+from ._wire import V1Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class GossipConfig:
     incarnation: int  # start above any earlier run's: the shell uses the wall clock
     seeds: tuple[Addr, ...] = ()
     timings: Timings = field(default_factory=Timings)
+    v1: V1Policy = "accept"  # datagram version 1: accept, refuse, or only (``_wire``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,35 +19,30 @@ version it holds of each) to a random member, which answers with its own
 view of them; whoever sees a newer version pulls that node's whole key set in
 chunks (StatePull, StateChunk). A gap that stays open pulls from the owner.
 
-Healing: a dead record yields only to a higher incarnation from the node
-itself, so every ``RECONNECT_INTERVAL`` a node sends one dead member a Summary
-carrying that member's record as we hold it (Serf's reconnect): if it was a
-partition and not a crash, the member refutes, and its answer carries our
-record, which we refute in turn. A node whose seeds all look dead joins one
-again, and a seed answers a joiner it holds as dead with that record too.
-
+Healing (Serf's reconnect): every ``RECONNECT_INTERVAL`` a node sends one dead
+member a Summary carrying that member's record as we hold it, which it refutes if
+it was a partition; a node whose seeds all look dead joins one again.
 docs/protocol.md describes the wire format and these rules in full.
 
-This module holds the public interface, message dispatch, membership merging
-(and refutation), the news queues and the sending of datagrams. The member table
-is ``_members``; failure detection (``_failure``) and anti-entropy
-(``_antientropy``) are sans-I/O collaborators that read it and return actions
-(``_actions``), which the core applies in order. What changed is told through
-events (``_events``): ``next_event()``.
+This module holds the public interface, message dispatch, membership merging (and
+refutation) and sending. The member table is ``_members``; failure detection
+(``_failure``) and anti-entropy (``_antientropy``) return actions (``_actions``)
+that the core applies in order; ``_wire`` picks each datagram's version and admits
+what arrives. What changed is told through events (``_events``): ``next_event()``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter, deque
 from dataclasses import replace
 
-from spegeld.errors import RemoteProtocolError
 from spegeld.routing import CoordinatorView, Peer
 
 from ._actions import Action, ChangeKeys, Declare, Forward, JoinVia, ReplaceKeys, Send, SendEncoded
 from ._antientropy import AntiEntropy
-from ._codec import MAX_INCARNATION, decode_payload, encode_message, valid_key
+from ._codec import MAX_INCARNATION, encode_message, valid_key
 from ._config import GossipConfig, GossipStatistics
 from ._events import (
     CoordinatorChanged,
@@ -75,10 +70,12 @@ from ._messages import (
     Summary,
 )
 from ._ownership import KeyLedger
-from ._security import DroppedPacket, Keyring, ReplayWindow, open_datagram
+from ._sealed import Nonces
+from ._security import Keyring, ReplayWindow
 from ._table import HolderTable
 from ._transmit import Transmitter
 from ._validate import Validator, check_own_identity, valid_gossip_addr
+from ._wire import Wire
 
 RECONNECT_INTERVAL = 10.0  # seconds between tries at a dead member or lost seeds (Serf: 30 s)
 # Sequence numbers accepted behind the newest one seen from a sender. A state pull is
@@ -96,7 +93,10 @@ MAX_EVENTS = 4096
 
 
 class GossipCore:
-    def __init__(self, config: GossipConfig, keyring: Keyring, rng: random.Random, now: float):
+    def __init__(
+        self, config: GossipConfig, keyring: Keyring, rng: random.Random, now: float,
+        nonces: Nonces = os.urandom,  # version 2's random nonces; the simulator seeds its own
+    ) -> None:  # fmt: skip
         check_own_identity(config.node, config.addr, config.mirror, config.incarnation)
         self.config = config
         self.node = config.node
@@ -109,9 +109,11 @@ class GossipCore:
         self.members_table = MemberTable(rng)
         self._replay = ReplayWindow(window=REPLAY_WINDOW)
         self.counters: Counter[str] = Counter()
+        self.wire = Wire(config.node, keyring, config.v1, nonces)
         self.transmitter = Transmitter(
-            config.node, keyring, t.retransmit_mult, self.counters, self._wrapped
+            config.node, self.wire, t.retransmit_mult, self.counters, self._wrapped
         )
+        self._replying: tuple[str, Addr] | None = None  # (sender, source) of the datagram in hand
         self.dropped: Counter[str] = Counter()  # whole datagrams, by reason
         self.rejected: Counter[str] = Counter()  # records and messages ignored, by reason
         self.validator = Validator(config.node, config.incarnation, now)
@@ -250,23 +252,15 @@ class GossipCore:
     def receive(self, datagram: bytes, addr: Addr, now: float) -> None:
         self.counters["packets_in"] += 1
         self.counters["bytes_in"] += len(datagram)
-        try:
-            opened = open_datagram(self.transmitter.keyring, datagram)
-            sender, messages = decode_payload(opened.payload)
-        except DroppedPacket as exc:
-            self.dropped[exc.reason] += 1
+        admitted = self.wire.admit(datagram, self.node, self._replay)
+        if isinstance(admitted, str):
+            self.dropped[admitted] += 1  # the reason
             return
-        except RemoteProtocolError:
-            self.dropped["malformed"] += 1
-            return
-        if sender == self.node:
-            self.dropped["self"] += 1
-            return
-        if not self._replay.check_and_record(sender, opened.incarnation, opened.sequence):
-            self.dropped["replay"] += 1
-            return
+        sender, messages = admitted
+        self._replying = (sender, addr)
         for message in messages:
             self._handle(sender, addr, message, now)
+        self._replying = None
         self._tell_coordinator()
 
     def handle_timer(self, now: float) -> None:
@@ -286,6 +280,8 @@ class GossipCore:
         if now >= self._next_sync:
             self._apply(self.antientropy.pull_lagging(now), now)
             self._apply(self.antientropy.send_summary(self.self_member()), now)
+            for peer in self.wire.hellos(self.members_table, now):  # v2, to learn who speaks it
+                self._send(peer.addr, [self.self_member()], piggyback=False, hello=True)
             self._forget_dead(now)
             self._next_sync = now + t.sync_interval
         if now >= self._next_reconnect:
@@ -319,13 +315,14 @@ class GossipCore:
                     me = self.self_member()
                     self._apply(self.antientropy.answer_summary(members, addr, me), now)
             case StatePull(node, have):
-                self._apply(self.antientropy.on_state_pull(node, have, addr), now)
+                self._apply(self.antientropy.on_state_pull(node, have, sender), now)
             case StateChunk():
                 self._apply(self.antientropy.on_chunk(message, now), now)
             case Join(member):
                 if self._merge(member, now, source=addr):
                     me = self.self_member()
-                    self._apply(self.antientropy.send_member_list(addr, member.node, me), now)
+                    joiner = member.addr  # where it says it is, not the source: no reflection
+                    self._apply(self.antientropy.send_member_list(joiner, member.node, me), now)
 
     def _apply(self, actions: list[Action], now: float) -> None:
         """Do what a collaborator decided, in its order."""
@@ -432,6 +429,7 @@ class GossipCore:
             self._coordinator_dirty |= peer.coordinator or not len(members)
             self.antientropy.forget(node)
             self._replay.forget(node)  # a later life at an incarnation not above is heard
+            self.wire.forget(node)
 
     # ---- events -------------------------------------------------------------------------
 
@@ -469,12 +467,19 @@ class GossipCore:
     def _broadcast(self, subject: tuple[str, ...] | tuple[str, str, int], message: Message) -> None:
         self.transmitter.broadcast(subject, message)
 
-    def _send(self, addr: Addr, messages: list[Message], *, piggyback: bool = True) -> None:
-        self._send_parts(addr, [encode_message(m) for m in messages], piggyback=piggyback)
+    def _send(self, addr: Addr, messages: list[Message], **flags: bool) -> None:
+        self._send_parts(addr, [encode_message(m) for m in messages], **flags)  # piggyback, hello
 
-    def _send_parts(self, addr: Addr, encoded: list[bytes], *, piggyback: bool = True) -> None:
+    def _send_parts(
+        self, addr: Addr, encoded: list[bytes], *, piggyback: bool = True, hello: bool = False
+    ) -> None:
         size = len(self.members_table) + 1
-        self.transmitter.send(addr, encoded, self.incarnation, size, piggyback=piggyback)
+        # The recipient: the sender of the datagram we answer, or the member at ``addr``.
+        replying = self._replying
+        to = replying[0] if replying and replying[1] == addr else self.members_table.name_at(addr)
+        self.transmitter.send(
+            addr, encoded, self.incarnation, size, piggyback=piggyback, to=to, hello=hello
+        )
 
     def _wrapped(self) -> int:
         """The sequence number wrapped: move to a higher incarnation."""

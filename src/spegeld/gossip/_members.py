@@ -113,6 +113,11 @@ class MemberTable:
         node = self._by_addr.get(addr)
         return None if node is None else self._peers.get(node)
 
+    def name_at(self, addr: Addr) -> str | None:
+        """The member registered at gossip address ``addr``, if any."""
+        node = self._by_addr.get(addr)
+        return node if node in self._peers else None
+
     def alive_count(self) -> int:
         return sum(1 for p in self._peers.values() if p.state is State.ALIVE)
 

@@ -2,8 +2,13 @@
 
 ``python -m spegeld.gossip.sim`` runs them and prints, per scenario, the SHA-256 of
 every datagram every core emitted (with its time and ends) and of every node's
-final member table and statistics. A change that is meant to keep behaviour (a
-refactor) must keep every line; tests/test_gossip_sim.py pins them.
+final member table and statistics (the *fingerprint*), then the SHA-256 of the final
+tables alone, without byte counts (the *outcome*). A change that is meant to keep
+behaviour (a refactor) must keep every line; tests/test_gossip_sim.py pins them.
+
+The nodes speak datagram version 2 (``refuse``: no version 1 at all); ``--v1`` runs
+every node as a node from before version 2 (``only``). The two runs send the same
+datagrams in the same order, but for their framing: the outcomes are equal.
 
 A run is repeatable to the byte only under one hash seed: the core iterates sets of
 node names, whose order ``PYTHONHASHSEED`` sets. ``main`` insists on ``0``.
@@ -18,20 +23,21 @@ import sys
 from collections.abc import Callable
 
 from ._simulation import NetworkRules, Simulation
+from ._wire import V1Policy
 
 
 def _digest(i: int) -> str:
     return f"sha256:{i:064x}"
 
 
-def _join() -> Simulation:
-    sim = Simulation(20, seed=7)
+def _join(v1: V1Policy) -> Simulation:
+    sim = Simulation(20, seed=7, v1=v1)
     sim.run_until(15)
     return sim
 
 
-def _keys() -> Simulation:
-    sim = Simulation(20, seed=2)
+def _keys(v1: V1Policy) -> Simulation:
+    sim = Simulation(20, seed=2, v1=v1)
     sim.run_until(10)
     key, tag = _digest(1), "docker.io/library/nginx:1.27"
     sim.nodes[sim.addr(3)].advertise([key, tag])
@@ -42,8 +48,8 @@ def _keys() -> Simulation:
     return sim
 
 
-def _kill() -> Simulation:
-    sim = Simulation(20, seed=3)
+def _kill(v1: V1Policy) -> Simulation:
+    sim = Simulation(20, seed=3, v1=v1)
     sim.run_until(10)
     sim.nodes[sim.addr(5)].advertise([_digest(i) for i in range(50)])
     sim.run_until(13)
@@ -52,9 +58,9 @@ def _kill() -> Simulation:
     return sim
 
 
-def _refute() -> Simulation:
+def _refute(v1: V1Policy) -> Simulation:
     rules = NetworkRules()
-    sim = Simulation(20, seed=4, rules=rules)
+    sim = Simulation(20, seed=4, rules=rules, v1=v1)
     sim.run_until(10)
     x = sim.addr(9)
     rules.blocked = lambda src, dst: x in (src, dst)
@@ -64,8 +70,8 @@ def _refute() -> Simulation:
     return sim
 
 
-def _restart() -> Simulation:
-    sim = Simulation(12, seed=5)
+def _restart(v1: V1Policy) -> Simulation:
+    sim = Simulation(12, seed=5, v1=v1)
     sim.run_until(10)
     old = sim.nodes[sim.addr(4)]
     old.advertise([_digest(1), _digest(2)])
@@ -78,10 +84,10 @@ def _restart() -> Simulation:
     return sim
 
 
-def _partition() -> Simulation:
+def _partition(v1: V1Policy) -> Simulation:
     n = 12
     rules = NetworkRules()
-    sim = Simulation(n, seed=8, rules=rules)
+    sim = Simulation(n, seed=8, rules=rules, v1=v1)
     sim.run_until(10)
     left = {sim.addr(i) for i in range(n // 2)}
     rules.blocked = lambda src, dst: (src in left) != (dst in left)
@@ -94,8 +100,8 @@ def _partition() -> Simulation:
     return sim
 
 
-def _loss() -> Simulation:
-    sim = Simulation(20, seed=9, rules=NetworkRules(loss=0.3))
+def _loss(v1: V1Policy) -> Simulation:
+    sim = Simulation(20, seed=9, rules=NetworkRules(loss=0.3), v1=v1)
     sim.run_until(20)
     sim.nodes[sim.addr(11)].advertise([_digest(11)])
     sim.run_until(25)
@@ -104,8 +110,8 @@ def _loss() -> Simulation:
     return sim
 
 
-def _steady() -> Simulation:
-    sim = Simulation(100, seed=1, rules=NetworkRules(loss=0.3), start_joined=True)
+def _steady(v1: V1Policy) -> Simulation:
+    sim = Simulation(100, seed=1, rules=NetworkRules(loss=0.3), start_joined=True, v1=v1)
     sim.run_until(5)
     for k in range(4):
         sim.nodes[sim.addr(10 + k)].advertise([_digest(1000 + k)])
@@ -113,8 +119,8 @@ def _steady() -> Simulation:
     return sim
 
 
-def _chunks() -> Simulation:
-    sim = Simulation(3, seed=12)
+def _chunks(v1: V1Policy) -> Simulation:
+    sim = Simulation(3, seed=12, v1=v1)
     sim.run_until(5)
     sim.nodes[sim.addr(1)].advertise([_digest(i) for i in range(3000)])
     sim.run_until(7)
@@ -124,8 +130,8 @@ def _chunks() -> Simulation:
     return sim
 
 
-def _coordinator_and_leave() -> Simulation:
-    sim = Simulation(8, seed=13)
+def _coordinator_and_leave(v1: V1Policy) -> Simulation:
+    sim = Simulation(8, seed=13, v1=v1)
     sim.run_until(8)
     sim.nodes[sim.addr(6)].set_coordinator(True)
     sim.nodes[sim.addr(3)].advertise([_digest(3)])
@@ -137,7 +143,7 @@ def _coordinator_and_leave() -> Simulation:
     return sim
 
 
-SCENARIOS: dict[str, Callable[[], Simulation]] = {
+SCENARIOS: dict[str, Callable[[V1Policy], Simulation]] = {
     "join": _join,
     "keys": _keys,
     "kill": _kill,
@@ -161,18 +167,36 @@ def fingerprint(sim: Simulation) -> str:
     return final.hexdigest()
 
 
-def run(names: list[str]) -> list[str]:
-    """One line per scenario: its name, fingerprint, and datagrams delivered and lost."""
+def outcome(sim: Simulation) -> str:
+    """Every node's final member table, own keys and statistics, without byte counts.
+
+    What gossip decided (members, states, incarnations, key counts and versions,
+    coordinators, RTTs, datagram and drop counts), not how many bytes it took.
+    """
+    final = hashlib.sha256()
+    for addr in sorted(sim.nodes):
+        core = sim.nodes[addr]
+        final.update(repr([dataclasses.astuple(m) for m in core.members()]).encode())
+        stats = dataclasses.replace(core.statistics(), bytes_in=0, bytes_out=0)
+        final.update(repr(dataclasses.astuple(stats)).encode())
+        final.update(repr(sorted(core.ledger.own_keys)).encode())
+    return final.hexdigest()
+
+
+def run(names: list[str], v1: V1Policy = "refuse") -> list[str]:
+    """One line per scenario: name, fingerprint, outcome, datagrams delivered and lost."""
     lines = []
     for name in names:
-        sim = SCENARIOS[name]()
-        lines.append(f"{name} {fingerprint(sim)} {sim.delivered} {sim.lost}")
+        sim = SCENARIOS[name](v1)
+        lines.append(f"{name} {fingerprint(sim)} {outcome(sim)} {sim.delivered} {sim.lost}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the fixed scenarios (all, or those named) and print one hash line each."""
-    names = list(argv if argv is not None else sys.argv[1:]) or list(SCENARIOS)
+    args = list(argv if argv is not None else sys.argv[1:])
+    v1: V1Policy = "only" if "--v1" in args else "refuse"
+    names = [arg for arg in args if arg != "--v1"] or list(SCENARIOS)
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
         print(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
@@ -180,6 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":
         print("run with PYTHONHASHSEED=0: the hashes depend on set order", file=sys.stderr)
         return 2
-    for line in run(names):
+    for line in run(names, v1):
         print(line, flush=True)
     return 0

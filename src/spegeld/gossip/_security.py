@@ -280,6 +280,8 @@ class Opened:
     incarnation: int
     sequence: int
     payload: bytes
+    version: int = VERSION
+    recipient: bytes = b""  # version 2 only (``_sealed``): whom the sender meant it for
 
 
 def seal(keyring: Keyring, incarnation: int, sequence: int, payload: bytes) -> bytes:

@@ -17,6 +17,7 @@ from ._config import GossipConfig, Timings
 from ._core import GossipCore
 from ._messages import Addr
 from ._security import Keyring
+from ._wire import V1Policy
 
 
 @dataclass
@@ -38,8 +39,13 @@ class Simulation:
         keyring: Keyring | None = None,
         seeds: int = 1,
         start_joined: bool = False,
+        v1: V1Policy = "refuse",
     ) -> None:
         self.rng = random.Random(seed)
+        # Version 2's nonces, repeatable but apart from ``rng``: a run draws from ``rng``
+        # exactly as often in either datagram version ("only" is version 1, "refuse" 2).
+        self.v1 = v1
+        self._nonces = random.Random(f"nonces {seed}")
         self.rules = rules or NetworkRules()
         self.now = 0.0
         self.keyring = keyring or Keyring([(1, b"s" * 32)])
@@ -76,8 +82,10 @@ class Simulation:
             incarnation=incarnation,
             seeds=tuple(s for s in seeds if s != addr),
             timings=self.timings,
+            v1=self.v1,
         )
-        core = GossipCore(config, self.keyring, random.Random(self.rng.random()), self.now)
+        rng = random.Random(self.rng.random())
+        core = GossipCore(config, self.keyring, rng, self.now, self._nonces.randbytes)
         self.nodes[addr] = core
         self.down.discard(addr)
         self.bytes_sent.setdefault(addr, 0)

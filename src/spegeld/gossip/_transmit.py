@@ -2,8 +2,9 @@
 
 ``Transmitter`` owns the two news queues (membership, and ownership deltas, which
 go first), the datagram sequence number and the outbox the shell empties. It
-seals with the keyring it holds (replaced on a key rotation). When the sequence
-number would wrap it asks its owner, through ``on_wrap``, for a higher incarnation.
+seals through its ``Wire`` (``_wire``: which version for which member, and the keyring,
+replaced on a key rotation). When the sequence number would wrap it asks its owner,
+through ``on_wrap``, for a higher incarnation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Hashable
 from ._codec import encode_message, encode_sender
 from ._messages import Addr, Delta, Message
 from ._queue import BroadcastQueue
-from ._security import MAX_PAYLOAD, Keyring, seal
+from ._security import MAX_PAYLOAD, Keyring
+from ._wire import Wire
 
 _MAX_SEQUENCE = 0xFFFF_FFFF  # the datagram header's u32
 # Piggyback bytes kept for membership news when ownership deltas go first. Deltas are
@@ -32,19 +34,27 @@ class Transmitter:
     def __init__(
         self,
         node: str,
-        keyring: Keyring,
+        wire: Wire,
         retransmit_mult: int,
         counters: Counter[str],
         on_wrap: Callable[[], int],
     ) -> None:
         self.sender = encode_sender(node)  # every payload starts with it
-        self.keyring = keyring
+        self.wire = wire
         self.news = BroadcastQueue(retransmit_mult)  # membership news
         self.deltas = BroadcastQueue(retransmit_mult)  # ownership news
         self.sequence = 0
         self._counters = counters  # the core's: packets_out, bytes_out
         self._on_wrap = on_wrap
         self._outbox: list[tuple[bytes, Addr]] = []
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.wire.keyring
+
+    @keyring.setter
+    def keyring(self, keyring: Keyring) -> None:
+        self.wire.keyring = keyring
 
     def take(self) -> list[tuple[bytes, Addr]]:
         """The datagrams sealed since the last call, in order."""
@@ -70,8 +80,14 @@ class Transmitter:
         cluster_size: int,
         *,
         piggyback: bool = True,
+        to: str | None = None,
+        hello: bool = False,
     ) -> None:
-        """Seal ``encoded`` messages (and, with ``piggyback``, news that fits) for ``addr``."""
+        """Seal ``encoded`` messages (and, with ``piggyback``, news that fits) for ``addr``.
+
+        ``to`` is the member at ``addr`` (None: not known by name, a seed); ``hello``
+        seals in version 2 whatever the member is known to speak (``Wire.hellos``).
+        """
         parts = [self.sender, *encoded]
         room = MAX_PAYLOAD - sum(map(len, parts))
         if piggyback and room > 32:
@@ -87,7 +103,8 @@ class Transmitter:
             # Never reuse an (incarnation, sequence) pair: receivers would drop it as a replay.
             self.sequence = 0
             incarnation = self._on_wrap()
-        datagram = seal(self.keyring, incarnation, self.sequence, b"".join(parts))
+        payload = b"".join(parts)
+        datagram = self.wire.seal(to, incarnation, self.sequence, payload, hello=hello)
         self._counters["packets_out"] += 1
         self._counters["bytes_out"] += len(datagram)
         self._outbox.append((datagram, addr))

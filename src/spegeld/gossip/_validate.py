@@ -76,6 +76,7 @@ REJECT_REASONS: Final = (
     "chunk",
     "unsolicited",
     "relays_full",
+    "stranger",  # a StatePull from a non-member: its answer has no registered address
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")

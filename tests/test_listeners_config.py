@@ -4,10 +4,14 @@ sockets map to the three listeners."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
+from spegeld_harness import free_port
 
 from spegeld.cli.run import node_config, run, split_inherited
 from spegeld.config import NodeConfig
@@ -68,3 +72,21 @@ def test_passed_sockets_go_to_the_listener_their_name_says(sockets: list[socket.
     assert [s.name for s in found["mirror"]] == ["registry", "spegeld.socket"]
     assert [s.name for s in found["peer"]] == ["peer"]
     assert [s.name for s in found["metrics"]] == ["metrics"]
+
+
+def test_a_taken_peer_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mirror = f"127.0.0.1:{free_port('127.0.0.1')}"
+        result = subprocess.run(
+            [sys.executable, "-m", "spegeld", "run", "--registry-addr", mirror,
+             "--peer-addr", f"127.0.0.1:{port}", "--containerd-sock", str(tmp_path / "none.sock"),
+             "--log-format", "text", "--insecure-gossip",
+             "--gossip-addr", f"127.0.0.1:{free_port('127.0.0.1', socket.SOCK_DGRAM)}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"the peer listener cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -120,6 +120,9 @@ class Cluster:
     # Every node runs this directory's containerd and ctr (e.g. the 2.3 that
     # scripts/build-components builds); None: Debian's 1.6 from PATH.
     containerd_bin_dir: Path | None = None
+    # More `spegeld run` arguments for every node (e.g. ``("--tag-quorum", "1")`` where a
+    # test pulls a tag from a single holder with the upstream stopped).
+    spegeld_args: Sequence[str] = ()
     progress: Callable[[str], None] = field(default=lambda message: None)
     nodes: list[Node] = field(default_factory=list)
 
@@ -211,7 +214,7 @@ class Cluster:
             spegeld = NetnsSpegeld(
                 netns, self.base / name, containerd, host=address, port=REGISTRY_PORT,
                 gossip_port=GOSSIP_PORT, key_file=key, peers=[] if i == 1 else [seed],
-                ready_timeout=60,
+                ready_timeout=60, extra_args=list(self.spegeld_args),
             )  # fmt: skip
             subprocess.run(
                 [sys.executable, "-m", "spegeld", "configure", "containerd",
@@ -318,17 +321,21 @@ class Cluster:
     def wait_findable(
         self, reference: str, image: BuiltImage, nodes: Sequence[Node], timeout: float = 30
     ) -> None:
-        """Until each of ``nodes``' mirrors finds the image's tag, config and every layer
-        (locally or at a peer): gossip has spread the holders' keys.
+        """Until each of ``nodes``' mirrors finds the image's top object, config and every
+        layer by digest (locally or at a peer): gossip has spread the holders' keys.
 
-        Every one, not just the last layer: containerd 2.x announces each blob as it lands
+        By digest, not the tag: a node answers a tag from peers only when ``--tag-quorum``
+        holders agree (default 2), so with one holder the tag rightly goes to the upstream
+        while every byte still comes from the peer.
+
+        Every blob, not just the last layer: containerd 2.x announces each blob as it lands
         (a /content/create event per blob, in the order the parallel downloads finish), so
         its keys spread one by one; 1.6 announces the whole image when the pull ends.
         """
-        repository, tag = reference.split("/", 1)[1].rsplit(":", 1)
+        repository = reference.split("/", 1)[1].rsplit(":", 1)[0]
         platform = image.platforms[0]
         ns = f"?ns={self.upstream_address}"
-        paths = [f"/v2/{repository}/manifests/{tag}{ns}"] + [
+        paths = [f"/v2/{repository}/manifests/{image.digest}{ns}"] + [
             f"/v2/{repository}/blobs/{digest}{ns}" for digest in (platform.config, *platform.layers)
         ]
         deadline = time.monotonic() + timeout

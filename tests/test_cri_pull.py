@@ -88,13 +88,15 @@ def test_crictl_pull_through_the_mirror_then_from_the_peer_with_the_upstream_dow
     containerd_a, containerd_b = cri_nodes
     ref = upstream.push(IMAGE, "team/cri", "v1")
     port_a, port_b = free_port("127.0.0.2"), free_port("127.0.0.3")
+    # The upstream is stopped for the peer pull, so the tag can only come from the one
+    # peer that holds it: a quorum of 1 (the default 2 sends a lone holder's tag upstream).
     spegeld_a = SpegeldProcess(
         tmp_path / "node-a", containerd_a, host="127.0.0.2", peer_port=port_a,
-        extra_args=["--static-peer", f"127.0.0.3:{port_b}"],
+        extra_args=["--static-peer", f"127.0.0.3:{port_b}", "--tag-quorum", "1"],
     )  # fmt: skip
     spegeld_b = SpegeldProcess(
         tmp_path / "node-b", containerd_b, host="127.0.0.3", peer_port=port_b,
-        extra_args=["--static-peer", f"127.0.0.2:{port_a}"],
+        extra_args=["--static-peer", f"127.0.0.2:{port_a}", "--tag-quorum", "1"],
     )  # fmt: skip
     with spegeld_a, spegeld_b:
         # The real CLI writes the hosts dir CRI's config_path names.

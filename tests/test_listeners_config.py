@@ -16,6 +16,7 @@ from spegeld_harness import free_port
 from spegeld.cli.run import node_config, run, split_inherited
 from spegeld.config import NodeConfig
 from spegeld.errors import ConfigError
+from spegeld.mirror._server import beyond_loopback
 from spegeld.systemd import InheritedSocket
 
 
@@ -90,3 +91,14 @@ def test_a_taken_peer_port_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"the peer listener cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_mirror_beyond_loopback_is_what_the_start_warning_names() -> None:
+    """The daemon warns when the unauthenticated mirror listens beyond loopback (an
+    upgraded node whose config still says 0.0.0.0:5000): these are the addresses named."""
+    assert beyond_loopback([("127.0.0.1", 5000), ("127.9.9.9", 1), ("::1", 5000)]) == []
+    assert beyond_loopback([("0.0.0.0", 5000), ("127.0.0.1", 5000)]) == [("0.0.0.0", 5000)]
+    assert beyond_loopback([("::", 5000), ("fe80::1%eth0", 5000)]) == [
+        ("::", 5000),
+        ("fe80::1%eth0", 5000),
+    ]

@@ -13,6 +13,7 @@ Up to three listeners, one server: every request knows which it came in on.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import time
@@ -173,6 +174,16 @@ class MirrorServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve)
             logger.info("registry mirror listening on %s", _describe(self.addresses))
+            exposed = beyond_loopback(self.addresses)
+            if exposed:
+                logger.warning(
+                    "the mirror listens on %s, not only on loopback: anyone who reaches it "
+                    "can fetch any content any node holds, unauthenticated (containerd on "
+                    "this host needs only --registry-addr 127.0.0.1:%d; peers use "
+                    "--peer-addr)",
+                    _describe(exposed),
+                    exposed[0][1],
+                )
             if self.peer_addresses:
                 logger.info(
                     "peer listener on %s (%s)",
@@ -364,3 +375,8 @@ async def _listen(name: str, spec: Listen) -> list[trio.SocketListener]:
 
 def _describe(addresses: list[tuple[str, int]]) -> str:
     return ", ".join(f"{host}:{port}" for host, port in addresses)
+
+
+def beyond_loopback(addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The listening addresses another host could reach (anything but loopback)."""
+    return [a for a in addresses if not ipaddress.ip_address(a[0].split("%")[0]).is_loopback]

@@ -43,6 +43,7 @@ from ._http import (
     Response,
     StreamBody,
 )
+from ._inflight import InflightFeeds, blob_holders, inflight_response, tracked
 from ._labels import RegistryLabels
 from ._metrics import MirrorMetrics
 from ._peer import MIRRORED_HEADER
@@ -112,6 +113,7 @@ class MirrorServer:
         self._status = status
         self._keys = peer_keys
         self._nonces = NonceMemory()
+        self._feeds = InflightFeeds()  # blobs proxied from in-flight holders right now
         self._proxy = Proxy(router, self._metrics, settings.proxy, discard_partial, sign=self._sign)
         self._refused = {
             reason: self._metrics.peer_auth_failures.labels(reason=reason)
@@ -268,6 +270,8 @@ class MirrorServer:
             raise unknown(f"{upstream}/{route.name} is not shared (registry filters)")
         key = self._key(route)
         response = await self._local(route, request, key)
+        if response is None and mirrored and route.kind is Kind.BLOB and route.digest:
+            response = await self._inflight(route.digest, request)
         if response is None and not mirrored:
             response = await self._proxied(route, request, key)
         cache = "hit" if response is not None else "miss"
@@ -334,7 +338,11 @@ class MirrorServer:
 
     async def _proxied(self, route: Route, request: Request, key: str) -> Response | None:
         by_tag = route.kind is Kind.MANIFEST and route.digest is None
-        holders = self._proxy.holders(key, tag=by_tag)
+        inflight = False
+        if route.kind is Kind.BLOB and route.digest is not None:
+            holders, inflight = blob_holders(self._proxy, route.digest)
+        else:
+            holders = self._proxy.holders(key, tag=by_tag)
         if not holders:
             return None
         kind = "manifests" if route.kind is Kind.MANIFEST else "blobs"
@@ -348,9 +356,18 @@ class MirrorServer:
         assert route.digest is not None
         range_header = request.header(b"range")
         wanted = parse_range(range_header, UNBOUNDED) if range_header else None
-        return await self._proxy.blob(
+        fetch = self._proxy.blob(
             holders, request, target.encode(), route.digest, wanted, range_header
         )
+        return await (tracked(self._feeds, route.digest, fetch) if inflight else fetch)
+
+    async def _inflight(self, digest: Digest, request: Request) -> Response | None:
+        """A peer's request for a blob this node is downloading now (``_inflight``)."""
+        ingest = self._store.inflight(digest)
+        if ingest is None or self._feeds.fed(digest):
+            return None
+        served = self._metrics.bytes_served.labels(source="inflight").inc
+        return await inflight_response(ingest, request, served)
 
 
 def _error(exc: OciError) -> Response:

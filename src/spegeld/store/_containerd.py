@@ -12,10 +12,12 @@ is advertised as soon as it lands rather than when its image record appears.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Descriptor, Digest, ShareFilter, digest_hex, parse_reference
 
 from ._index import ImageEntry, Index, LooseBlob
+from ._ingest import INGEST_SCAN_ACTIVE, INGEST_SCAN_IDLE, InflightTable, Ingest, scan_ingests
 from ._protocol import KeysChanged, OpenBlob, Snapshot
 from ._walk import DocumentCache, IsPresent, read_document_with, walk_image
 from ._watchers import Watchers
@@ -113,11 +116,17 @@ class ContainerdStore:
         # Decided per blob when it is served, never once at start: on a fresh node the
         # blobs directory appears only with the first pull.
         self._reads = _ReadPaths(self._blobs_dir, metrics)
+        self._content_path = content_path
+        self._inflight = InflightTable()
+        self.ingest_scans = 0  # how many times the ingest area was read (cost figures)
 
     # The Store seam.
 
     def list(self) -> Snapshot:
-        return self._index.snapshot()
+        return self._snapshot()
+
+    def _snapshot(self) -> Snapshot:
+        return dataclasses.replace(self._index.snapshot(), inflight=self._inflight.digests())
 
     def resolve(self, tag_key: str) -> Digest:
         digest = self._index.resolve(tag_key)
@@ -144,10 +153,39 @@ class ContainerdStore:
         chunks = self._client.read(digest, offset, 0 if length is None else length)
         return OpenBlob(desc, None, chunks)
 
+    def inflight(self, digest: Digest) -> Ingest | None:
+        return self._inflight.get(digest)
+
     def watch(
         self,
     ) -> AbstractAsyncContextManager[tuple[Snapshot, trio.MemoryReceiveChannel[KeysChanged]]]:
-        return self._watchers.open(self._index.snapshot)
+        return self._watchers.open(self._snapshot)
+
+    async def follow_ingests(self) -> NoReturn:
+        """Advertise the blobs containerd is downloading until their ingest ends: committed
+        (the complete key takes over once the index has it) or aborted (``_ingest``)."""
+        while True:
+            self.scan_ingests_once()
+            active = self._inflight.active()
+            await trio.sleep(INGEST_SCAN_ACTIVE if active else INGEST_SCAN_IDLE)
+
+    def scan_ingests_once(self) -> KeysChanged:
+        """One scan of the ingest area, its change published to the watchers."""
+        # An ingest names no image: with registry filters set, none is known to be shared.
+        namespace = self._client.namespace
+        found = {} if self._share.active else scan_ingests(self._content_path, namespace)
+        self.ingest_scans += 1
+        change = self._inflight.update(
+            found,
+            time.monotonic(),
+            indexed=lambda d: self._index.descriptor(d) is not None,
+            landed=lambda ingest: (
+                _readable_file(self._blobs_dir, ingest.digest, ingest.total) is not None
+            ),
+        )
+        published = KeysChanged(added=change.added, removed=change.removed)
+        self._watchers.publish(published)
+        return published
 
     # Lifecycle and diagnostics.
 
@@ -230,7 +268,12 @@ class ContainerdStore:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Sync, then follow events; on a containerd outage, wait and start over."""
+        """Sync, follow events (and the ingest area); on an outage, wait and start over."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.follow_ingests)
+            await self._run_index(task_status)
+
+    async def _run_index(self, task_status: trio.TaskStatus[None]) -> NoReturn:
         started = False
         outage = False
         while True:

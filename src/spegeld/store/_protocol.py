@@ -12,6 +12,8 @@ import trio
 
 from spegeld.oci import Descriptor, Digest
 
+from ._ingest import Ingest, inflight_key
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -19,9 +21,11 @@ class Snapshot:
 
     digests: Mapping[Digest, Descriptor] = field(default_factory=dict)
     tags: Mapping[str, Digest] = field(default_factory=dict)
+    inflight: frozenset[Digest] = frozenset()  # blobs being downloaded, not yet complete
 
     def keys(self) -> frozenset[str]:
-        return frozenset(self.digests) | frozenset(self.tags)
+        inflight = frozenset(inflight_key(d) for d in self.inflight)
+        return frozenset(self.digests) | frozenset(self.tags) | inflight
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,10 @@ class Store(Protocol):
 
     async def open(self, digest: Digest, offset: int = 0, length: int | None = None) -> OpenBlob:
         """Open a held blob from ``offset`` for ``length`` bytes (None: to the end)."""
+        ...
+
+    def inflight(self, digest: Digest) -> Ingest | None:
+        """The blob's download under way here (or its landed file), when it is shared."""
         ...
 
     def watch(

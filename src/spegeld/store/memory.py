@@ -12,6 +12,7 @@ from spegeld.errors import NotFound
 from spegeld.oci import Descriptor, Digest, ShareFilter
 
 from ._index import ImageEntry, Index
+from ._ingest import Ingest
 from ._protocol import KeysChanged, OpenBlob, Snapshot
 from ._watchers import Watchers
 
@@ -29,6 +30,7 @@ class MemoryStore:
         self._index = Index(share)
         self._blobs: dict[Digest, bytes] = {}
         self._watchers = Watchers()
+        self._inflight: dict[Digest, Ingest] = {}
 
     def add_image(
         self, name: str, blobs: Mapping[Digest, tuple[str, bytes]], tags: Mapping[str, Digest]
@@ -68,6 +70,13 @@ class MemoryStore:
         data = self._blobs[digest]
         end = len(data) if length is None else min(len(data), offset + length)
         return OpenBlob(descriptor=desc, path=None, chunks=_chunks(data[offset:end]))
+
+    def inflight(self, digest: Digest) -> Ingest | None:
+        return self._inflight.get(digest)
+
+    def set_inflight(self, ingest: Ingest) -> None:
+        """Hold ``ingest`` as a download under way (its files are the caller's)."""
+        self._inflight[ingest.digest] = ingest
 
     def watch(
         self,

@@ -118,6 +118,9 @@ class NodeConfig:
     registry_filters: tuple[str, ...] = ()  # excluded from sharing
     registry_includes: tuple[str, ...] = ()  # if any: only these are shared
     tag_quorum: int = DEFAULT_TAG_QUORUM
+    # --private-registry: (registry as ``ns`` names it, upstream endpoint URL); their content
+    # is served to containerd only with credentials the upstream accepts (mirror._private).
+    private_registries: tuple[tuple[str, str], ...] = ()
 
 
 # RFC 1123 host names: what getaddrinfo can be asked without an encoding error.

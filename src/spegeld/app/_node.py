@@ -174,6 +174,7 @@ async def run_node(
                 inherited=sup.listeners,
                 peer=Listen(cfg.peer_host, cfg.peer_port, sup.peer_listeners),
                 metrics=_metrics_listener(cfg, sup),
+                private_registries=cfg.private_registries,
             )
             mirror = MirrorServer(
                 store,

@@ -63,6 +63,10 @@ def registry_host(entry: str) -> str:
 @option("--registry-include", "registry_includes", multiple=True, metavar="REGEX",
         help="Share only images whose registry/repository[:tag] matches REGEX (repeatable; "
         "--registry-filter still excludes).")  # fmt: skip
+@option("--private-registry", "private_registries", multiple=True, metavar="HOST|URL",
+        help="Serve this registry's content to containerd only with pull credentials its "
+        "upstream accepts (challenge, one upstream check per credential and repository); "
+        "HOST is https://HOST, or give http(s)://HOST:PORT (repeatable).")  # fmt: skip
 @option("--tag-quorum", type=click.IntRange(min=1), default=config.DEFAULT_TAG_QUORUM,
         show_default=True, help="Holders on distinct hosts that must return one digest before "
         "a tag is answered from peers; fewer: 404, containerd asks the upstream.")  # fmt: skip
@@ -146,6 +150,7 @@ def node_config(
     registry_filters: tuple[str, ...],
     registry_includes: tuple[str, ...],
     tag_quorum: int,
+    private_registries: tuple[str, ...],
     gossip_addr: str,
     peers: tuple[str, ...],
     peer_dns: tuple[str, ...],
@@ -184,6 +189,7 @@ def node_config(
         config.parse_host_port(peer, "--static-peer")
     registries = frozenset(registry_host(e) for e in mirrored_registries.split(",") if e.strip())
     ShareFilter.parse(registry_includes, registry_filters)  # a bad pattern stops us here
+    private = tuple(_private_registry(entry) for entry in private_registries)
     # Under systemd, LoadCredential=kubeconfig:... delivers it when no flag names one.
     kubeconfig = kubeconfig or credential_path(KUBECONFIG_CREDENTIAL)
     return config.NodeConfig(
@@ -216,7 +222,17 @@ def node_config(
         registry_filters=tuple(registry_filters),
         registry_includes=tuple(registry_includes),
         tag_quorum=tag_quorum,
+        private_registries=private,
     )
+
+
+def _private_registry(entry: str) -> tuple[str, str]:
+    from spegeld.mirror import private_endpoint
+
+    try:
+        return private_endpoint(entry)
+    except ValueError as exc:
+        raise ConfigError(f"--private-registry: {exc}") from exc
 
 
 def _reload_config(ctx: click.Context) -> config.NodeConfig:

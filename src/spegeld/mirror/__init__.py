@@ -12,6 +12,7 @@ from spegeld.mirror._auth import (
 from spegeld.mirror._auth import HEADER as AUTH_HEADER
 from spegeld.mirror._auth import TOLERANCE as AUTH_TOLERANCE
 from spegeld.mirror._http import Limits
+from spegeld.mirror._private import endpoint_of as private_endpoint
 from spegeld.mirror._proxy import ProxySettings
 from spegeld.mirror._server import Listen, MirrorServer, MirrorSettings
 
@@ -29,5 +30,6 @@ __all__ = [
     "Refused",
     "Verified",
     "sign",
+    "private_endpoint",
     "verify",
 ]

@@ -47,6 +47,7 @@ from ._inflight import InflightFeeds, blob_holders, inflight_response, tracked
 from ._labels import RegistryLabels
 from ._metrics import MirrorMetrics
 from ._peer import MIRRORED_HEADER
+from ._private import PrivateAccess
 from ._proxy import DiscardPartial, Proxy, ProxySettings
 from ._ranges import parse_range
 from ._routes import Kind, Route, parse_target
@@ -87,6 +88,9 @@ class MirrorSettings:
     # (in-process tests and benchmarks; the daemon always has one).
     peer: Listen | None = None
     metrics: Listen | None = None  # None: /metrics and /status on the mirror listener only
+    # --private-registry: (registry as ``ns`` names it, upstream endpoint URL) pairs whose
+    # content the mirror listener serves only to credentials the upstream accepts.
+    private_registries: tuple[tuple[str, str], ...] = ()
 
 
 class MirrorServer:
@@ -121,6 +125,7 @@ class MirrorServer:
                            "replay")
         }  # fmt: skip
         self._labels = RegistryLabels(settings.mirrored_registries)
+        self._private = PrivateAccess(dict(settings.private_registries), metrics)
         errors = {kind: self._metrics.http_errors.labels(kind=kind) for kind in ERROR_KINDS}
         self._server = HttpServer(
             self.handle, settings.limits, on_error=lambda kind: errors[kind].inc()
@@ -173,6 +178,17 @@ class MirrorServer:
         async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             await self._server.serve(listeners, names=names, task_status=task_status)
 
+        try:
+            await self._serve(serve, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._private.aclose()
+
+    async def _serve(
+        self,
+        serve: Callable[..., Any],
+        task_status: trio.TaskStatus[list[tuple[str, int]]],
+    ) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve)
             logger.info("registry mirror listening on %s", _describe(self.addresses))
@@ -208,6 +224,8 @@ class MirrorServer:
                 return await self._route(route, request, from_peer=True)
             if request.listener == METRICS and route.kind not in _METRICS_ONLY:
                 raise not_found("only /metrics and /status are served here")
+            if request.listener == MIRROR and route.kind in _PULL:
+                await self._authorize_private(route, request)
             return await self._route(route, request)
         except OciError as exc:
             return _error(exc)
@@ -239,6 +257,20 @@ class MirrorServer:
                 f"node authentication failed ({verdict.reason}): {verdict.detail}",
                 (_CHALLENGE,),
             )
+
+    async def _authorize_private(self, route: Route, request: Request) -> None:
+        """Content of a --private-registry only for credentials its upstream accepts
+        (``_private``): else the 401 challenge or a 404 OciError. Peers never ask here."""
+        if route.kind is Kind.BASE or not self._private.is_private(route.upstream):
+            return
+        assert route.upstream is not None
+        kind = "manifests" if route.kind is Kind.MANIFEST else "blobs"
+        await self._private.authorize(
+            route.upstream,
+            route.name,
+            f"{kind}/{route.reference}",
+            request.header(b"authorization"),
+        )
 
     async def _route(self, route: Route, request: Request, *, from_peer: bool = False) -> Response:
         if route.kind is Kind.BASE:

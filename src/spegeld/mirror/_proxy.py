@@ -3,7 +3,7 @@
 Only addresses the router names are ever contacted, never one from the
 request. Blob bytes are hashed as they stream; when a peer breaks off, the
 rest comes from the next holder with a Range request from the byte already
-received, so the client sees one intact response. The last chunk is held back
+received, so the client sees one intact response. The last byte is held back
 until the digest checks out: on a mismatch the response is cut and the peer
 is marked bad. A large blob is hashed in a worker thread (``_hashing``).
 """
@@ -28,7 +28,7 @@ from ._hashing import stream_hasher
 from ._hedge import LatencyTracker, first_success
 from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
 from ._metrics import MirrorMetrics
-from ._peer import BadPeerAddress, PeerFailed, PeerResponse, fetch
+from ._peer import BadPeerAddress, PeerFailed, PeerPool, PeerResponse, fetch
 from ._quorum import agreed
 from ._ranges import ByteRange, parse_range, unsatisfiable
 from ._unproven import UnprovenBytes
@@ -46,6 +46,9 @@ MAX_REMEMBERED_PEERS = 1024
 # Seconds to discard containerd's partial write of a blob whose bytes were wrong; the
 # client waits that long at most for its response to be cut (two local gRPC calls).
 DISCARD_TIMEOUT = 2.0
+# Bytes of a verified blob held back until its digest checks out. One is enough: without
+# it the client cannot complete the blob, so wrong bytes are never a finished download.
+HELD_BACK = 1
 _OPEN_ENDED = re.compile(rb"\s*bytes\s*=\s*([0-9]{1,19})\s*-\s*")
 
 
@@ -105,6 +108,7 @@ class Proxy:
         self._metrics = metrics
         self._settings = settings
         self._latency = LatencyTracker()
+        self._pool = PeerPool()  # idle connections to peers, reused by the next request
         self._bad: dict[Peer, float] = {}
         self._unreachable: dict[Peer, float] = {}
 
@@ -316,6 +320,7 @@ class Proxy:
                 connect_timeout=self._settings.connect_timeout,
                 response_timeout=self._settings.response_timeout,
                 idle_timeout=self._settings.body_idle_timeout,
+                pool=self._pool,
             )
         except PeerFailed as exc:
             reason = "bad_address" if isinstance(exc, BadPeerAddress) else "unreachable"
@@ -356,7 +361,11 @@ class Proxy:
         skip: int = 0,
     ) -> AsyncIterator[bytes]:
         """The peer's bytes from ``offset``, hashed when ``verify``, the first ``skip`` bytes
-        hashed but not sent, the last chunk held back until the digest checks out."""
+        hashed but not sent, the last HELD_BACK bytes held back until the digest checks out.
+
+        Every other byte goes to the client as it arrives: holding back a whole chunk
+        (up to RECEIVE_SIZE) delayed the client by a chunk's transfer, and the hash of the
+        last chunk, on every blob."""
         hasher = stream_hasher(length) if verify else None
         received = 0
         held: bytes | None = None
@@ -372,10 +381,12 @@ class Proxy:
                         received += len(chunk)
                         if received <= skip:
                             continue
-                        if held is not None:
-                            self._metrics.bytes_served.labels(source="peer").inc(len(held))
-                            yield held
-                        held = chunk[skip - before :] if before < skip else chunk
+                        piece = chunk[skip - before :] if before < skip else chunk
+                        if received == length:  # the end: its last bytes wait for the digest
+                            piece, held = piece[:-HELD_BACK], piece[-HELD_BACK:]
+                        if piece:
+                            self._metrics.bytes_served.labels(source="peer").inc(len(piece))
+                            yield piece
                     break
                 except PeerFailed as exc:
                     self._metrics.proxy_errors.labels(reason="broken").inc()

@@ -1,0 +1,166 @@
+"""Per-layer tax: a pull through a peer against the same pull from a local Distribution.
+
+Run as root (network namespaces, containerd)::
+
+    .venv/bin/python bench/layer_tax.py                          # 10 MB in 4 layers, 5 rounds
+    .venv/bin/python bench/layer_tax.py --layers 16 --size 10M --rounds 3
+    .venv/bin/python bench/layer_tax.py --containerd 1.6
+
+A 2-node ``spegeld_harness.Cluster`` (each node a network namespace with its own
+containerd and ``spegeld run``; the upstream a Distribution registry, its link not
+throttled: ``--upstream-rate 10gbit``). Every round builds a new image of ``--layers``
+random layers (``--size`` in all), pushes it, and has node 1 pull it (through its mirror,
+a miss: from the upstream). Once node 2's mirror finds every blob, node 2 pulls it twice,
+the order alternating between rounds, ``ctr images rm --sync`` and a GC between:
+
+* **peer**: ``ctr images pull`` through node 2's mirror, which proxies every blob from
+  node 1's peer listener (signed requests);
+* **local**: the same ``ctr images pull`` straight from the Distribution registry.
+
+Then, from node 2's namespace, a keep-alive client (one ``http.client`` connection per
+kind, ``--gets`` requests each, the median reported) times a single blob GET of one layer
+through node 2's mirror and from the Distribution registry: this separates containerd's
+behaviour from spegeld's. Per-layer tax = (peer - local) / layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _spegel  # bench/_spegel.py, beside this script
+from spegeld_harness import Cluster, build_image, missing_requirement
+
+PEER_BYTES = 'spegeld_bytes_served_total{source="peer"}'
+# One blob GET timed from inside node 2's namespace: a keep-alive connection per URL,
+# ``count`` GETs each, the seconds of each (headers to last byte included).
+_CLIENT = r"""
+import http.client, json, sys, time
+host_urls = json.loads(sys.argv[1]); count = int(sys.argv[2]); out = {}
+for name, (host, port, path) in host_urls.items():
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    times = []
+    for _ in range(count):
+        t = time.perf_counter()
+        conn.request("GET", path)
+        r = conn.getresponse(); body = r.read()
+        times.append(time.perf_counter() - t)
+        assert r.status == 200, (name, r.status)
+    conn.close()
+    out[name] = times
+print(json.dumps(out))
+"""
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 10**3, "M": 10**6, "G": 10**9}
+    if text[-1:].upper() in units:
+        return int(float(text[:-1]) * units[text[-1].upper()])
+    return int(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="10M", help="image size, decimal (10M)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gets", type=int, default=20, help="blob GETs per kind per round")
+    parser.add_argument("--containerd", choices=["1.6", "2.3"], default="2.3")
+    parser.add_argument("--upstream-rate", default="10gbit")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    if not 1 <= args.layers <= 64 or not 1 <= args.rounds <= 50 or not 1 <= args.gets <= 500:
+        parser.error("need 1 <= layers <= 64, 1 <= rounds <= 50, 1 <= gets <= 500")
+    bin_dir = None
+    if args.containerd == "2.3":
+        bin_dir, why = _spegel.component_path("containerd")
+        if bin_dir is None:
+            print(f"layer_tax: no containerd 2.3 ({why}); --containerd 1.6", file=sys.stderr)
+            return 2
+    problem = missing_requirement(bin_dir)
+    if problem is not None:
+        print(f"layer_tax: {problem}", file=sys.stderr)
+        return 2
+    size = parse_size(args.size)
+    per_layer = size // args.layers
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} CPUs, Linux {platform.release()}, load {load:.1f}; "
+          f"{args.size} in {args.layers} layers, {args.rounds} rounds, containerd "
+          f"{args.containerd}", flush=True)  # fmt: skip
+    rows: list[dict[str, object]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="layer-tax-") as tmp,
+        Cluster(
+            nodes_wanted=2,
+            upstream_rate=args.upstream_rate,
+            containerd_bin_dir=bin_dir,
+            spegeld_args=("--tag-quorum", "1"),
+        ) as cluster,
+    ):
+        holder, puller = cluster.nodes
+        direct = Path(tmp) / "direct-certs.d"
+        upstream = f"http://{cluster.upstream_address}"
+        (direct / cluster.upstream_address).mkdir(parents=True)
+        (direct / cluster.upstream_address / "hosts.toml").write_text(
+            f'server = "{upstream}"\n\n[host."{upstream}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        for r in range(args.rounds):
+            image = build_image(f"bench.local/tax:r{r}", [per_layer] * args.layers, seed=1000 + r)
+            reference = cluster.push(image, "bench/tax", f"r{r}")
+            cluster.pull(holder, reference)
+            cluster.wait_findable(reference, image, [puller])
+            times: dict[str, float] = {}
+            for kind in ("peer", "local") if r % 2 == 0 else ("local", "peer"):
+                hosts = puller.hosts_dir if kind == "peer" else direct
+                before = puller.metric(PEER_BYTES)
+                started = time.monotonic()
+                puller.containerd.ctr("images", "pull", "--hosts-dir", str(hosts), reference,
+                                      timeout=600)  # fmt: skip
+                times[kind] = time.monotonic() - started
+                peer_bytes = puller.metric(PEER_BYTES) - before
+                if (peer_bytes >= size) != (kind == "peer"):
+                    raise RuntimeError(f"{kind} pull took {peer_bytes:.0f} bytes from peers")
+                puller.containerd.remove_image(reference)
+                puller.containerd.gc()
+            layer = image.platforms[0].layers[0]
+            ns = f"?ns={cluster.upstream_address}"
+            urls = {
+                "mirror": [puller.address, 5000, f"/v2/bench/tax/blobs/{layer}{ns}"],
+                "upstream": [cluster.upstream_address.split(":")[0], 5000,
+                             f"/v2/bench/tax/blobs/{layer}"],
+            }  # fmt: skip
+            out = subprocess.run(
+                ["ip", "netns", "exec", puller.netns, sys.executable, "-c", _CLIENT,
+                 json.dumps(urls), str(args.gets)],
+                capture_output=True, text=True, timeout=300, check=True,
+            ).stdout  # fmt: skip
+            gets = {k: statistics.median(v) for k, v in json.loads(out).items()}
+            row = {"round": r, **times, **{f"get_{k}": v for k, v in gets.items()}}
+            rows.append(row)
+            print(f"round {r}: peer {times['peer']:.3f} s, local {times['local']:.3f} s, "
+                  f"tax/layer {(times['peer'] - times['local']) / args.layers * 1000:.1f} ms; "
+                  f"one {per_layer / 1e6:.1f} MB blob GET: mirror {gets['mirror'] * 1000:.1f} ms, "
+                  f"upstream {gets['upstream'] * 1000:.1f} ms", flush=True)  # fmt: skip
+    peer = statistics.median(float(str(row["peer"])) for row in rows)
+    local = statistics.median(float(str(row["local"])) for row in rows)
+    get_m = statistics.median(float(str(row["get_mirror"])) for row in rows)
+    get_u = statistics.median(float(str(row["get_upstream"])) for row in rows)
+    print(f"median of {args.rounds}: peer {peer:.3f} s, local {local:.3f} s, ratio "
+          f"{peer / local:.2f}, tax/layer {(peer - local) / args.layers * 1000:.1f} ms; "
+          f"blob GET mirror {get_m * 1000:.1f} ms, upstream {get_u * 1000:.1f} ms")  # fmt: skip
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"args": vars(args) | {"json_out": None},
+                                             "rows": rows}, indent=1, default=str))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

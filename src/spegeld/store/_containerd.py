@@ -41,7 +41,7 @@ from spegeld.metrics import MetricsRegistry
 from spegeld.oci import Descriptor, Digest, ShareFilter, digest_hex, parse_reference
 
 from ._index import ImageEntry, Index, LooseBlob
-from ._ingest import INGEST_SCAN_ACTIVE, INGEST_SCAN_IDLE, InflightTable, Ingest, scan_ingests
+from ._ingest import INGEST_SCAN_ACTIVE, INGEST_SCAN_IDLE, InflightTable, Ingest
 from ._protocol import KeysChanged, OpenBlob, Snapshot
 from ._walk import DocumentCache, IsPresent, read_document_with, walk_image
 from ._watchers import Watchers
@@ -118,7 +118,6 @@ class ContainerdStore:
         self._reads = _ReadPaths(self._blobs_dir, metrics)
         self._content_path = content_path
         self._inflight = InflightTable()
-        self.ingest_scans = 0  # how many times the ingest area was read (cost figures)
 
     # The Store seam.
 
@@ -170,18 +169,14 @@ class ContainerdStore:
             await trio.sleep(INGEST_SCAN_ACTIVE if active else INGEST_SCAN_IDLE)
 
     def scan_ingests_once(self) -> KeysChanged:
-        """One scan of the ingest area, its change published to the watchers."""
-        # An ingest names no image: with registry filters set, none is known to be shared.
-        namespace = self._client.namespace
-        found = {} if self._share.active else scan_ingests(self._content_path, namespace)
-        self.ingest_scans += 1
-        change = self._inflight.update(
-            found,
+        """One scan of the ingest area, its change published to the watchers. An ingest
+        names no image: with registry filters set, none is known to be shared."""
+        change = self._inflight.rescan(
+            None if self._share.active else self._content_path,
+            self._client.namespace,
             time.monotonic(),
             indexed=lambda d: self._index.descriptor(d) is not None,
-            landed=lambda ingest: (
-                _readable_file(self._blobs_dir, ingest.digest, ingest.total) is not None
-            ),
+            landed=lambda i: _readable_file(self._blobs_dir, i.digest, i.total) is not None,
         )
         published = KeysChanged(added=change.added, removed=change.removed)
         self._watchers.publish(published)

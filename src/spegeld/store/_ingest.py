@@ -61,29 +61,37 @@ class Ingest:
     blob: Path
 
 
-def scan_ingests(content_path: Path, namespace: str) -> dict[Digest, Ingest]:
+# What an ingest directory's ``ref`` and ``total`` say (they never change while it
+# lives): its digest and total, or None for one that is not shared. Keyed by the name.
+IngestMemo = dict[str, tuple[Digest, int] | None]
+
+
+def scan_ingests(
+    content_path: Path, namespace: str, memo: IngestMemo | None = None
+) -> dict[Digest, Ingest]:
     """The ingests of ``namespace`` whose ref names a digest and whose total is known.
 
     Nothing (not an error) when the ingest directory is missing or unreadable: a fresh
     node has none, and a content path that is not containerd's shares no in-flight data.
+    ``memo`` (kept by the caller between scans) saves reading ``ref`` and ``total``
+    again: a known ingest then costs one stat of its ``data``.
     """
     found: dict[Digest, Ingest] = {}
     sizes: dict[Digest, int] = {}
-    prefix = namespace + "/"
+    memo = {} if memo is None else memo
     try:
         entries = list(os.scandir(content_path / "ingest"))
     except OSError:
         return found
+    for gone in memo.keys() - {entry.name for entry in entries}:
+        del memo[gone]
     for entry in entries:
-        ref = _read_small(Path(entry.path) / "ref", MAX_REF_FILE)
-        if ref is None or not ref.startswith(prefix):
+        if entry.name not in memo:
+            memo[entry.name] = _identify(Path(entry.path), namespace)
+        known = memo[entry.name]
+        if known is None:
             continue
-        match = _REF_DIGEST.search(ref.rstrip("\n"))
-        total_text = _read_small(Path(entry.path) / "total", MAX_TOTAL_FILE)
-        if match is None or total_text is None or not total_text.strip().isdigit():
-            continue
-        digest = Digest(match.group(1))
-        total = int(total_text.strip())
+        digest, total = known
         data = Path(entry.path) / "data"
         try:
             size = os.stat(data).st_size
@@ -95,6 +103,17 @@ def scan_ingests(content_path: Path, namespace: str) -> dict[Digest, Ingest]:
         blob = content_path / "blobs" / "sha256" / digest.removeprefix("sha256:")
         found[digest] = Ingest(digest, data, total, blob)
     return found
+
+
+def _identify(ingest: Path, namespace: str) -> tuple[Digest, int] | None:
+    ref = _read_small(ingest / "ref", MAX_REF_FILE)
+    if ref is None or not ref.startswith(namespace + "/"):
+        return None
+    match = _REF_DIGEST.search(ref.rstrip("\n"))
+    total_text = _read_small(ingest / "total", MAX_TOTAL_FILE)
+    if match is None or total_text is None or not total_text.strip().isdigit():
+        return None
+    return Digest(match.group(1)), int(total_text.strip())
 
 
 def _read_small(path: Path, limit: int) -> str | None:
@@ -123,6 +142,20 @@ class InflightTable:
     def __init__(self) -> None:
         self._ingests: dict[Digest, Ingest] = {}
         self._landed_at: dict[Digest, float] = {}
+        self._memo: IngestMemo = {}
+
+    def rescan(
+        self,
+        content_path: Path | None,
+        namespace: str,
+        now: float,
+        *,
+        indexed: Callable[[Digest], bool],
+        landed: Callable[[Ingest], bool],
+    ) -> InflightChange:
+        """Scan ``content_path``'s ingest area (None: share nothing) and ``update``."""
+        found = {} if content_path is None else scan_ingests(content_path, namespace, self._memo)
+        return self.update(found, now, indexed=indexed, landed=landed)
 
     def get(self, digest: Digest) -> Ingest | None:
         return self._ingests.get(digest)

@@ -126,6 +126,12 @@ class Node:
         return result
 
 
+# These tests read a tag that one node holds through every other node's mirror: how fast
+# gossip spreads a lone holder's keys. Under the default --tag-quorum 2 such a tag goes to
+# the upstream instead (by design: tests/test_sharing*.py); here the quorum is 1.
+LONE_HOLDER_TAGS = ("--tag-quorum", "1")
+
+
 class Cluster:
     def __init__(self, base: Path, containerd_bin_dir: Path | None = None) -> None:
         self.base = base
@@ -147,7 +153,10 @@ class Cluster:
             self.base / f"{name}-containerd", bin_dir=self.containerd_bin_dir
         )
         kind = LiveOnlySpegeld if live_only else SpegeldProcess
-        spegeld = kind(self.base / name, containerd, host=host, key_file=key_file, peers=peers)
+        spegeld = kind(
+            self.base / name, containerd, host=host, key_file=key_file, peers=peers,
+            extra_args=LONE_HOLDER_TAGS,
+        )  # fmt: skip
         node = Node(containerd, spegeld)
         self._all.append(node)
         return node
@@ -419,6 +428,7 @@ def test_a_killed_node_goes_dead_everywhere_its_keys_leave_and_it_rejoins_higher
         port=victim.spegeld.port, gossip_port=victim.spegeld.gossip_port,
         peer_port=victim.spegeld.peer_port,
         key_file=cluster.key, peers=[cluster.nodes[0].spegeld.gossip_address],
+        extra_args=LONE_HOLDER_TAGS,
     )  # fmt: skip
     victim.spegeld = reborn
     restarted = time.monotonic()
@@ -796,7 +806,11 @@ def test_malformed_member_records_are_ignored_and_counted_and_gossip_goes_on(
         f"[gossip] then an import on {peer.name} pullable through {name} after {seen[name]:.2f} s"
     )
     assert peer.view()[name]["state"] == "alive"
-    assert peer.gossip()["packets"]["dropped"] == {} and peer.gossip()["packets"]["rejected"] == {}
+    # A state pull that races a join (the puller learnt of us from the seed before we learnt
+    # of it) is not answered until the puller is a member: counted as "stranger", honest.
+    honest_rejections = {k: v for k, v in peer.gossip()["packets"]["rejected"].items()
+                         if k != "stranger"}  # fmt: skip
+    assert peer.gossip()["packets"]["dropped"] == {} and honest_rejections == {}
     assert target.spegeld.pid is not None
     assert "Traceback" not in target.spegeld.log_path.read_text()
 

@@ -1,0 +1,120 @@
+"""In-flight sharing end to end: two ``spegeld run`` daemons with gossip, two containerds
+(1.6, and 2.3 whose ctr pulls through the transfer service).
+
+Node A pulls an image from a real Distribution over a slow link (``_slowrelay``, see
+there why). While A's layer is still downloading, node B pulls the same image through
+its mirror: B's miss finds A only as an in-flight holder (gossip carries the
+``inflight:`` key), proxies from A's growing download, and B's containerd commits the
+layer (it verifies the digest). The upstream sends the layer once, to A.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from spegeld_harness import (
+    CtrError,
+    PrivateContainerd,
+    SpegeldProcess,
+    UpstreamRegistry,
+    build_image,
+    write_cluster_key,
+)
+
+from ._slowrelay import SlowRelay
+from ._support import configure_hosts, wait_for
+
+pytestmark = pytest.mark.containerd
+
+MiB = 1024 * 1024
+RATE = 4 * MiB  # bytes/s on the upstream link: the 24 MiB layer takes about 6 s
+IMAGE = build_image("example.com/slow/app:v1", [24 * MiB], seed=142, compresslevel=0)
+LAYER = IMAGE.platforms[0].layers[0]
+DEADLINE = 60  # seconds for the whole scenario, a hard bound on every wait below
+
+
+def test_a_node_pulls_a_layer_from_a_peer_still_downloading_it(
+    tmp_path: Path, upstream: UpstreamRegistry, containerd_bin_dir: Path | None
+) -> None:
+    upstream.push(IMAGE, "slow/app", "v1")
+    host, port = upstream.address.split(":")
+    a = PrivateContainerd(tmp_path / "a-containerd", bin_dir=containerd_bin_dir)
+    b = PrivateContainerd(tmp_path / "b-containerd", bin_dir=containerd_bin_dir)
+    key = write_cluster_key(tmp_path / "cluster.key")
+    try:
+        a.start()
+        b.start()
+        with SlowRelay((host, int(port)), RATE) as relay:
+            ref = f"{relay.address}/slow/app:v1"
+            node_a = SpegeldProcess(tmp_path / "node-a", a, host="127.0.0.2", key_file=key)
+            with node_a:
+                node_b = SpegeldProcess(
+                    tmp_path / "node-b", b, host="127.0.0.3", key_file=key,
+                    peers=[node_a.gossip_address],
+                )  # fmt: skip
+                with node_b:
+                    run_scenario(tmp_path, upstream, relay, ref, a, b, node_a, node_b)
+    finally:
+        a.close()
+        b.close()
+
+
+def run_scenario(
+    tmp_path: Path,
+    upstream: UpstreamRegistry,
+    relay: SlowRelay,
+    ref: str,
+    a: PrivateContainerd,
+    b: PrivateContainerd,
+    node_a: SpegeldProcess,
+    node_b: SpegeldProcess,
+) -> None:
+    def a_keys_at_b() -> int:
+        peers: list[dict[str, Any]] = node_b.status()["gossip"]["peers"]
+        return int(peers[0]["keys"]) if peers else -1
+
+    start = time.monotonic()
+    wait_for(lambda: a_keys_at_b() == 0, 15, "B to know A (no keys yet)")
+    configure_hosts(tmp_path / "hosts-a", node_a.url, f"http://{relay.address}")
+    configure_hosts(tmp_path / "hosts-b", node_b.url, f"http://{relay.address}")
+    log_start = upstream.log_position()
+    failures: list[CtrError] = []
+
+    def pull(node: PrivateContainerd, hosts: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                node.ctr(
+                    "images", "pull", "--hosts-dir", str(tmp_path / hosts), ref, timeout=DEADLINE
+                )
+            except CtrError as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    pull_a = pull(a, "hosts-a")
+    # B's mirror finds the layer once gossip brought A's in-flight key (a HEAD is proxied
+    # to A's peer listener, which answers it from the download under way).
+    layer_path = f"/v2/slow/app/blobs/{LAYER}?ns={relay.address}"
+    wait_for(lambda: node_b.get(layer_path, method="HEAD")[0] == 200, 15, "B to find A's layer")
+    assert not a.has_blob(LAYER) and pull_a.is_alive(), "A's layer must still be downloading"
+    pull_b = pull(b, "hosts-b")
+    pull_b.join(DEADLINE - (time.monotonic() - start))
+    pull_a.join(max(1.0, DEADLINE - (time.monotonic() - start)))
+    assert not pull_a.is_alive() and not pull_b.is_alive(), "a pull did not finish"
+    assert not failures, failures
+    assert a.has_blob(LAYER) and b.has_blob(LAYER)  # each containerd checked the digest
+    layer_gets = [
+        r
+        for r in upstream.requests(log_start)
+        if r.method == "GET" and r.path.endswith(f"/blobs/{LAYER}") and r.status in (200, 206)
+    ]
+    assert len(layer_gets) == 1, [str(r) for r in layer_gets]
+    assert node_a.metric('spegeld_bytes_served_total{source="inflight"}') >= IMAGE.blobs[LAYER].size
+    for node in (node_a, node_b):
+        assert "Traceback" not in node.log_path.read_text()

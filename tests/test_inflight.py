@@ -20,7 +20,7 @@ import trio
 from spegeld_harness import CtrError, PrivateContainerd, UpstreamRegistry, build_image
 
 from spegeld.containerd import open_containerd
-from spegeld.mirror import MirrorServer
+from spegeld.mirror import MirrorServer, _inflight
 from spegeld.oci import Digest
 from spegeld.routing import MemoryCluster, NodeId, Peer, advertise_store
 from spegeld.store import ContainerdStore, Ingest, MemoryStore, inflight_key
@@ -215,7 +215,11 @@ async def test_an_aborted_download_is_withdrawn_and_its_follower_cut(
         node.close()
 
 
-async def test_a_complete_holder_is_preferred_to_an_in_flight_one(tmp_path: Path) -> None:
+async def test_a_complete_holder_is_preferred_to_an_in_flight_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A's stall bound, shortened: after B's proxy gave up, the test's end waits for it.
+    monkeypatch.setattr(_inflight, "INFLIGHT_STALL", 1.0)
     cluster = MemoryCluster()
     # A: only a download under way (a file that never grows past half: any follower of it
     # would stall). C: the whole blob.
@@ -267,3 +271,41 @@ async def test_an_ingest_fed_from_in_flight_data_is_not_served_on(tmp_path: Path
             # containerd on this node itself never gets its own download back.
             status, _ = await fetch(url)
             assert status == 404
+
+
+async def test_a_follower_goes_on_from_the_committed_blob_and_serves_ranges(
+    tmp_path: Path,
+) -> None:
+    """The download's ``data`` file grows, then is committed (renamed to the blob file,
+    as containerd does): the follower gets every byte, in order, checked; a Range is
+    answered from the same stream."""
+    data, blob = tmp_path / "ingest-data", tmp_path / "blob"
+    half = len(LAYER_BYTES) // 2
+    data.write_bytes(LAYER_BYTES[:half])
+    store = MemoryStore()
+    store.set_inflight(Ingest(LAYER, data, len(LAYER_BYTES), blob))
+    router = MemoryCluster().router(NodeId("a"), "")
+    with trio.fail_after(20):
+        async with serving_registry(store, router) as (server, url):
+            received = bytearray()
+            async with httpx.AsyncClient(timeout=30) as client:
+                async with client.stream("GET", url + BLOB_PATH, headers=MIRRORED) as resp:
+                    assert resp.status_code == 200
+                    async for chunk in resp.aiter_raw():
+                        received += chunk
+                        if len(received) >= MiB and data.exists():
+                            # containerd writes the rest, then commits: rename, not copy.
+                            with data.open("ab") as f:
+                                f.write(LAYER_BYTES[half:])
+                            data.rename(blob)
+            assert bytes(received) == LAYER_BYTES
+            # The download is committed now: a Range from the committed file, checked
+            # because it reaches the end; one that stops short is sent as asked.
+            last = {"range": f"bytes={half}-", **MIRRORED}
+            middle = {"range": "bytes=100-199", **MIRRORED}
+            async with httpx.AsyncClient(timeout=30) as client:
+                tail = await client.get(url + BLOB_PATH, headers=last)
+                part = await client.get(url + BLOB_PATH, headers=middle)
+            assert tail.status_code == 206 and tail.content == LAYER_BYTES[half:]
+            assert part.status_code == 206 and part.content == LAYER_BYTES[100:200]
+            assert inflight_served(server) == len(LAYER_BYTES) + (len(LAYER_BYTES) - half) + 100

@@ -26,6 +26,7 @@ from spegeld_harness import Cluster, Node
 
 AGENT = Path(__file__).with_name("_soak_agent.py")
 REGISTRY_PORT = 5000  # the harness's (spegeld_harness._cluster.REGISTRY_PORT)
+PEER_PORT = 5001  # where peers fetch from (spegeld_harness._netns.PEER_PORT, --peer-addr)
 GOSSIP_PORT = 7946
 CORRUPT_PROXY_PORT = 5999  # where nft redirects peers' connections to the corrupt node
 START_ATTEMPTS = 3  # a daemon that cannot be restarted three times running is a finding
@@ -308,9 +309,10 @@ table inet soak_cut {{
         return {"peers": len(peers)}
 
     def _corrupt_peer(self, node: Node, _src: Node, seconds: float) -> dict[str, Any]:
-        """Peers' connections to this node's registry go through a proxy that flips a
-        byte in every response body; this node's own containerd still reaches it directly."""
-        target = f"{node.address}:{REGISTRY_PORT}"
+        """Peers' connections to this node's peer listener go through a proxy that flips a
+        byte in every response body (the signed requests pass through unchanged); this
+        node's own containerd still reaches its mirror directly."""
+        target = f"{node.address}:{PEER_PORT}"
         proc = self._agent(
             node,
             [
@@ -332,7 +334,7 @@ table inet soak_cut {{
 table ip soak_corrupt {{
     chain prerouting {{
         type nat hook prerouting priority dstnat;
-        iifname "eth0" tcp dport {REGISTRY_PORT} redirect to :{CORRUPT_PROXY_PORT}
+        iifname "eth0" tcp dport {PEER_PORT} redirect to :{CORRUPT_PROXY_PORT}
     }}
 }}
 """,

@@ -73,7 +73,8 @@ class Lab:
                     netns, tmp / f"node-{'ab'[i - 1]}", containerd,
                     host=network.address(i), port=REGISTRY_PORT, gossip_port=GOSSIP_PORT,
                     key_file=key, peers=[f"{other}:{GOSSIP_PORT}"], ready_timeout=30,
-                    extra_args=["--kubeconfig", str(kubeconfig)],
+                    # No upstream: the tag comes from the one node that holds it.
+                    extra_args=["--kubeconfig", str(kubeconfig), "--tag-quorum", "1"],
                 )
             )  # fmt: skip
 

@@ -110,6 +110,8 @@ def nodes(network: Network, tmp_path: Path) -> Iterator[list[Node]]:
             # Explicit ports: the host cannot bind (or probe) an address that only exists
             # inside the namespace, and each namespace has its own ports anyway.
             port=REGISTRY_PORT, gossip_port=GOSSIP_PORT, ready_timeout=CONVERGE_WITHIN,
+            # No upstream: the tag comes from the one node that holds it.
+            extra_args=["--tag-quorum", "1"],
         )  # fmt: skip
         built.append(Node(netns, containerd, spegeld))
     try:

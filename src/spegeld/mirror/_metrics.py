@@ -29,7 +29,7 @@ class MirrorMetrics:
         )
         self.bytes_served = metrics.counter(
             "spegeld_bytes_served_total",
-            "Body bytes sent to clients, by where they came from (local or peer).",
+            "Body bytes sent to clients, by where they came from (local, peer or inflight).",
             ("source",),
         )
         self.proxy_errors = metrics.counter(

@@ -30,7 +30,7 @@ def not_built(what: str, issue: str) -> None:
 
 def _config_key(param: click.Parameter) -> str | None:
     """A parameter's TOML key is its long flag: ``--containerd-sock`` → ``containerd_sock``."""
-    if not isinstance(param, click.Option) or param.name == "config":
+    if not isinstance(param, click.Option) or param.name in ("config", "version"):
         return None
     longs = [o for o in param.opts if o.startswith("--")]
     return longs[0].lstrip("-").replace("-", "_") if longs else None
@@ -88,7 +88,34 @@ def _default_map(command: click.Command, values: dict[str, Any]) -> dict[str, An
     return own
 
 
+def version_line() -> str:
+    """What ``spegeld version`` and ``spegeld --version`` print."""
+    from importlib.metadata import version as dist_version
+
+    return f"spegeld {dist_version('spegeld')} (Python {python_version()})"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:  # resilient: shell completion is asking
+        click.echo(version_line())
+        ctx.exit()
+
+
 class SpegeldGroup(click.Group):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # `spegeld --version` beside `spegeld version`, as operators try both.
+        self.params.append(
+            click.Option(
+                ["--version"],
+                is_flag=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_print_version,
+                help="Print spegeld's version and exit.",
+            )
+        )
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

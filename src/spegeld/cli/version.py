@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import click
 
-from spegeld.cli._root import python_version
+from spegeld.cli._root import version_line
 
 
 @click.command()
 def version() -> None:
-    """Print spegeld's version."""
-    from importlib.metadata import version as dist_version
-
-    click.echo(f"spegeld {dist_version('spegeld')} (Python {python_version()})")
+    """Print spegeld's version (also `spegeld --version`)."""
+    click.echo(version_line())

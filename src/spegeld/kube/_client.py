@@ -21,8 +21,8 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
 
-import anyio
 import httpx
+import trio
 
 from spegeld.errors import (
     ConfigError,
@@ -146,9 +146,9 @@ class KubeClient:
             headers["Authorization"] = f"Bearer {token}"
         what = f"{method} {self.creds.server}{path}"
         try:
-            with anyio.fail_after(self.timeout * TOTAL_TIMEOUT_FACTOR):
+            with trio.fail_after(self.timeout * TOTAL_TIMEOUT_FACTOR):
                 response = await self._send(method, path, headers, json, params)
-        except (httpx.RequestError, ssl.SSLError, OSError) as exc:
+        except (httpx.RequestError, ssl.SSLError, OSError, trio.TooSlowError) as exc:
             self._count(verb, "error")
             raise KubeUnreachable(f"{what}: {_describe(exc)}") from exc
         except KubeStatusError as exc:  # an answer too large to keep
@@ -303,7 +303,7 @@ def _describe(exc: BaseException) -> str:
     The reason sits several links down: httpx → httpcore → OSError → (trio's
     happy-eyeballs ExceptionGroup) → ConnectionRefusedError or SSLCertVerificationError.
     """
-    if isinstance(exc, TimeoutError):  # our overall deadline (anyio.fail_after)
+    if isinstance(exc, trio.TooSlowError):  # our overall deadline (trio.fail_after)
         return "no complete answer in time"
     text = ""
     current: BaseException | None = exc

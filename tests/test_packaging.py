@@ -175,3 +175,19 @@ def test_wheel_installs_cleanly_without_constraints(wheel: Path, tmp_path: Path)
         timeout=60,
     )
     assert same.stdout == version.stdout
+
+
+def test_version_flag_equals_version_command(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from spegeld.cli import cli
+
+    # A config file gives the `version` subcommand a default map; --version must not read it.
+    config = tmp_path / "c.toml"
+    config.write_text("nodes = 3\n")
+    runner = CliRunner()
+    flag = runner.invoke(cli, ["--config", str(config), "--version"])
+    command = runner.invoke(cli, ["version"])
+    assert flag.exit_code == command.exit_code == 0, flag.output
+    assert flag.output == command.output
+    assert flag.output.startswith(f"spegeld {md.version('spegeld')} (Python ")

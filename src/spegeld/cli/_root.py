@@ -30,7 +30,7 @@ def not_built(what: str, issue: str) -> None:
 
 def _config_key(param: click.Parameter) -> str | None:
     """A parameter's TOML key is its long flag: ``--containerd-sock`` → ``containerd_sock``."""
-    if not isinstance(param, click.Option) or param.name in ("config", "version"):
+    if not isinstance(param, click.Option) or param.name in ("config", SHOW_VERSION):
         return None
     longs = [o for o in param.opts if o.startswith("--")]
     return longs[0].lstrip("-").replace("-", "_") if longs else None
@@ -88,6 +88,10 @@ def _default_map(command: click.Command, values: dict[str, Any]) -> dict[str, An
     return own
 
 
+# --version's parameter name: not "version", which the default map gives the subcommand.
+SHOW_VERSION = "show_version"
+
+
 def version_line() -> str:
     """What ``spegeld version`` and ``spegeld --version`` print."""
     from importlib.metadata import version as dist_version
@@ -107,7 +111,7 @@ class SpegeldGroup(click.Group):
         # `spegeld --version` beside `spegeld version`, as operators try both.
         self.params.append(
             click.Option(
-                ["--version"],
+                ["--version", SHOW_VERSION],
                 is_flag=True,
                 expose_value=False,
                 is_eager=True,

@@ -26,6 +26,7 @@ behaviour from spegeld's. Per-layer tax = (peer - local) / layers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -60,6 +61,21 @@ print(json.dumps(out))
 """
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """End the busy processes this script started, by PID."""
+    for process in processes:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def parse_size(text: str) -> int:
     units = {"K": 10**3, "M": 10**6, "G": 10**9}
     if text[-1:].upper() in units:
@@ -75,10 +91,20 @@ def main() -> int:
     parser.add_argument("--gets", type=int, default=20, help="blob GETs per kind per round")
     parser.add_argument("--containerd", choices=["1.6", "2.3"], default="2.3")
     parser.add_argument("--upstream-rate", default="10gbit")
+    parser.add_argument(
+        "--busy", type=int, default=0, help="spin this many busy processes (niceness: the "
+        "daemons') while measuring: CPUs taken, as in a 5-node rolling pull on 2 cores",
+    )  # fmt: skip
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument(
+        "--src", type=Path, help="run the daemons from this source tree (PYTHONPATH), e.g. "
+        "an older commit's src/ from git archive, for a before/after comparison",
+    )  # fmt: skip
     args = parser.parse_args()
     if not 1 <= args.layers <= 64 or not 1 <= args.rounds <= 50 or not 1 <= args.gets <= 500:
         parser.error("need 1 <= layers <= 64, 1 <= rounds <= 50, 1 <= gets <= 500")
+    if not 0 <= args.busy <= 8:
+        parser.error("need 0 <= busy <= 8")
     bin_dir = None
     if args.containerd == "2.3":
         bin_dir, why = _spegel.component_path("containerd")
@@ -89,14 +115,17 @@ def main() -> int:
     if problem is not None:
         print(f"layer_tax: {problem}", file=sys.stderr)
         return 2
+    if args.src is not None:
+        os.environ["PYTHONPATH"] = str(args.src.absolute())  # the daemons inherit it
     size = parse_size(args.size)
     per_layer = size // args.layers
     load = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} CPUs, Linux {platform.release()}, load {load:.1f}; "
           f"{args.size} in {args.layers} layers, {args.rounds} rounds, containerd "
-          f"{args.containerd}", flush=True)  # fmt: skip
+          f"{args.containerd}, {args.busy} busy processes", flush=True)  # fmt: skip
     rows: list[dict[str, object]] = []
     with (
+        contextlib.ExitStack() as stack,
         tempfile.TemporaryDirectory(prefix="layer-tax-") as tmp,
         Cluster(
             nodes_wanted=2,
@@ -106,6 +135,10 @@ def main() -> int:
         ) as cluster,
     ):
         holder, puller = cluster.nodes
+        busy = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
+        ]
+        stack.callback(_stop, busy)
         direct = Path(tmp) / "direct-certs.d"
         upstream = f"http://{cluster.upstream_address}"
         (direct / cluster.upstream_address).mkdir(parents=True)
@@ -137,25 +170,41 @@ def main() -> int:
                 "upstream": [cluster.upstream_address.split(":")[0], 5000,
                              f"/v2/bench/tax/blobs/{layer}"],
             }  # fmt: skip
-            out = subprocess.run(
-                ["ip", "netns", "exec", puller.netns, sys.executable, "-c", _CLIENT,
-                 json.dumps(urls), str(args.gets)],
-                capture_output=True, text=True, timeout=300, check=True,
-            ).stdout  # fmt: skip
-            gets = {k: statistics.median(v) for k, v in json.loads(out).items()}
-            row = {"round": r, **times, **{f"get_{k}": v for k, v in gets.items()}}
+            gets: dict[str, float] = {}
+            cpu: dict[str, float] = {}
+            for kind, url in urls.items():
+                servers = (
+                    [puller.spegeld, holder.spegeld] if kind == "mirror" else [cluster.upstream]
+                )
+                pids = [server.pid if server is not None else None for server in servers]
+                before_cpu = sum(cpu_seconds(pid) for pid in pids)
+                out = subprocess.run(
+                    ["ip", "netns", "exec", puller.netns, sys.executable, "-c", _CLIENT,
+                     json.dumps({kind: url}), str(args.gets)],
+                    capture_output=True, text=True, timeout=300, check=True,
+                ).stdout  # fmt: skip
+                cpu[kind] = (sum(cpu_seconds(pid) for pid in pids) - before_cpu) / args.gets
+                gets[kind] = statistics.median(json.loads(out)[kind])
+            row = {"round": r, **times, **{f"get_{k}": v for k, v in gets.items()},
+                   **{f"cpu_{k}": v for k, v in cpu.items()}}  # fmt: skip
             rows.append(row)
             print(f"round {r}: peer {times['peer']:.3f} s, local {times['local']:.3f} s, "
                   f"tax/layer {(times['peer'] - times['local']) / args.layers * 1000:.1f} ms; "
                   f"one {per_layer / 1e6:.1f} MB blob GET: mirror {gets['mirror'] * 1000:.1f} ms, "
-                  f"upstream {gets['upstream'] * 1000:.1f} ms", flush=True)  # fmt: skip
+                  f"upstream {gets['upstream'] * 1000:.1f} ms; server CPU per GET: mirror + "
+                  f"peer {cpu['mirror'] * 1000:.1f} ms, Distribution "
+                  f"{cpu['upstream'] * 1000:.1f} ms", flush=True)  # fmt: skip
     peer = statistics.median(float(str(row["peer"])) for row in rows)
     local = statistics.median(float(str(row["local"])) for row in rows)
     get_m = statistics.median(float(str(row["get_mirror"])) for row in rows)
     get_u = statistics.median(float(str(row["get_upstream"])) for row in rows)
+    cpu_m = statistics.median(float(str(row["cpu_mirror"])) for row in rows)
+    cpu_u = statistics.median(float(str(row["cpu_upstream"])) for row in rows)
     print(f"median of {args.rounds}: peer {peer:.3f} s, local {local:.3f} s, ratio "
           f"{peer / local:.2f}, tax/layer {(peer - local) / args.layers * 1000:.1f} ms; "
-          f"blob GET mirror {get_m * 1000:.1f} ms, upstream {get_u * 1000:.1f} ms")  # fmt: skip
+          f"blob GET mirror {get_m * 1000:.1f} ms, upstream {get_u * 1000:.1f} ms; server "
+          f"CPU per GET mirror + peer {cpu_m * 1000:.1f} ms, Distribution "
+          f"{cpu_u * 1000:.1f} ms")  # fmt: skip
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"args": vars(args) | {"json_out": None},
                                              "rows": rows}, indent=1, default=str))  # fmt: skip

@@ -131,8 +131,9 @@ def kube_options(func: F) -> F:
         func,
         [
             option("--kubeconfig", type=click.Path(path_type=Path, readable=False), default=None,
-                   help="kubeconfig for the coordinator Lease.  [default: in-cluster "
-                   "credentials if KUBERNETES_SERVICE_HOST is set, else no election]"),
+                   help="kubeconfig for the coordinator Lease.  [default: $KUBECONFIG (first "
+                   "file with a current-context), else in-cluster credentials if "
+                   "KUBERNETES_SERVICE_HOST is set, else no election]"),
             option("--kube-context", default=None, help="kubeconfig context.  [default: current]"),
             option("--lease-namespace", default=config.DEFAULT_LEASE_NAMESPACE, show_default=True,
                    help="Namespace of the coordinator Lease."),

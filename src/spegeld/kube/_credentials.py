@@ -290,7 +290,9 @@ def discover(
     environ: Mapping[str, str] = os.environ,
     account_dir: Path = DEFAULT_ACCOUNT_DIR,
 ) -> Credentials | None:
-    """Explicit kubeconfig, else in-cluster when running in a pod, else ``None`` (no API)."""
+    """Explicit kubeconfig, else ``$KUBECONFIG``, else in-cluster in a pod, else ``None``."""
+    if kubeconfig is None and environ.get("KUBECONFIG"):
+        kubeconfig = pick_from_env(environ["KUBECONFIG"], context)
     if kubeconfig is not None:
         return load_kubeconfig(kubeconfig, context)
     if context is not None:
@@ -298,6 +300,35 @@ def discover(
     if environ.get("KUBERNETES_SERVICE_HOST"):
         return in_cluster(environ, account_dir)
     return None
+
+
+def pick_from_env(value: str, context: str | None) -> Path:
+    """The file of a ``KUBECONFIG`` list (``os.pathsep``-separated, like kubectl) to use.
+
+    kubectl merges the files, the first to set a value winning; spegeld does not merge:
+    it takes the first existing file that defines ``context`` or, with none given, that
+    sets a current-context. Missing files are skipped, as kubectl does. A context whose
+    cluster or user lives in another file of the list is therefore not found; the error
+    from load_kubeconfig names the file, and ``--kubeconfig`` picks one explicitly.
+    """
+    paths = [Path(item) for item in value.split(os.pathsep) if item]
+    existing = [path for path in paths if path.exists()]
+    if not existing:
+        raise KubeconfigError(f"KUBECONFIG={value}: none of its files exists")
+    for path in existing:
+        document = _parse(path, _read_file(path, "kubeconfig"))
+        if context is None and document.get("current-context"):
+            return path
+        contexts = document.get("contexts")
+        names = (
+            [c.get("name") for c in contexts if isinstance(c, dict)]
+            if isinstance(contexts, list)
+            else []
+        )
+        if context is not None and context in names:
+            return path
+    wanted = f"defines context {context!r}" if context else "sets a current-context"
+    raise KubeconfigError(f"KUBECONFIG={value}: no file {wanted}")
 
 
 def jwt_claims(token: str) -> dict[str, Any]:

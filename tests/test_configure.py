@@ -124,11 +124,32 @@ def test_bad_mirror_target_names_the_value(text: str, why: str) -> None:
     assert "\n" not in message
 
 
-@pytest.mark.parametrize(("text", "why"), BAD_URLS)
+# A bare host is a registry (https, containerd's default), not a mirror target.
+BAD_REGISTRIES = [
+    *(bad for bad in BAD_URLS if bad[0] != "docker.io"),
+    ("a b", "not a hostname"),
+    ("h/path", "path, query or fragment"),
+    ("h:x", "port must be a number"),
+]
+
+
+@pytest.mark.parametrize(("text", "why"), BAD_REGISTRIES)
 def test_bad_registry_names_the_value(text: str, why: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"mirrored registry {text!r}")) as caught:
         parse_registries(f"https://docker.io,{text}")
     assert why in str(caught.value)
+
+
+def test_bare_hosts_and_urls_parse_alike_for_run_and_configure() -> None:
+    from spegeld.cli.run import registry_host
+
+    assert parse_registry("docker.io") == parse_registry("https://docker.io")
+    assert parse_registry(" 10.1.2.3:5000 ").url == "https://10.1.2.3:5000"
+    assert parse_registry("http://10.1.2.3:5000").url == "http://10.1.2.3:5000"
+    for text in ("docker.io", "https://docker.io/", "Docker.IO"):
+        assert registry_host(text) == "docker.io"  # `spegeld run`'s reading: the same parser
+    with pytest.raises(ConfigError, match="mirrored registry 'a b'"):
+        registry_host("a b")
 
 
 @pytest.mark.parametrize(
@@ -485,7 +506,7 @@ def test_cli_backup_and_restore_are_byte_identical(tmp_path: Path) -> None:
     hosts = tmp_path / "docker.io" / "hosts.toml"
     hosts.parent.mkdir()
     hosts.write_bytes(FOREIGN)
-    result = configure(tmp_path, "--mirror-target", TARGET, "--mirrored-registries", "docker")
+    result = configure(tmp_path, "--mirror-target", TARGET, "--mirrored-registries", "docker.io/x")
     one_line_error(result)
     result = configure(
         tmp_path, "--mirror-target", TARGET, "--mirrored-registries", "https://docker.io"

@@ -25,7 +25,8 @@ _mirrored_registries = option(
     "--mirrored-registries",
     metavar="LIST",
     default="",
-    help="Comma-separated registry URLs (https://docker.io,https://ghcr.io); empty = all.",
+    help="Comma-separated registries, URLs or hosts (docker.io = https://docker.io; "
+    "http://10.0.0.1:5000 for a plain-HTTP one); empty = all. Same forms as `run`.",
 )
 _resolve_tags = option(
     "--resolve-tags/--no-resolve-tags",

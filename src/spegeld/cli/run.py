@@ -39,11 +39,13 @@ def default_advertise_addr() -> str:
 
 
 def registry_host(entry: str) -> str:
-    """``https://docker.io`` or ``docker.io`` → ``docker.io``, as containerd's ``ns`` names it."""
-    host = entry.strip().split("://", 1)[-1].rstrip("/")
-    if not host or "/" in host or any(c.isspace() for c in host):
-        raise click.BadParameter(f"{entry!r} is not a registry URL or host")
-    return host
+    """``https://docker.io`` or ``docker.io`` → ``docker.io``, as containerd's ``ns`` names it.
+
+    The parser of ``spegeld configure``: both commands take the same forms.
+    """
+    from spegeld.mirrorconfig import parse_registry
+
+    return parse_registry(entry).host
 
 
 @click.command()

@@ -56,11 +56,16 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 200 else text[:200] + "…")
 
 
-def _split(text: str, what: str) -> tuple[str, str, str | None]:
-    """``scheme://host[:port]`` → (scheme, host, port); ConfigError naming the value otherwise."""
+def _split(text: str, what: str, given: str | None = None) -> tuple[str, str, str | None]:
+    """``scheme://host[:port]`` → (scheme, host, port); ConfigError naming the value otherwise.
+
+    ``given`` is the value as the user wrote it, when ``text`` added a scheme to it.
+    """
 
     def bad(why: str) -> ConfigError:
-        return ConfigError(f"{what} {_shown(text)} is not usable: {why}")
+        return ConfigError(
+            f"{what} {_shown(text if given is None else given)} is not usable: {why}"
+        )
 
     match = _URL_RE.fullmatch(text)
     if match is None:
@@ -124,8 +129,14 @@ def parse_mirror_target(text: str) -> str:
 
 
 def parse_registry(text: str) -> MirroredRegistry:
-    """Validate one mirrored registry URL (``https://docker.io``, ``http://10.0.0.1:5000``)."""
-    scheme, host, port = _split(text.strip(), "mirrored registry")
+    """Validate one mirrored registry: a URL (``http://10.0.0.1:5000``) or a bare host.
+
+    A bare host (``docker.io``, ``10.0.0.1:5000``) means https, containerd's default
+    scheme; ``spegeld run`` and ``spegeld configure`` both parse with this function.
+    """
+    stripped = text.strip()
+    url = stripped if "://" in stripped else f"https://{stripped}"
+    scheme, host, port = _split(url, "mirrored registry", stripped)
     return MirroredRegistry(scheme=scheme, host=host if port is None else f"{host}:{port}")
 
 

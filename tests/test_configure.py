@@ -693,3 +693,87 @@ def test_containerd_uses_the_generated_hosts_toml(
     else:
         assert f'"http://{registry}/v2/spegeld/probe/manifests/{manifest}"' in final
         assert f"http://{mirror}/" not in caught.value.stderr
+
+
+# --- --keep-existing: the node's own mirrors after ours ---------------------------------
+
+OWN_MIRRORS = b"""# the operator's own
+server = "https://registry-1.docker.io"
+
+[host."https://corp-mirror:443"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+  [host."https://corp-mirror:443".header]
+    x-team = ["infra"]
+
+[host."http://10.9.9.9:5000"]
+  capabilities = ["pull"]
+"""
+
+
+def test_keep_existing_puts_the_nodes_mirrors_after_ours(tmp_path: Path) -> None:
+    hosts = tmp_path / "docker.io" / "hosts.toml"
+    hosts.parent.mkdir()
+    hosts.write_bytes(OWN_MIRRORS)
+    args = ("--mirror-target", TARGET, "--mirrored-registries", "docker.io", "--keep-existing")
+    result = configure(tmp_path, *args)
+    assert result.exit_code == 0, result.stderr
+    document = tomllib.loads(hosts.read_text())
+    assert list(document["host"]) == [TARGET, "https://corp-mirror:443", "http://10.9.9.9:5000"]
+    original = tomllib.loads(OWN_MIRRORS.decode())
+    assert (
+        document["host"]["https://corp-mirror:443"] == original["host"]["https://corp-mirror:443"]
+    )
+    assert document["host"]["http://10.9.9.9:5000"] == {"capabilities": ["pull"]}
+    assert document["server"] == "https://registry-1.docker.io"
+    assert (hosts.parent / BACKUP_NAME).read_bytes() == OWN_MIRRORS
+    # Again: the mirrors now come from the backup, and nothing changes.
+    again = configure(tmp_path, *args)
+    assert again.stdout.splitlines() == [f"unchanged  {hosts}"]
+    # Without the flag the file is spegeld's alone; --remove restores the original.
+    plain = configure(tmp_path, *args[:-1])
+    assert list(tomllib.loads(hosts.read_text())["host"]) == [TARGET]
+    assert plain.exit_code == 0
+    configure(tmp_path, "--remove")
+    assert hosts.read_bytes() == OWN_MIRRORS
+
+
+def test_keep_existing_refuses_a_file_it_cannot_read(tmp_path: Path) -> None:
+    hosts = tmp_path / "_default" / "hosts.toml"
+    hosts.parent.mkdir()
+    hosts.write_bytes(b"[host.\n")
+    result = configure(tmp_path, "--mirror-target", TARGET, "--keep-existing")
+    assert result.exit_code != 0
+    assert "is not valid TOML, so its mirrors cannot be kept" in one_line_error(result)
+    assert hosts.read_bytes() == b"[host.\n"  # refused before any write
+
+
+def test_containerd_tries_kept_mirrors_after_ours(
+    containerd: PrivateContainerd, tmp_path: Path, refused_ports: tuple[int, int]
+) -> None:
+    # As above: every host refuses, so ctr's stderr shows the order containerd parsed.
+    registry_port, mirror_port = refused_ports
+    with socket.socket() as kept_socket:
+        kept_socket.bind(("127.0.0.1", 0))  # bound, never listening: refuses
+        kept = f"127.0.0.1:{kept_socket.getsockname()[1]}"
+        registry, mirror = f"127.0.0.1:{registry_port}", f"127.0.0.1:{mirror_port}"
+        hosts_dir = tmp_path / "certs.d"
+        (hosts_dir / registry).mkdir(parents=True)
+        (hosts_dir / registry / "hosts.toml").write_text(
+            f'server = "http://{registry}"\n\n[host."http://{kept}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+        )
+        result = configure(
+            hosts_dir, "--mirror-target", f"http://{mirror}",
+            "--mirrored-registries", f"http://{registry}", "--keep-existing",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        ref = f"{registry}/spegeld/probe:v1"
+        with pytest.raises(CtrError) as caught:
+            containerd.ctr("images", "pull", "--hosts-dir", hosts_dir, ref, timeout=60)
+    stderr = caught.value.stderr
+    final = stderr.strip().splitlines()[-1]
+    assert f'"http://{mirror}/v2/spegeld/probe/manifests/v1' in final, stderr  # ours first
+    at_kept = stderr.find(f"http://{kept}/v2/spegeld/probe/manifests/v1")
+    at_registry = stderr.find(f"http://{registry}/v2/spegeld/probe/manifests/v1")
+    assert 0 <= at_kept < at_registry, stderr  # then the kept mirror, then the registry

@@ -59,6 +59,12 @@ def configure() -> None:
 @_mirrored_registries
 @_resolve_tags
 @option(
+    "--keep-existing",
+    is_flag=True,
+    help="Keep the mirrors of a hosts.toml spegeld did not write, tried after spegeld's "
+    "(Spegel's prepend-existing); the original is still backed up and --remove restores it.",
+)
+@option(
     "--remove",
     is_flag=True,
     help="Remove the hosts.toml files spegeld wrote and restore the ones they replaced.",
@@ -68,6 +74,7 @@ def containerd(
     mirror_target: str,
     mirrored_registries: str,
     resolve_tags: bool,
+    keep_existing: bool,
     remove: bool,
 ) -> None:
     """Write containerd hosts.toml files that try the mirror first.
@@ -89,7 +96,7 @@ def containerd(
         target = _required_target(mirror_target)
         registries = parse_registries(mirrored_registries)
         files = render_hosts_files(target, registries, resolve_tags=resolve_tags)
-        report = apply_hosts_files(config_path, files)
+        report = apply_hosts_files(config_path, files, keep_existing=keep_existing)
     for warning in report.warnings:
         click.echo(f"spegeld: warning: {warning}", err=True)
     for change in report.changes:

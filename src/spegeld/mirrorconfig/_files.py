@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spegeld.errors import SpegeldError
-from spegeld.mirrorconfig._render import DEFAULT_DIRECTORY, HOSTS_TOML, HostsFile, is_spegeld_file
+from spegeld.mirrorconfig._render import (
+    DEFAULT_DIRECTORY,
+    HOSTS_TOML,
+    HostsFile,
+    is_spegeld_file,
+    keep_existing_hosts,
+)
 
 __all__ = [
     "BACKUP_NAME",
@@ -166,8 +172,13 @@ def _undo(directory: Path, changes: list[FileChange]) -> None:
     changes.append(FileChange(directory, Change.REMOVED, "left empty"))
 
 
-def apply_hosts_files(config_path: Path, files: Sequence[HostsFile]) -> HostsReport:
+def apply_hosts_files(
+    config_path: Path, files: Sequence[HostsFile], *, keep_existing: bool = False
+) -> HostsReport:
     """Make ``config_path`` hold exactly these spegeld hosts.toml files.
+
+    With ``keep_existing``, the mirrors of a hosts.toml spegeld did not write (the file
+    itself, or its backup once spegeld's file replaced it) are kept after spegeld's.
 
     Files spegeld wrote earlier for other registries are taken out again (with their
     backups restored), so switching between ``_default`` and a list leaves no stale mirror.
@@ -179,7 +190,8 @@ def apply_hosts_files(config_path: Path, files: Sequence[HostsFile]) -> HostsRep
 
     # Plan everything first: a refusal must come before the first write.
     plan: list[tuple[HostsFile, bytes | None, bool]] = []
-    for hosts_file in files:
+    for wanted_file in files:
+        hosts_file = wanted_file
         directory = config_path / hosts_file.directory
         current = _read(directory / HOSTS_TOML)
         foreign = current is not None and not is_spegeld_file(current)
@@ -188,6 +200,12 @@ def apply_hosts_files(config_path: Path, files: Sequence[HostsFile]) -> HostsRep
                 f"{directory / HOSTS_TOML} was not written by spegeld and "
                 f"{directory / BACKUP_NAME} already exists; move one of them away first"
             )
+        if keep_existing:
+            original = current if foreign else _read(directory / BACKUP_NAME)
+            if original is not None:
+                where = str(directory / (HOSTS_TOML if foreign else BACKUP_NAME))
+                merged = keep_existing_hosts(hosts_file.content, original, where)
+                hosts_file = HostsFile(hosts_file.directory, merged)
         plan.append((hosts_file, current, foreign))
     stale: list[Path] = []
     for directory in _subdirectories(config_path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from spegeld.errors import ConfigError
 from spegeld.mirrorconfig._urls import MirroredRegistry, parse_mirror_target
@@ -17,6 +19,7 @@ __all__ = [
     "TALOS_CRI_PART",
     "HostsFile",
     "is_spegeld_file",
+    "keep_existing_hosts",
     "render_hosts_files",
     "render_hosts_toml",
     "render_talos_patch",
@@ -95,6 +98,55 @@ def render_hosts_toml(
         f"  dial_timeout = {_quoted(DIAL_TIMEOUT)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _quoted(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_quoted(k)} = {_toml_value(v, where)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }" if value else "{}"
+    raise ConfigError(f"{where}: cannot carry over a {type(value).__name__} value")
+
+
+def keep_existing_hosts(ours: str, existing: bytes, where: str) -> str:
+    """``ours`` with the mirrors of an existing hosts.toml appended, tried after ours.
+
+    Like Spegel's prepend-existing: the node's own mirrors stay in place, in their order,
+    after this node's spegeld. Our ``server`` line stays (the registry itself is always
+    the last resort); a host equal to our mirror target is dropped (it is already first).
+    """
+    try:
+        document = tomllib.loads(existing.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"{where} is not valid TOML, so its mirrors cannot be kept: {exc}"
+        ) from None
+    hosts = document.get("host", {})
+    if not isinstance(hosts, dict):
+        raise ConfigError(f"{where}: [host] is not a table")
+    ours_hosts = tomllib.loads(ours).get("host", {})
+    lines = [
+        ours.rstrip("\n"),
+        "",
+        f"# Kept from the node's earlier {HOSTS_TOML}, tried after spegeld:",
+    ]
+    kept = 0
+    for url, table in hosts.items():
+        if url in ours_hosts:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: host {url!r} is not a table")
+        lines += ["", f"[host.{_quoted(url)}]"]
+        lines += [f"  {_quoted(k)} = {_toml_value(v, where)}" for k, v in table.items()]
+        kept += 1
+    return "\n".join(lines) + "\n" if kept else ours
 
 
 def render_hosts_files(

@@ -32,6 +32,7 @@ MAX_LICENSE_NAME = 80
 _TEXT_NAMES = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|AUTHORS)", re.IGNORECASE)
 _REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 RULE = "=" * 78
+UNPACKAGED = "from no Debian package (a wheel's own .libs; its licence is above)"
 
 
 def _canonical(name: str) -> str:
@@ -109,7 +110,11 @@ def _libraries(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         candidates = path.rglob("*.so*") if path.is_dir() else [path]
-        found.extend(p for p in candidates if p.is_file() and ".so" in p.name)
+        # Shared libraries only: extension modules (name.cpython-311-...so) are part of
+        # CPython's stdlib or of a distribution listed above.
+        found.extend(
+            p for p in candidates if p.is_file() and p.name.startswith("lib") and ".so" in p.name
+        )
     return sorted(found)
 
 
@@ -149,10 +154,13 @@ def render(dists: list[md.Distribution], bundle: bool, libraries: list[Path], ti
         out += [f"CPython {version}: PSF-2.0 (from {where})", "", text.rstrip(), "", RULE, ""]
         packages: dict[str, list[str]] = {}
         for library in libraries:
-            package = debian_package(library) or "unknown"
+            package = debian_package(library) or UNPACKAGED
             packages.setdefault(package, []).append(library.name)
         for package, names in sorted(packages.items()):
             listed = ", ".join(sorted(set(names)))
+            if package == UNPACKAGED:
+                out += [f"Shared libraries {listed}: {UNPACKAGED}", "", RULE, ""]
+                continue
             out.append(f"Shared libraries {listed}: Debian package {package}")
             copyright_file = Path(f"/usr/share/doc/{package}/copyright")
             if copyright_file.is_file():
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except md.PackageNotFoundError:
         print(f"notices: {ROOT} is not installed in {sys.prefix}", file=sys.stderr)
         return 1
-    dists = closure([ROOT, *args.also])
+    # --also names one distribution, not its requirements: PyInstaller's bootloader is in
+    # the binary, PyInstaller's own dependencies are not.
+    dists = closure([ROOT]) + [md.distribution(name) for name in args.also]
     libraries = _libraries(args.lib)
     if args.bundle and not any(lib.name.startswith("libc.so") for lib in libraries):
         # glibc is in every bundle (talos/build.py copies it); name it even when --lib

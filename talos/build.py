@@ -473,6 +473,13 @@ def stage_extension(app: Path, stage: Path) -> Path:
     return service_root
 
 
+def write_notices(venv: Path, app: Path, service_root: Path, out: Path) -> None:
+    """scripts/notices.py in the build venv: its dists, CPython, the bundled libraries."""
+    cmd = [str(venv / "bin" / "python"), str(REPO / "scripts" / "notices.py"), "--bundle"]
+    cmd += ["--also", "pyinstaller", "--lib", str(app / "_internal"), "--lib", str(service_root)]
+    _run([*cmd, "-o", str(out)], "writing THIRD_PARTY_NOTICES")
+
+
 def build(out: Path, cache: Path, python: str, name: str | None = None) -> Outputs:
     """Everything: venv, PyInstaller, staged tree, layer, OCI archive, standalone binary."""
     start = time.monotonic()
@@ -485,6 +492,13 @@ def build(out: Path, cache: Path, python: str, name: str | None = None) -> Outpu
     app, onefile = run_pyinstaller(venv, cache)
     stage = cache / "extension"
     service_root = stage_extension(app, stage)
+    # LICENSE and THIRD_PARTY_NOTICES ship in the image (beside the bundle) and beside the
+    # standalone binary: both carry the same dependencies, CPython and host libraries.
+    notices = cache / "THIRD_PARTY_NOTICES"
+    write_notices(venv, app, service_root, notices)
+    for dest in (service_root / APP_DIR, out):
+        shutil.copyfile(notices, dest / "THIRD_PARTY_NOTICES")
+        shutil.copyfile(REPO / "LICENSE", dest / "LICENSE")
     layer_file = cache / "layer.tar.gz"
     layer = write_layer(stage, layer_file)
     archive = out / f"spegeld-talos-v{version}-{arch}.tar"

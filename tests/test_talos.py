@@ -602,6 +602,21 @@ def test_standalone_binary_runs_without_python(built: Any) -> None:
     print(f"\nstandalone version: {seconds:.2f} s, {built.standalone.stat().st_size / 1e6:.1f} MB")
 
 
+def test_licence_and_notices_ship_in_the_image_and_beside_the_binary(
+    built: Any, image_layer: Path
+) -> None:
+    """Issue 16: what the image and the binary bundle (CPython, glibc, the Python
+    dependencies) comes with its licences."""
+    for name in ("LICENSE", "THIRD_PARTY_NOTICES"):
+        in_image = _layer_file(image_layer, f"rootfs/{SERVICE_ROOT}/usr/lib/spegeld/{name}")
+        beside = (built.standalone.parent / name).read_bytes()
+        assert in_image == beside and len(in_image) > 1000, name
+    notices = beside.decode()
+    assert "Apache License" in (built.standalone.parent / "LICENSE").read_text()
+    for bundled in ("trio", "h11", "grpclib", "CPython", "libc6"):
+        assert bundled in notices, bundled
+
+
 def test_standalone_binary_leaves_the_harness_out(built: Any) -> None:
     """The demo's cluster harness is not part of a node: the binary says how to get it."""
     proc = subprocess.run(

@@ -1,6 +1,6 @@
 """Which blobs a peer's bytes reached the client in before they could be checked.
 
-The proxy checks a blob's digest only at its end and holds back just the last chunk, so
+The proxy checks a blob's digest only at its end and holds back just the last byte, so
 the rest is already in the client's hands: for containerd on this node, in a partial
 write it resumes from and never re-checks. When a peer is caught lying about one blob,
 every other blob it was sending (in parallel, or cut off before its end) may be poisoned

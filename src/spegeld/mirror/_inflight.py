@@ -16,6 +16,7 @@ wait out their stall bounds instead of going to the upstream at once.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -24,9 +25,10 @@ from dataclasses import replace
 import trio
 
 from spegeld.oci import Digest
-from spegeld.routing import Peer
+from spegeld.routing import Peer, Router
 from spegeld.store import Ingest, inflight_key
 
+from ._designate import MAX_COPULLERS, SETTLE, Pulls, Verdict, decide, followable
 from ._hashing import stream_hasher
 from ._http import AbortResponse, Request, Response, StreamBody
 from ._proxy import Proxy
@@ -43,6 +45,13 @@ INFLIGHT_STALL = 5.0
 # Seconds a feed mark outlives a response nobody closed: never in practice (every body is
 # closed by the server); a bound so no mark can stay for the life of the daemon.
 FEED_MARK_TTL = 600.0
+# Seconds between looks for a holder while a miss waits for the designated node: a
+# lookup is a local read, and this is small beside a gossip round (0.2 s).
+HOLDER_POLL = 0.05
+# Seconds between sweeps that withdraw the ``pulling:`` keys of pulls gone idle.
+EXPIRE_EVERY = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 class InflightFeeds:
@@ -82,6 +91,88 @@ def blob_holders(proxy: Proxy, digest: Digest) -> tuple[list[Peer], bool]:
     if complete:
         return complete, False
     return proxy.holders(inflight_key(digest)), True
+
+
+class Designation:
+    """The I/O around ``_designate``: advertises this node's pulls through the router and
+    holds a blob miss back while another node is designated to fetch it."""
+
+    def __init__(self, router: Router, me: Callable[[], str], holders_to_try: int) -> None:
+        self._router = router
+        self._me = me
+        self._limit = holders_to_try  # how many holders Proxy.holders answers at most
+        self._pulls = Pulls()
+
+    def manifest(self, repository: str, manifest_key: str) -> None:
+        """containerd asked this node's mirror for a manifest of ``repository``."""
+        key = self._pulls.manifest(repository, manifest_key, trio.current_time())
+        if key is not None:
+            self._router.advertise([key])
+
+    def blob(self, repository: str) -> None:
+        self._pulls.blob(repository, trio.current_time())
+
+    async def holders(
+        self, proxy: Proxy, digest: Digest, repository: str
+    ) -> tuple[list[Peer], bool]:
+        """``blob_holders``, except that while this node pulls with others it follows only
+        the downloads ``_designate.followable`` allows, and waits (bounded,
+        ``_designate.decide``) for one when another node is designated to fetch."""
+        missed_at = trio.current_time()
+        while True:
+            complete = proxy.holders(digest)
+            if complete:
+                return complete, False
+            now = trio.current_time()
+            started = self._pulls.started(repository, now)
+            if started is None:  # not a pull this mirror saw begin: as item 1 does
+                return proxy.holders(inflight_key(digest)), True
+            inflight, unusable = self._inflight(proxy, digest)
+            me = self._me()
+            copullers = {
+                peer.node
+                for key in self._pulls.keys(repository, now)
+                for peer in self._router.lookup(key, MAX_COPULLERS)
+            } - {me}
+            settling = now < started + SETTLE
+            allowed = followable(
+                me, digest, copullers, [p.node for p in inflight], settling=settling
+            )
+            chosen = [p for p in inflight if p.node in allowed][: self._limit]
+            if chosen:
+                return chosen, True
+            decision = decide(
+                me, digest, copullers, started=started, missed_at=missed_at, now=now,
+                unusable=unusable,
+            )  # fmt: skip
+            if decision.verdict is Verdict.UPSTREAM:
+                logger.debug(
+                    "%s: to the upstream after %.3f s (co-pullers %s; in flight at %s)",
+                    digest, now - missed_at, sorted(copullers), sorted(p.node for p in inflight),
+                )  # fmt: skip
+                return [], False
+            await trio.sleep(max(0.0, min(HOLDER_POLL, decision.until - now)))
+
+    def _inflight(self, proxy: Proxy, digest: Digest) -> tuple[list[Peer], set[str]]:
+        """Every in-flight holder the proxy may use, best first, and those it may not.
+
+        ``Proxy.holders`` answers only the first few usable ones: the designated node may
+        rank after co-pullers that are only waiting. When it answered fewer than its
+        limit, the others the router names are unusable (unreachable, or marked bad)."""
+        key = inflight_key(digest)
+        named = self._router.lookup(key, MAX_COPULLERS)
+        usable = proxy.holders(key)
+        if len(usable) >= self._limit:
+            return named, set()
+        return [p for p in named if p in usable], {p.node for p in named if p not in usable}
+
+    async def expire(self) -> None:
+        """Withdraw the keys of pulls gone idle, for as long as it runs."""
+        while True:
+            await trio.sleep(EXPIRE_EVERY)
+            gone = self._pulls.expire(trio.current_time())
+            if gone:
+                self._router.withdraw(gone)
 
 
 async def inflight_response(

@@ -43,7 +43,7 @@ from ._http import (
     Response,
     StreamBody,
 )
-from ._inflight import InflightFeeds, blob_holders, inflight_response, tracked
+from ._inflight import Designation, InflightFeeds, inflight_response, tracked
 from ._labels import RegistryLabels
 from ._metrics import MirrorMetrics
 from ._peer import MIRRORED_HEADER
@@ -118,6 +118,8 @@ class MirrorServer:
         self._keys = peer_keys
         self._nonces = NonceMemory()
         self._feeds = InflightFeeds()  # blobs proxied from in-flight holders right now
+        # Who fetches a blob nobody holds yet when several nodes pull at once (§9).
+        self._designation = Designation(router, self._node, settings.proxy.holders_to_try)
         self._proxy = Proxy(router, self._metrics, settings.proxy, discard_partial, sign=self._sign)
         self._refused = {
             reason: self._metrics.peer_auth_failures.labels(reason=reason)
@@ -137,6 +139,10 @@ class MirrorServer:
     def set_peer_keys(self, keys: PeerKeys | None) -> None:
         """New keys (a reload rotated the cluster key): they sign and verify from now on."""
         self._keys = keys
+
+    def _node(self) -> str:
+        """This node's name (gossip's node id); empty without keys (in-process tests)."""
+        return self._keys.node if self._keys is not None else ""
 
     def _sign(self, method: bytes, target: bytes) -> bytes | None:
         keys = self._keys
@@ -179,7 +185,10 @@ class MirrorServer:
             await self._server.serve(listeners, names=names, task_status=task_status)
 
         try:
-            await self._serve(serve, task_status)
+            async with trio.open_nursery() as background:
+                background.start_soon(self._designation.expire)
+                await self._serve(serve, task_status)
+                background.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._private.aclose()
@@ -301,6 +310,8 @@ class MirrorServer:
         if not self._settings.share.shares(route.upstream, route.name, route.tag):
             raise unknown(f"{upstream}/{route.name} is not shared (registry filters)")
         key = self._key(route)
+        if not mirrored:
+            self._note_pull(route, key)
         response = await self._local(route, request, key)
         if response is None and mirrored and route.kind is Kind.BLOB and route.digest:
             response = await self._inflight(route.digest, request)
@@ -324,6 +335,14 @@ class MirrorServer:
         if route.upstream is None:
             raise manifest_unknown("the ns query parameter is required to resolve a tag")
         return tag_key(route.upstream, route.name, route.tag)
+
+    def _note_pull(self, route: Route, key: str) -> None:
+        """containerd's manifest and blob requests mark this node as pulling the repository."""
+        repository = f"{route.upstream}/{route.name}"
+        if route.kind is Kind.MANIFEST:
+            self._designation.manifest(repository, key)
+        elif route.kind is Kind.BLOB:
+            self._designation.blob(repository)
 
     async def _local(self, route: Route, request: Request, key: str) -> Response | None:
         try:
@@ -372,7 +391,10 @@ class MirrorServer:
         by_tag = route.kind is Kind.MANIFEST and route.digest is None
         inflight = False
         if route.kind is Kind.BLOB and route.digest is not None:
-            holders, inflight = blob_holders(self._proxy, route.digest)
+            repository = f"{route.upstream}/{route.name}"
+            holders, inflight = await self._designation.holders(
+                self._proxy, route.digest, repository
+            )
         else:
             holders = self._proxy.holders(key, tag=by_tag)
         if not holders:

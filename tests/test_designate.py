@@ -1,0 +1,163 @@
+"""The designation rule (``mirror/_designate``), sans-I/O: which node fetches a blob
+from the upstream when several pull the same image at once, and the bounds of a wait."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+from spegeld.gossip._codec import valid_key
+from spegeld.mirror._designate import (
+    PULL_IDLE,
+    SETTLE,
+    WAIT_FOR_DESIGNATED,
+    Pulls,
+    Verdict,
+    decide,
+    designated,
+    followable,
+    pulling_key,
+)
+from spegeld.oci import Digest
+
+
+def digest(n: int) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(str(n).encode()).hexdigest())
+
+
+NODES = ["node-a", "node-b", "node-c", "node-d", "node-e"]
+
+
+def test_pulling_keys_are_short_gossip_keys_distinct_from_digests_and_tags() -> None:
+    for manifest in (digest(1), "example.com/app:v1", "r.io/" + "x" * 400 + ":" + "t" * 128):
+        key = pulling_key(manifest)
+        assert valid_key(key) and key.startswith("pulling:") and len(key) == 40
+        assert key == pulling_key(manifest)
+    assert pulling_key(digest(1)) != pulling_key(digest(2))
+
+
+def test_every_node_picks_the_same_designated_node_whatever_the_order() -> None:
+    for n in range(50):
+        picks = {designated(digest(n), order) for order in (NODES, NODES[::-1], sorted(NODES))}
+        assert len(picks) == 1
+
+
+def test_the_layers_spread_over_the_pulling_nodes() -> None:
+    counts = Counter(designated(digest(n), NODES) for n in range(5000))
+    assert set(counts) == set(NODES)
+    assert all(800 <= c <= 1200 for c in counts.values()), counts  # 1000 each, +-20 %
+
+
+def test_a_node_leaving_moves_only_its_own_blobs() -> None:
+    before = {n: designated(digest(n), NODES) for n in range(500)}
+    after = {n: designated(digest(n), NODES[1:]) for n in range(500)}
+    moved = [n for n in before if before[n] != after[n]]
+    assert moved and all(before[n] == "node-a" for n in moved)
+
+
+def test_a_blob_outside_any_pull_goes_upstream_at_once() -> None:
+    d = decide("node-a", digest(1), ["node-b"], started=None, missed_at=10.0, now=10.0)
+    assert d.verdict is Verdict.UPSTREAM
+
+
+def test_a_miss_right_after_the_manifest_waits_only_until_the_settle_ends() -> None:
+    d = decide("node-a", digest(1), [], started=10.0, missed_at=10.05, now=10.05)
+    assert d.verdict is Verdict.WAIT and d.until == 10.0 + SETTLE
+
+
+def test_a_lone_puller_goes_upstream_once_settled() -> None:
+    d = decide("node-a", digest(1), [], started=10.0, missed_at=20.0, now=20.0)
+    assert d.verdict is Verdict.UPSTREAM
+    d = decide("node-a", digest(1), ["node-a"], started=10.0, missed_at=20.0, now=20.0)
+    assert d.verdict is Verdict.UPSTREAM  # itself among the co-pullers changes nothing
+
+
+def test_the_designated_node_goes_upstream_and_the_others_wait_a_bounded_time() -> None:
+    blob = digest(7)
+    chosen = designated(blob, NODES[:3])
+    for me in NODES[:3]:
+        others = [n for n in NODES[:3] if n != me]
+        d = decide(me, blob, others, started=10.0, missed_at=20.0, now=20.0)
+        if me == chosen:
+            assert d.verdict is Verdict.UPSTREAM
+        else:
+            assert d.verdict is Verdict.WAIT and d.designated == chosen
+            assert d.until == 20.0 + WAIT_FOR_DESIGNATED
+            late = decide(me, blob, others, started=10.0, missed_at=20.0, now=d.until)
+            assert late.verdict is Verdict.UPSTREAM
+
+
+def test_no_miss_waits_longer_than_the_bound_settle_included() -> None:
+    for n in range(200):
+        blob, missed = digest(n), 10.0 + (n % 7) / 10
+        now = missed
+        for _ in range(1000):
+            d = decide("node-a", blob, NODES[1:], started=10.0, missed_at=missed, now=now)
+            if d.verdict is Verdict.UPSTREAM:
+                break
+            assert d.until > now
+            now = d.until
+        assert now - missed <= WAIT_FOR_DESIGNATED
+
+
+def test_pulls_advertise_each_key_once_and_withdraw_after_idle() -> None:
+    pulls = Pulls()
+    first = pulls.manifest("r.io/app", "r.io/app:v1", 0.0)
+    assert first == pulling_key("r.io/app:v1")
+    assert pulls.manifest("r.io/app", "r.io/app:v1", 0.1) is None
+    second = pulls.manifest("r.io/app", str(digest(1)), 0.2)
+    assert pulls.keys("r.io/app", 0.3) == sorted([first, second])
+    assert pulls.started("r.io/app", 0.3) == 0.0
+    pulls.blob("r.io/app", PULL_IDLE)  # a layer request keeps the pull alive
+    assert pulls.expire(PULL_IDLE + 1.0) == []
+    assert pulls.expire(2 * PULL_IDLE + 1.0) == sorted([first, second])
+    assert pulls.keys("r.io/app", 2 * PULL_IDLE + 1.0) == []
+    assert pulls.started("r.io/app", 2 * PULL_IDLE + 1.0) is None
+
+
+def test_a_key_shared_by_two_pulls_stays_while_one_lives() -> None:
+    pulls = Pulls()
+    shared = str(digest(3))  # the same manifest under two repository names
+    pulls.manifest("r.io/a", shared, 0.0)
+    pulls.manifest("r.io/b", shared, PULL_IDLE)
+    assert pulls.expire(PULL_IDLE + 1.0) == []
+    assert pulls.expire(2 * PULL_IDLE + 1.0) == [pulling_key(shared)]
+
+
+def test_a_new_pull_after_an_idle_one_settles_again() -> None:
+    pulls = Pulls()
+    pulls.manifest("r.io/app", "r.io/app:v1", 0.0)
+    pulls.manifest("r.io/app", "r.io/app:v2", PULL_IDLE + 5.0)
+    assert pulls.started("r.io/app", PULL_IDLE + 5.0) == PULL_IDLE + 5.0
+    assert pulls.expire(3 * PULL_IDLE) == sorted(
+        [pulling_key("r.io/app:v1"), pulling_key("r.io/app:v2")]
+    )  # the idle pull's key was not lost
+
+
+def test_a_designated_node_the_proxy_cannot_use_is_not_waited_for() -> None:
+    blob = digest(7)
+    chosen = designated(blob, NODES[:3])
+    me = next(n for n in NODES[:3] if n != chosen)
+    others = [n for n in NODES[:3] if n != me]
+    d = decide(me, blob, others, started=10.0, missed_at=20.0, now=20.0, unusable=[chosen])
+    assert d.verdict is Verdict.UPSTREAM
+    other = next(n for n in others if n != chosen)
+    d = decide(me, blob, others, started=10.0, missed_at=20.0, now=20.0, unusable=[other])
+    assert d.verdict is Verdict.WAIT
+
+
+def test_only_the_designated_download_or_an_outsiders_is_followed() -> None:
+    blob = digest(11)
+    pullers = NODES[:3]
+    chosen = designated(blob, pullers)
+    me = next(n for n in pullers if n != chosen)
+    copullers = [n for n in pullers if n != me]
+    waiting = next(n for n in copullers if n != chosen)
+    inflight = [chosen, waiting, "node-e", me]  # node-e: downloading, not in this pull
+    assert followable(me, blob, copullers, inflight, settling=False) == {chosen, "node-e"}
+    # Settling: the designated node is not known yet, only outsiders are followed.
+    assert followable(me, blob, copullers, inflight, settling=True) == {"node-e"}
+    # The designated node itself follows no co-puller: they wait for it.
+    assert followable(chosen, blob, [me, waiting], inflight, settling=False) == {"node-e"}
+    # Alone: any in-flight holder (item 1).
+    assert followable(me, blob, [], inflight, settling=False) == {chosen, waiting, "node-e"}

@@ -22,6 +22,10 @@ milliseconds after the manifest when the upstream is near. So a blob miss within
 ``SETTLE`` of this node's first manifest request of the pull waits until then (or until
 a holder appears) before it decides. A lone node's pull pays that once (its layer
 requests wait together) and only when its manifest phase was shorter than ``SETTLE``.
+
+containerd opens a blob's ingest before it asks the mirror, so every co-puller shows as
+an in-flight holder of every blob while it waits: only the designated node's download
+is followed (``followable``).
 """
 
 from __future__ import annotations

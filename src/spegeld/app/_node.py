@@ -175,6 +175,7 @@ async def run_node(
                 peer=Listen(cfg.peer_host, cfg.peer_port, sup.peer_listeners),
                 metrics=_metrics_listener(cfg, sup),
                 private_registries=cfg.private_registries,
+                coordinate_pulls=cfg.coordinate_pulls,
             )
             mirror = MirrorServer(
                 store,

@@ -43,7 +43,7 @@ from ._http import (
     Response,
     StreamBody,
 )
-from ._inflight import Designation, InflightFeeds, inflight_response, tracked
+from ._inflight import Designation, InflightFeeds, blob_holders, inflight_response, tracked
 from ._labels import RegistryLabels
 from ._metrics import MirrorMetrics
 from ._peer import MIRRORED_HEADER
@@ -91,6 +91,11 @@ class MirrorSettings:
     # --private-registry: (registry as ``ns`` names it, upstream endpoint URL) pairs whose
     # content the mirror listener serves only to credentials the upstream accepts.
     private_registries: tuple[tuple[str, str], ...] = ()
+    # --coordinate-pulls: simultaneous misses of one repository let one designated node
+    # fetch each blob upstream while the others follow its download (docs/protocol.md §9).
+    # Off by default: a node pulling alone waits up to SETTLE once per pull to hear of
+    # co-pullers, which "no slower than today" does not allow yet.
+    coordinate_pulls: bool = False
 
 
 class MirrorServer:
@@ -338,6 +343,8 @@ class MirrorServer:
 
     def _note_pull(self, route: Route, key: str) -> None:
         """containerd's manifest and blob requests mark this node as pulling the repository."""
+        if not self._settings.coordinate_pulls:
+            return
         repository = f"{route.upstream}/{route.name}"
         if route.kind is Kind.MANIFEST:
             self._designation.manifest(repository, key)
@@ -391,10 +398,13 @@ class MirrorServer:
         by_tag = route.kind is Kind.MANIFEST and route.digest is None
         inflight = False
         if route.kind is Kind.BLOB and route.digest is not None:
-            repository = f"{route.upstream}/{route.name}"
-            holders, inflight = await self._designation.holders(
-                self._proxy, route.digest, repository
-            )
+            if self._settings.coordinate_pulls:
+                repository = f"{route.upstream}/{route.name}"
+                holders, inflight = await self._designation.holders(
+                    self._proxy, route.digest, repository
+                )
+            else:
+                holders, inflight = blob_holders(self._proxy, route.digest)
         else:
             holders = self._proxy.holders(key, tag=by_tag)
         if not holders:

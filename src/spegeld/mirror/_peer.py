@@ -50,6 +50,10 @@ POOL_MAX = 64  # idle connections in all: a bound on file descriptors held for n
 # timeout (Limits.idle_timeout, 30 s), so the peer does not close a connection as we
 # reuse it, except when it restarts or drains (then the request is retried once, fresh).
 POOL_IDLE_TTL = 5.0
+# A live peer answers from its store (or its in-flight data) within milliseconds; a pooled
+# connection silent this long is retried on a new connection. Costs a live but slow peer one
+# new connection, never an error; saves the full head deadline when the peer went away.
+REUSED_HEAD_TIMEOUT = 0.25
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})")
 
 
@@ -250,16 +254,19 @@ async def fetch(
     The head must arrive within ``response_timeout`` seconds of the connection; body
     reads then have the ``idle_timeout`` progress deadline. Every failure, whatever the
     peer sent or did, is a PeerFailed. With a ``pool``, an idle connection to the peer is
-    reused; if the peer had closed it (nothing came back), the request is sent once more
-    on a new connection (GET and HEAD only: they are safe to repeat).
+    reused; if the peer had closed it, or sent nothing within REUSED_HEAD_TIMEOUT, the
+    request is sent once more on a new connection (GET and HEAD only: safe to repeat).
     """
     host, port = split_address(peer.mirror)
     reused = pool.take(peer.mirror) if pool is not None else None
     if reused is not None:
+        # A pooled connection to a peer that has since become unreachable (a partition,
+        # a dropped route) takes the request and never answers: after REUSED_HEAD_TIMEOUT
+        # of silence the request goes again on a new connection, with the full deadlines.
         try:
             return await _exchange(
-                peer, reused, method, target, headers, response_timeout, idle_timeout, pool,
-                reused=True,
+                peer, reused, method, target, headers,
+                min(response_timeout, REUSED_HEAD_TIMEOUT), idle_timeout, pool, reused=True,
             )  # fmt: skip
         except _StaleConnection:
             pass
@@ -347,7 +354,7 @@ async def _exchange(
             reused
             and not received
             and method in (b"GET", b"HEAD")
-            and isinstance(exc, (PeerFailed, OSError, trio.BrokenResourceError))
+            and isinstance(exc, (PeerFailed, OSError, trio.BrokenResourceError, trio.TooSlowError))
         )
         if stale:
             raise _StaleConnection from exc

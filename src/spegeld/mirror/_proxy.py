@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,13 @@ from ._http import AbortResponse, BytesBody, Request, Response, StreamBody
 from ._metrics import MirrorMetrics
 from ._peer import BadPeerAddress, PeerFailed, PeerPool, PeerResponse, fetch
 from ._quorum import agreed
-from ._ranges import ByteRange, parse_range, unsatisfiable
+from ._ranges import (
+    ByteRange,
+    answers_range,
+    content_range_start,
+    open_ended_start,
+    unsatisfiable,
+)
 from ._unproven import UnprovenBytes
 
 logger = logging.getLogger(__name__)
@@ -49,7 +54,6 @@ DISCARD_TIMEOUT = 2.0
 # Bytes of a verified blob held back until its digest checks out. One is enough: without
 # it the client cannot complete the blob, so wrong bytes are never a finished download.
 HELD_BACK = 1
-_OPEN_ENDED = re.compile(rb"\s*bytes\s*=\s*([0-9]{1,19})\s*-\s*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,14 +228,19 @@ class Proxy:
         # containerd's partial write: fetch the whole blob, hash the first N bytes without
         # sending them, and check the rest as for a whole blob. The extra N bytes cross the
         # local network once, for a request that only a broken download makes.
-        skip = _open_ended_start(range_header) if request.method == b"GET" else None
+        skip = open_ended_start(range_header) if request.method == b"GET" else None
         peer_range = None if skip is not None else range_header
 
         async def attempt(peer: Peer) -> PeerResponse | None:
             response = await self._open(peer, request, target, peer_range)
             if response is None or response.status != 206 or peer_range is None:
                 return response
-            if _answers_range(response, peer_range, check_length=request.method != b"HEAD"):
+            if answers_range(
+                response.header(b"content-range"),
+                response.length,
+                peer_range,
+                check_length=request.method != b"HEAD",
+            ):
                 return response
             self._metrics.proxy_errors.labels(reason="bad_range").inc()
             logger.info("peer %s answered %r with Content-Range %r", peer.mirror,
@@ -280,7 +289,7 @@ class Proxy:
                 await first.aclose()
                 raise OciError(502, "UNKNOWN", "peer answered a range without Content-Range")
             headers.append((b"content-range", content_range))
-        offset = _range_start(first) if status == 206 else 0
+        offset = content_range_start(first.header(b"content-range")) if status == 206 else 0
         if request.method == b"HEAD":
             return Response(status, headers, StreamBody(_no_chunks(), first.length))
         others = [p for p in holders if p != first.peer]
@@ -426,7 +435,7 @@ class Proxy:
                 continue
             if (
                 response.status == 206
-                and _range_start(response) == start
+                and content_range_start(response.header(b"content-range")) == start
                 and response.length == remaining
             ):
                 return response
@@ -457,38 +466,9 @@ def _status_reason(status: int) -> str:
     return f"status_{status // 100}xx" if 100 <= status < 600 else "status_other"
 
 
-def _answers_range(response: PeerResponse, range_header: bytes, *, check_length: bool) -> bool:
-    """Whether a 206's ``Content-Range`` is exactly the range asked for (and its length)."""
-    text = (response.header(b"content-range") or b"").decode("latin-1")
-    unit, _, spec = text.partition(" ")
-    first, _, total = spec.partition("/")
-    start, _, end = first.partition("-")
-    if unit != "bytes" or not (start.isdigit() and end.isdigit() and total.isdigit()):
-        return False
-    if max(len(start), len(end), len(total)) > 20:  # past any real blob size
-        return False
-    try:
-        wanted = parse_range(range_header, int(total))
-    except OciError:  # the peer should have said 416
-        return False
-    return (
-        wanted is not None
-        and (int(start), int(end)) == (wanted.start, wanted.end)
-        and (response.length == wanted.length or not check_length)
-    )
-
-
 async def _no_chunks() -> AsyncIterator[bytes]:
     return
     yield
-
-
-def _range_start(response: PeerResponse) -> int:
-    text = (response.header(b"content-range") or b"").decode("latin-1")
-    try:
-        return int(text.removeprefix("bytes ").partition("-")[0])
-    except ValueError:
-        return -1
 
 
 async def _release(response: PeerResponse) -> None:
@@ -497,11 +477,3 @@ async def _release(response: PeerResponse) -> None:
 
 async def _release_pair(pair: tuple[PeerResponse, bytes]) -> None:
     await pair[0].aclose()
-
-
-def _open_ended_start(range_header: bytes | None) -> int | None:
-    """N for ``Range: bytes=N-`` (from N to the end), else None."""
-    if range_header is None:
-        return None
-    match = _OPEN_ENDED.fullmatch(range_header)
-    return int(match.group(1)) if match else None

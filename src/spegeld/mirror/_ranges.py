@@ -66,3 +66,46 @@ def _position(digits: str, size: int) -> int:
     if len(digits) > len(str(size)):
         return size  # larger than the blob, however long
     return min(int(digits), size)
+
+
+_OPEN_ENDED = re.compile(rb"\s*bytes\s*=\s*([0-9]{1,19})\s*-\s*")
+
+
+def open_ended_start(range_header: bytes | None) -> int | None:
+    """N for ``Range: bytes=N-`` (from N to the end), else None."""
+    if range_header is None:
+        return None
+    match = _OPEN_ENDED.fullmatch(range_header)
+    return int(match.group(1)) if match else None
+
+
+def content_range_start(content_range: bytes | None) -> int:
+    """The first byte a ``Content-Range: bytes A-B/T`` names; -1 if unreadable."""
+    text = (content_range or b"").decode("latin-1")
+    try:
+        return int(text.removeprefix("bytes ").partition("-")[0])
+    except ValueError:
+        return -1
+
+
+def answers_range(
+    content_range: bytes | None, length: int, range_header: bytes, *, check_length: bool
+) -> bool:
+    """Whether a 206's ``Content-Range`` is exactly the range asked for (and its length)."""
+    text = (content_range or b"").decode("latin-1")
+    unit, _, spec = text.partition(" ")
+    first, _, total = spec.partition("/")
+    start, _, end = first.partition("-")
+    if unit != "bytes" or not (start.isdigit() and end.isdigit() and total.isdigit()):
+        return False
+    if max(len(start), len(end), len(total)) > 20:  # past any real blob size
+        return False
+    try:
+        wanted = parse_range(range_header, int(total))
+    except OciError:  # the peer should have said 416
+        return False
+    return (
+        wanted is not None
+        and (int(start), int(end)) == (wanted.start, wanted.end)
+        and (length == wanted.length or not check_length)
+    )

@@ -62,6 +62,7 @@ from _soak_report import (
     render,
 )
 from _soak_rollout import Rollout, SoakImage, make_images
+from _spegel import component_path
 from spegeld_harness import (
     Cluster,
     HarnessUnavailable,
@@ -70,7 +71,6 @@ from spegeld_harness import (
 
 MiB = 1 << 20
 REGISTRY_PORT = 5000
-BUILD = Path(__file__).resolve().parent.parent / "scripts" / "build-components"
 # --containerd: None runs Debian's containerd from PATH; a name, the build of that component.
 CONTAINERDS: dict[str, str | None] = {"1.6": None, "2.3": "containerd"}
 # MiB. Measured peak (VmHWM) 70 MiB in a 120 s run of the full configuration, under
@@ -269,21 +269,12 @@ def containerd_bin_dir(version: str) -> Path | None:
     component = CONTAINERDS[version]
     if component is None:
         return None
-    try:
-        found = subprocess.run(
-            [str(BUILD), "--print-path", component],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HarnessUnavailable(f"scripts/build-components failed: {exc}") from exc
-    if found.returncode != 0 or not found.stdout.strip():
+    found, why = component_path(component)
+    if found is None:
         raise HarnessUnavailable(
-            f"containerd {version} is not built: run scripts/build-components {component}"
+            f"containerd {version} is not built: run scripts/build-components {component} ({why})"
         )
-    return Path(found.stdout.strip())
+    return found
 
 
 def _join(thread: threading.Thread) -> None:

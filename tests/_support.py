@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
-from spegeld_harness import BuiltImage, PrivateContainerd
+from spegeld_harness import BuiltImage, HarnessUnavailable, Network, PrivateContainerd
 
 from spegeld.metrics import MetricsRegistry
 from spegeld.mirror import MirrorServer, MirrorSettings
@@ -124,3 +124,19 @@ def count_sendfile(monkeypatch: Any) -> list[int]:
 
     monkeypatch.setattr(_http, "sendfile", counting)
     return calls
+
+
+@contextmanager
+def created_network(net: Network) -> Iterator[Network]:
+    """``net``'s namespaces for one test, removed after it; a failure to create them fails
+    the test (a network test must not be skipped)."""
+    import pytest
+
+    try:
+        try:
+            net.create()
+        except HarnessUnavailable as exc:
+            pytest.fail(f"{exc} (this test must not be skipped)")
+        yield net
+    finally:
+        net.close()

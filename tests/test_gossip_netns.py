@@ -37,7 +37,6 @@ from typing import Any
 import pytest
 from spegeld_harness import (
     CtrError,
-    HarnessUnavailable,
     NetnsContainerd,
     NetnsSpegeld,
     Network,
@@ -46,7 +45,7 @@ from spegeld_harness import (
     write_cluster_key,
 )
 
-from tests._support import wait_for
+from tests._support import created_network, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -86,15 +85,8 @@ class Node:
 
 @pytest.fixture
 def network() -> Iterator[Network]:
-    net = Network(NODES, SUBNET)
-    try:
-        try:
-            net.create()
-        except HarnessUnavailable as exc:
-            pytest.fail(f"{exc} (this test must not be skipped)")
+    with created_network(Network(NODES, SUBNET)) as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture

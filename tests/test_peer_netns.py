@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 from spegeld_harness import (
-    HarnessUnavailable,
     NetnsContainerd,
     NetnsSpegeld,
     Network,
@@ -29,7 +28,7 @@ from spegeld_harness import (
     write_cluster_key,
 )
 
-from tests._support import wait_for
+from tests._support import created_network, wait_for
 
 pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
@@ -62,15 +61,8 @@ def pod_curl(netns: str, url: str) -> tuple[int, str]:
 
 @pytest.fixture
 def network() -> Iterator[Network]:
-    net = Network(3, SUBNET)
-    try:
-        try:
-            net.create()
-        except HarnessUnavailable as exc:
-            pytest.fail(f"{exc} (this test must not be skipped)")
+    with created_network(Network(3, SUBNET)) as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.containerd, pytest.mark.slow]
 
 USER, SECRET = "puller", "right-s3cret"
 REPO, PUBLIC_REPO, TAG = "private/app", "public/app", "v1"
+OTHER_REPO = "private/other"  # a second private repository, for the binding
 PUBLIC_HOST = "127.0.0.1:9"  # discard port: nothing answers, only the mirror can serve it
 CASE_TIMEOUT = 60.0  # seconds for one case; a pull here takes under 2 s
 SETUP_TIMEOUT = 30.0  # seconds for spegeld to index the imported images
@@ -74,6 +75,7 @@ class Node:
     containerd: PrivateContainerd
     upstream: AuthRegistry
     spegeld: SpegeldProcess
+    other_layer: str  # a layer only private/other's image holds
 
 
 @pytest.fixture(
@@ -96,17 +98,19 @@ def node(
         upstream.start()
         private = build_image(upstream.reference(REPO, TAG), [4_000], seed=71, workdir=base)
         public = build_image(f"{PUBLIC_HOST}/{PUBLIC_REPO}:{TAG}", [3_000], seed=72, workdir=base)
+        other = build_image(upstream.reference(OTHER_REPO, TAG), [5_000], seed=73, workdir=base)
         upstream.push(private, REPO, TAG)
+        upstream.push(other, OTHER_REPO, TAG)
         upstream.auth = True
         upstream.restart()
-        for i, image in enumerate((private, public)):
+        for i, image in enumerate((private, public, other)):
             containerd.import_image(image.write_oci_archive(base / f"image-{i}.tar"))
         spegeld = SpegeldProcess(
             base / "spegeld", containerd, extra_args=["--private-registry", upstream.url]
         )
         spegeld.start()
         configure_hosts(containerd.hosts_dir, spegeld.url, f"{upstream.url},http://{PUBLIC_HOST}")
-        yield Node(containerd, upstream, spegeld)
+        yield Node(containerd, upstream, spegeld, str(other.platforms[0].layers[0]))
     finally:
         if spegeld is not None:
             spegeld.close()
@@ -209,3 +213,29 @@ async def test_a_public_registry_is_unaffected(node: Node) -> None:
             capture_stdout=True, capture_stderr=True, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr.decode()
+
+
+async def test_a_private_digest_is_served_only_under_a_repository_that_holds_it(
+    node: Node,
+) -> None:
+    """The repository binding: credentials accepted for private/app (and cached for it)
+    do not fetch private/other's layer under private/app's name; nor does naming another
+    registry in ``ns``, on either listener. Without the binding the second request was a
+    200: the verdict for (credentials, private/app) is cached after the manifest's check."""
+    registry = node.upstream.address
+    under_other = f"/v2/{OTHER_REPO}/blobs/{node.other_layer}?ns={registry}"
+    under_app = f"/v2/{REPO}/blobs/{node.other_layer}?ns={registry}"
+    under_public = f"/v2/{PUBLIC_REPO}/blobs/{node.other_layer}?ns={PUBLIC_HOST}"
+    creds = basic(USER, SECRET)
+    with trio.fail_after(CASE_TIMEOUT):
+        await wait_until_served(node, f"/v2/{REPO}/manifests/{TAG}?ns={registry}")
+        await wait_until_served(node, under_other)
+        unbound = node.spegeld.metric('spegeld_private_requests_total{decision="unbound"}')
+        assert await mirror_status(node, under_app, creds) == 404
+        assert await mirror_status(node, under_public) == 404
+        async with httpx.AsyncClient(trust_env=False) as http:
+            peer = f"http://{node.spegeld.peer_address}"
+            assert (await http.head(peer + under_app)).status_code == 404
+            assert (await http.head(peer + under_other)).status_code == 200
+        after = node.spegeld.metric('spegeld_private_requests_total{decision="unbound"}')
+        assert after == unbound + 3

@@ -261,11 +261,15 @@ class PrivateAccess:
             ("decision",),
         )
         self._decisions = {
-            d: decisions.labels(decision=d) for d in ("challenged", "served", "refused")
+            d: decisions.labels(decision=d) for d in ("challenged", "served", "refused", "unbound")
         }
 
     def is_private(self, registry: str | None) -> bool:
         return self.gate.is_private(registry)
+
+    def unbound(self) -> None:
+        """Count a request the repository binding kept from a private digest."""
+        self._decisions["unbound"].inc()
 
     async def aclose(self) -> None:
         if self._http is not None:

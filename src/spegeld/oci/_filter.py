@@ -10,6 +10,11 @@ advertised only while an image that is shared reaches it) and what the mirror se
 request whose ``ns`` registry and repository are not shared gets 404, locally and from
 peers). A request or an image name that does not name its registry is not shared while
 any rule is set: no rule can be applied to it.
+
+Private registries (``--private-registry``) are shared, but a digest of theirs only under a
+name that holds it: :meth:`ShareFilter.serves_under` is the repository binding of
+docs/security.md. With rules or private registries set, content no image names yet (loose
+blobs, downloads in flight) is not shared at all (:attr:`ShareFilter.names_required`).
 """
 
 from __future__ import annotations
@@ -26,19 +31,51 @@ from spegeld.oci._reference import parse_reference
 class ShareFilter:
     include: tuple[re.Pattern[str], ...] = ()
     exclude: tuple[re.Pattern[str], ...] = ()
+    private: frozenset[str] = frozenset()  # registries (as ``ns`` names them) bound by name
 
     @classmethod
-    def parse(cls, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> ShareFilter:
+    def parse(
+        cls, include: Iterable[str] = (), exclude: Iterable[str] = (), private: Iterable[str] = ()
+    ) -> ShareFilter:
         """Compile the rules; a pattern that is not a regular expression is a ConfigError."""
         return cls(
             include=tuple(_compile(p, "--registry-include") for p in include),
             exclude=tuple(_compile(p, "--registry-filter") for p in exclude),
+            private=frozenset(private),
         )
 
     @property
     def active(self) -> bool:
         """Whether any rule is set (with none, everything is shared)."""
         return bool(self.include or self.exclude)
+
+    @property
+    def names_required(self) -> bool:
+        """Whether content is shared only once an image names it: with any rule (which
+        needs a name to apply to) or a private registry (whose digests are bound to names).
+        Loose blobs and downloads in flight carry no name, so they are then not shared."""
+        return self.active or bool(self.private)
+
+    def serves_under(self, names: Iterable[str], registry: str | None, repository: str) -> bool:
+        """Whether a digest that the images ``names`` reach may be served to a request for
+        ``registry/repository`` (the repository binding of docs/security.md).
+
+        Without private registries, always. With them: when an image of a registry that is
+        not private reaches the digest (that image already gives it away), or when one of
+        its images is named ``registry/repository``. A digest no image names, or only names
+        that do not parse (no registry to judge them by), is not served."""
+        if not self.private:
+            return True
+        bound = False
+        for name in names:
+            try:
+                ref = parse_reference(name)
+            except RemoteProtocolError:
+                continue
+            if ref.registry not in self.private:
+                return True
+            bound = bound or (ref.registry == registry and ref.repository == repository)
+        return bound
 
     def shares(self, registry: str | None, repository: str, tag: str | None = None) -> bool:
         """Whether a request for ``registry/repository[:tag]`` may be answered."""

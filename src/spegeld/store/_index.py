@@ -13,7 +13,8 @@ still comes from an image.
 Registry filters (``ShareFilter``): an image the filter does not share never enters the
 index, so a digest stays only while a shared image reaches it. While any rule is set, a
 loose blob is not held at all: nothing says yet which image it belongs to, and a private
-layer must not be advertised for the length of its pull.
+layer must not be advertised for the length of its pull. The same holds while a private
+registry is set (``ShareFilter.names_required``): its digests are served only under names.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Index:
         return frozenset(self._images)
 
     def images_with(self, digest: Digest) -> list[str]:
+        """The names of the images that reach ``digest`` (O(images): for the private-registry
+        binding, asked only while one is set)."""
         return [name for name, entry in self._images.items() if digest in entry.digests]
 
     def loose(self) -> list[LooseBlob]:
@@ -92,7 +95,7 @@ class Index:
     def add_loose(self, blob: LooseBlob) -> KeysChanged:
         """Hold committed content by digest; O(1), nothing if already held any way."""
         digest = blob.descriptor.digest
-        if digest in self._refs or self._share.active:
+        if digest in self._refs or self._share.names_required:
             return KeysChanged(frozenset(), frozenset())
         self._loose[digest] = blob
         self._bump(digest, +1)

@@ -66,6 +66,10 @@ class Store(Protocol):
         """The blob's download under way here (or its landed file), when it is shared."""
         ...
 
+    def image_names(self, digest: Digest) -> tuple[str, ...]:
+        """The names of the images that reach a digest held here (none for a loose blob)."""
+        ...
+
     def watch(
         self,
     ) -> AbstractAsyncContextManager[tuple[Snapshot, trio.MemoryReceiveChannel[KeysChanged]]]:

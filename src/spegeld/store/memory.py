@@ -74,6 +74,9 @@ class MemoryStore:
     def inflight(self, digest: Digest) -> Ingest | None:
         return self._inflight.get(digest)
 
+    def image_names(self, digest: Digest) -> tuple[str, ...]:
+        return tuple(self._index.images_with(digest))
+
     def set_inflight(self, ingest: Ingest) -> None:
         """Hold ``ingest`` as a download under way (its files are the caller's)."""
         self._inflight[ingest.digest] = ingest

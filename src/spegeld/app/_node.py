@@ -151,7 +151,11 @@ async def run_node(
     notifier = sup.notifier
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with open_containerd(cfg.containerd.socket, cfg.containerd.namespace) as client:
-            share = ShareFilter.parse(cfg.registry_includes, cfg.registry_filters)
+            share = ShareFilter.parse(
+                cfg.registry_includes,
+                cfg.registry_filters,
+                private=(registry for registry, _ in cfg.private_registries),
+            )
             store = ContainerdStore(
                 client,
                 cfg.containerd.content_path,

@@ -355,6 +355,8 @@ class MirrorServer:
         try:
             digest = route.digest or self._store.resolve(key)
             desc = self._store.descriptor(digest)
+            if not self._bound(route, digest):
+                return None
             if route.kind is Kind.MANIFEST:
                 if not (is_index(desc.media_type) or is_manifest(desc.media_type)):
                     return None
@@ -363,6 +365,21 @@ class MirrorServer:
         except (NotFound, ContainerdError) as exc:
             logger.debug("local miss for %s: %s", key, exc)
             return None
+
+    def _bound(self, route: Route, digest: Digest) -> bool:
+        """The repository binding of a private registry's digest (``ShareFilter.serves_under``):
+        one request names the repository its credentials were checked for, and is served only
+        what an image of that name (or of a registry that is not private) holds."""
+        share = self._settings.share
+        if not share.private:
+            return True
+        if share.serves_under(self._store.image_names(digest), route.upstream, route.name):
+            return True
+        self._private.unbound()
+        logger.debug(
+            "%s is not served under %s/%s (private binding)", digest, route.upstream, route.name
+        )
+        return False
 
     async def _local_manifest(self, digest: Digest, media_type: str, size: int) -> Response:
         if size > MAX_MANIFEST_SIZE:

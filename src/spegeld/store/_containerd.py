@@ -155,6 +155,9 @@ class ContainerdStore:
     def inflight(self, digest: Digest) -> Ingest | None:
         return self._inflight.get(digest)
 
+    def image_names(self, digest: Digest) -> tuple[str, ...]:
+        return tuple(self._index.images_with(digest))
+
     def watch(
         self,
     ) -> AbstractAsyncContextManager[tuple[Snapshot, trio.MemoryReceiveChannel[KeysChanged]]]:
@@ -170,9 +173,10 @@ class ContainerdStore:
 
     def scan_ingests_once(self) -> KeysChanged:
         """One scan of the ingest area, its change published to the watchers. An ingest
-        names no image: with registry filters set, none is known to be shared."""
+        names no image: with registry filters or a private registry set, none is known to
+        be shared."""
         change = self._inflight.rescan(
-            None if self._share.active else self._content_path,
+            None if self._share.names_required else self._content_path,
             self._client.namespace,
             time.monotonic(),
             indexed=lambda d: self._index.descriptor(d) is not None,

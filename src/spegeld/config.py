@@ -25,7 +25,9 @@ DEFAULT_RESYNC_INTERVAL = 300.0  # seconds; events carry changes, the resync onl
 class ContainerdConfig:
     socket: Path = DEFAULT_CONTAINERD_SOCK
     namespace: str = DEFAULT_CONTAINERD_NAMESPACE
-    content_path: Path = DEFAULT_CONTENT_PATH
+    # None: ask containerd (its Introspection API), else DEFAULT_CONTENT_PATH; a path
+    # set here (flag, environment or config file) wins over both.
+    content_path: Path | None = None
     resync_interval: float = DEFAULT_RESYNC_INTERVAL
 
 

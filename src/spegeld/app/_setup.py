@@ -41,6 +41,7 @@ async def index_once(cfg: ContainerdConfig) -> IndexReport:
     async with open_containerd(cfg.socket, cfg.namespace) as client:
         await client.version()
         store = ContainerdStore(client, cfg.content_path, cfg.resync_interval)
+        await store.find_content_path()
         await store.sync()
         return IndexReport(store.list(), store.statistics().warnings)
 

@@ -43,9 +43,11 @@ def containerd_options(func: F) -> F:
             option(
                 "--containerd-content-path",
                 type=click.Path(path_type=Path, readable=False),
-                default=config.DEFAULT_CONTENT_PATH,
-                show_default=True,
-                help="containerd's content store directory, read directly when readable.",
+                default=None,
+                help="containerd's content store directory, read directly (sendfile) when "
+                "readable. Set it only to override what containerd reports.  [default: "
+                "asked from containerd's introspection API, else "
+                f"{config.DEFAULT_CONTENT_PATH}]",
             ),
         ]
     ):
@@ -54,7 +56,7 @@ def containerd_options(func: F) -> F:
 
 
 def containerd_config(
-    containerd_sock: Path, containerd_namespace: str, containerd_content_path: Path
+    containerd_sock: Path, containerd_namespace: str, containerd_content_path: Path | None
 ) -> config.ContainerdConfig:
     return config.ContainerdConfig(
         socket=containerd_sock,

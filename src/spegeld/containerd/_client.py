@@ -33,6 +33,8 @@ from ._gen import (
     events_pb2,
     images_grpc,
     images_pb2,
+    introspection_grpc,
+    introspection_pb2,
     namespaces_grpc,
     namespaces_pb2,
     version_grpc,
@@ -65,6 +67,11 @@ READ_CHANNEL = Configuration(
     http2_stream_window_size=4 * READ_RANGE,
     http2_connection_window_size=2**31 - 1,
 )
+# The content plugin, as containerd's filter syntax names it (both 1.6 and 2.x register
+# the local content store as type io.containerd.content.v1, id "content").
+CONTENT_PLUGIN_FILTER = "type==io.containerd.content.v1,id==content"
+CONTENT_ROOT_EXPORT = "root"  # the directory holding blobs/sha256/<hex>
+MAX_ROOT_PATH = 4096  # PATH_MAX: a longer "root" is not a path this host can open
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +131,7 @@ class ContainerdClient:
         self._reads = content_grpc.ContentStub(read_channel or channel)
         self._events = events_grpc.EventsStub(channel)
         self._namespaces = namespaces_grpc.NamespacesStub(channel)
+        self._introspection = introspection_grpc.IntrospectionStub(channel)
 
     @property
     def socket(self) -> Path:
@@ -135,6 +143,34 @@ class ContainerdClient:
                 self._version.Version, empty_pb2.Empty(), answer_within=VERSION_TIMEOUT
             )
         return ContainerdVersion(version=reply.version, revision=reply.revision)
+
+    async def content_root(self) -> Path | None:
+        """The content store's directory as containerd reports it (Introspection.Plugins:
+        the content plugin's ``root`` export), or None when it reports none.
+
+        The path is containerd's view: spegeld reads it directly only when it sees the
+        same filesystem there (a host service, or a mount at the same path).
+        """
+        with map_containerd_errors(self._socket, "Introspection.Plugins"):
+            reply = await self._bridge.call(
+                self._introspection.Plugins,
+                introspection_pb2.PluginsRequest(filters=[CONTENT_PLUGIN_FILTER]),
+                answer_within=VERSION_TIMEOUT,
+            )
+        for plugin in reply.plugins:
+            if plugin.HasField("init_err") and plugin.init_err.code != 0:
+                raise ContainerdError(
+                    f"containerd's content plugin failed to start: {plugin.init_err.message[:200]}"
+                )
+            root = plugin.exports.get(CONTENT_ROOT_EXPORT, "")
+            if not root:
+                continue
+            if len(root) > MAX_ROOT_PATH or "\0" in root or not root.startswith("/"):
+                raise RemoteProtocolError(
+                    f"containerd reported an unusable content root {root[:80]!r}"
+                )
+            return Path(root)
+        return None
 
     async def namespace_exists(self) -> bool:
         with map_containerd_errors(self._socket, "Namespaces.List"):

@@ -17,7 +17,9 @@ from spegeld.config import ContainerdConfig
 from spegeld.containerd import ContentInfo, open_containerd, socket_problem
 from spegeld.errors import ContainerdError, RemoteProtocolError
 from spegeld.oci import parse_reference
+from spegeld.store import ContentPath, ContentSource, ask_containerd, choose_content_path
 
+from . import _remedies
 from ._model import CheckResult, Status, skipped
 
 BLOB_CHECK_LIMIT = 4 << 20  # bytes; the smallest local blob is fetched whole and verified
@@ -93,6 +95,7 @@ async def _containerd_checks(
                 version = await client.version()
                 images = await client.list_images()
                 content = await client.list_content()
+                reported, why_not = await ask_containerd(client)
     except (ContainerdError, trio.TooSlowError) as exc:
         text = str(exc) or "no answer in time"
         results.append(
@@ -124,28 +127,49 @@ async def _containerd_checks(
             continue
         found.repository, found.upstream = ref.repository, ref.registry
         break
-    results.append(_content_dir_check(cfg.content_path))
+    results.append(_content_dir_check(choose_content_path(cfg.content_path, reported, why_not)))
     return results
 
 
-def _content_dir_check(path: Path) -> CheckResult:
-    blobs = path / "blobs" / "sha256"
-    if os.access(blobs, os.R_OK | os.X_OK):
+def _content_dir_check(found: ContentPath) -> CheckResult:
+    """Which content directory is used, how it was found, and whether it is readable."""
+    blobs = found.path / "blobs" / "sha256"
+    how = {
+        ContentSource.FLAG: "found by: flag (--containerd-content-path)",
+        ContentSource.INTROSPECTION: "found by: containerd introspection",
+        ContentSource.DEFAULT: "found by: default (containerd did not report one)",
+    }[found.source]
+    evidence = [str(found.path), how]
+    if found.problem:
+        evidence.append(f"asking containerd: {found.problem}")
+    if found.disagrees:
+        evidence.append(f"containerd reports: {found.reported}")
+    readable = os.access(blobs, os.R_OK | os.X_OK)
+    if found.disagrees:
+        state = "readable" if readable else "not readable"
+        return _r(
+            "containerd.content",
+            "content directory",
+            Status.WARN,
+            f"--containerd-content-path is not where containerd keeps its content ({state})",
+            *evidence,
+            fix=_remedies.content_path_disagrees(found.path, found.reported),
+        )
+    if readable:
         return _r(
             "containerd.content",
             "content directory",
             Status.OK,
             "readable: blobs go out with sendfile",
-            str(blobs),
+            *evidence,
         )
     return _r(
         "containerd.content",
         "content directory",
         Status.WARN,
         "not readable: blobs are streamed over gRPC instead (several times slower)",
-        str(blobs),
-        fix="Give spegeld read access (on Talos, mount /var/lib/containerd read-only), "
-        "or set --containerd-content-path.",
+        *evidence,
+        fix=_remedies.content_unreadable(found.path, str(found.source)),
     )
 
 

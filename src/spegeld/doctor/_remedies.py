@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 LEASE_VERBS = ("get", "create", "update")
 
@@ -150,4 +151,19 @@ def silent(waited: float) -> str:
         "/readyz waits up to 2 s for each etcd check). "
         f"Check etcd ({ETCD_HEALTH}), the API server's logs and load, then "
         f"{READYZ_VERBOSE}; a larger --timeout lets doctor wait for its answer."
+    )
+
+
+def content_unreadable(path: Path, source: str) -> str:
+    return (
+        f"Give spegeld read access to {path} ({source}): run it as root or in a group that "
+        "may read it; in a container or on Talos, mount that directory read-only at the "
+        "same path. If containerd keeps its content elsewhere, set --containerd-content-path."
+    )
+
+
+def content_path_disagrees(path: Path, reported: Path | None) -> str:
+    return (
+        f"Drop --containerd-content-path to follow containerd ({reported}), unless that "
+        f"directory is mounted here at {path}."
     )

@@ -16,9 +16,7 @@ import dataclasses
 import logging
 import math
 import os
-import stat
 import time
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +36,10 @@ from spegeld.containerd import (
 )
 from spegeld.errors import ContainerdError, NotFound, RemoteProtocolError
 from spegeld.metrics import MetricsRegistry
-from spegeld.oci import Descriptor, Digest, ShareFilter, digest_hex, parse_reference
+from spegeld.oci import Descriptor, Digest, ShareFilter, parse_reference
 
+from ._contentpath import ContentPath, ContentPathFinder
+from ._files import file_chunks, no_chunks, readable_file
 from ._index import ImageEntry, Index, LooseBlob
 from ._ingest import INGEST_SCAN_ACTIVE, INGEST_SCAN_IDLE, InflightTable, Ingest
 from ._protocol import KeysChanged, OpenBlob, Snapshot
@@ -48,7 +48,6 @@ from ._watchers import Watchers
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1024 * 1024
 # containerd's ContentCreate event carries a digest and a size, no media type. A blob
 # served by digest needs neither more nor the type (it goes out as octet-stream), and
 # the mirror serves as a manifest only what an image's descriptor calls one.
@@ -79,6 +78,8 @@ class StoreStatistics:
     file_reads: int  # blobs served from their file in the content store (sendfile)
     grpc_reads: int  # blobs streamed over containerd's Content.Read (the fallback)
     warnings: tuple[str, ...]
+    content_path: str  # the content directory blobs are read from
+    content_source: str  # how it was found: flag, containerd introspection, default
 
 
 def tag_keys_for(image: ImageRecord) -> dict[str, Digest]:
@@ -95,7 +96,7 @@ class ContainerdStore:
     def __init__(
         self,
         client: ContainerdClient,
-        content_path: Path,
+        content_path: Path | None = None,
         resync_interval: float = 300.0,
         *,
         metrics: MetricsRegistry | None = None,
@@ -103,7 +104,9 @@ class ContainerdStore:
     ) -> None:
         self._client = client
         self._share = share or ShareFilter()  # registry filters: images kept out of the index
-        self._blobs_dir = content_path / "blobs" / "sha256"
+        # None: ask containerd on each (re)connect (``_contentpath``); a path given here
+        # wins over containerd's answer.
+        self._finder = ContentPathFinder(content_path)
         self._resync_interval = resync_interval
         self._index = Index(self._share)
         self._watchers = Watchers()
@@ -116,7 +119,6 @@ class ContainerdStore:
         # Decided per blob when it is served, never once at start: on a fresh node the
         # blobs directory appears only with the first pull.
         self._reads = _ReadPaths(self._blobs_dir, metrics)
-        self._content_path = content_path
         self._inflight = InflightTable()
 
     # The Store seam.
@@ -142,13 +144,13 @@ class ContainerdStore:
     async def open(self, digest: Digest, offset: int = 0, length: int | None = None) -> OpenBlob:
         desc = self.descriptor(digest)
         if length == 0:
-            return OpenBlob(desc, None, _no_chunks())  # gRPC would read size 0 as "to the end"
+            return OpenBlob(desc, None, no_chunks())  # gRPC would read size 0 as "to the end"
         path = self._file_of(desc)
         if path is None:
             await self._confirm_held(digest)
         self._reads.record(digest, path)
         if path is not None:
-            return OpenBlob(desc, path, _file_chunks(path, offset, length))
+            return OpenBlob(desc, path, file_chunks(path, offset, length))
         chunks = self._client.read(digest, offset, 0 if length is None else length)
         return OpenBlob(desc, None, chunks)
 
@@ -180,7 +182,7 @@ class ContainerdStore:
             self._client.namespace,
             time.monotonic(),
             indexed=lambda d: self._index.descriptor(d) is not None,
-            landed=lambda i: _readable_file(self._blobs_dir, i.digest, i.total) is not None,
+            landed=lambda i: readable_file(self._blobs_dir, i.digest, i.total) is not None,
         )
         published = KeysChanged(added=change.added, removed=change.removed)
         self._watchers.publish(published)
@@ -188,13 +190,33 @@ class ContainerdStore:
 
     # Lifecycle and diagnostics.
 
+    @property
+    def content_path(self) -> ContentPath:
+        """The content directory in use, and how it was found."""
+        return self._finder.current
+
+    @property
+    def _content_path(self) -> Path:
+        return self._finder.current.path
+
+    @property
+    def _blobs_dir(self) -> Path:
+        return self._finder.current.path / "blobs" / "sha256"
+
+    async def find_content_path(self) -> ContentPath:
+        """Ask containerd where its content is (on every (re)connect: it may have moved).
+        Only ``ContainerdUnavailable`` escapes; any other failure falls back, logged."""
+        found = await self._finder.refresh(self._client)
+        self._reads.blobs_dir = self._blobs_dir
+        return found
+
     def blob_path(self, digest: Digest) -> Path | None:
         """The blob's file in the content store, when we may read it directly."""
         desc = self._index.descriptor(digest)
-        return self._file_of(desc) if desc is not None else _readable_file(self._blobs_dir, digest)
+        return self._file_of(desc) if desc is not None else readable_file(self._blobs_dir, digest)
 
     def _file_of(self, desc: Descriptor) -> Path | None:
-        return _readable_file(self._blobs_dir, desc.digest, desc.size)
+        return readable_file(self._blobs_dir, desc.digest, desc.size)
 
     async def wait_synced(self) -> None:
         await self._synced.wait()
@@ -218,6 +240,8 @@ class ContainerdStore:
             file_reads=self._reads.counts["file"],
             grpc_reads=self._reads.counts["grpc"],
             warnings=self._warnings,
+            content_path=str(self._content_path),
+            content_source=str(self._finder.current.source),
         )
 
     async def sync(self) -> KeysChanged:
@@ -277,6 +301,7 @@ class ContainerdStore:
         outage = False
         while True:
             try:
+                await self.find_content_path()
                 async with self._client.subscribe(TOPIC_FILTERS) as events:
                     await self.sync()
                     if outage:
@@ -414,31 +439,11 @@ class ContainerdStore:
         self._warnings = warnings
 
 
-def _readable_file(blobs_dir: Path, digest: Digest, size: int | None = None) -> Path | None:
-    """``blobs/sha256/<hex>`` when it is a readable regular file of the expected size.
-
-    One stat and one access per blob served: cheap next to the body, and it is what
-    lets a store started before the directory existed use files once they appear.
-    A file of another size is not the blob the index describes (a content path that
-    belongs to another containerd, or a truncated file): stream it over gRPC instead.
-    """
-    if not digest.startswith("sha256:"):
-        return None
-    path = blobs_dir / digest_hex(digest)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
-        return None
-    return path if os.access(path, os.R_OK) else None
-
-
 class _ReadPaths:
     """Counts which path served each blob, and logs once each time the mode changes."""
 
     def __init__(self, blobs_dir: Path, metrics: MetricsRegistry | None) -> None:
-        self._blobs_dir = blobs_dir
+        self.blobs_dir = blobs_dir
         self.mode = "none"
         self.counts = {"file": 0, "grpc": 0}
         counter = (
@@ -464,35 +469,12 @@ class _ReadPaths:
             return
         previous, self.mode = self.mode, mode
         if mode == "file":
-            logger.info("serving blobs from their files in %s (sendfile)", self._blobs_dir)
+            logger.info("serving blobs from their files in %s (sendfile)", self.blobs_dir)
         else:
             logger.warning(
                 "%s is not readable in %s: streaming blobs over containerd's Content.Read, "
                 "which is slower (was: %s)",
                 digest,
-                self._blobs_dir,
+                self.blobs_dir,
                 previous,
             )
-
-
-async def _no_chunks() -> AsyncIterator[bytes]:
-    return
-    yield
-
-
-async def _file_chunks(path: Path, offset: int, length: int | None) -> AsyncIterator[bytes]:
-    remaining = length
-    try:
-        opened = await trio.open_file(path, "rb")
-    except FileNotFoundError as exc:  # the GC took it since it was looked up; an open file stays
-        raise NotFound(f"{path.name} left the content store while being opened") from exc
-    async with opened as f:
-        await f.seek(offset)
-        while remaining is None or remaining > 0:
-            want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
-            chunk = await f.read(want)
-            if not chunk:
-                return
-            if remaining is not None:
-                remaining -= len(chunk)
-            yield chunk

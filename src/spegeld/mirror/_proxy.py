@@ -10,6 +10,7 @@ is marked bad. A large blob is hashed in a worker thread (``_hashing``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +37,7 @@ from ._ranges import (
     open_ended_start,
     unsatisfiable,
 )
+from ._swarm import MAX_SOURCES, Swarm, swarm_sources
 from ._unproven import UnprovenBytes
 
 logger = logging.getLogger(__name__)
@@ -147,14 +149,14 @@ class Proxy:
         want = max(self._settings.holders_to_try, self._settings.tag_quorum if tag else 0)
         found = self._router.lookup(key, want * 2)
         self._metrics.resolve_duration.labels(router="local").observe(trio.current_time() - start)
-        now = trio.current_time()
+        return self._usable(found)[: want if tag else self._settings.holders_to_try]
+
+    def _usable(self, found: Sequence[Peer]) -> list[Peer]:
         # A peer that sent corrupt bytes is not asked at all while it is marked: bytes it
         # sent reached containerd before the digest could be checked, so containerd's
         # retry must meet another holder, or a 404 that sends it to the upstream.
-        usable = [
-            p for p in found if self._unreachable.get(p, 0) <= now and self._bad.get(p, 0) <= now
-        ]
-        return usable[: want if tag else self._settings.holders_to_try]
+        now = trio.current_time()
+        return [p for p in found if max(self._unreachable.get(p, 0), self._bad.get(p, 0)) <= now]
 
     async def tag(
         self, holders: Sequence[Peer], request: Request, target: bytes
@@ -292,6 +294,12 @@ class Proxy:
         offset = content_range_start(first.header(b"content-range")) if status == 206 else 0
         if request.method == b"HEAD":
             return Response(status, headers, StreamBody(_no_chunks(), first.length))
+        complete = self._usable(self._router.lookup(digest, 2 * MAX_SOURCES))
+        if status == 200 and (sources := swarm_sources(first, complete)):
+            opener = functools.partial(self._open, request=request, target=target, method=b"GET")
+            swarm = Swarm(first, sources, opener, digest, self._metrics, self._unproven,
+                          self._caught_lying)  # fmt: skip
+            return Response(200, headers, swarm.body())
         others = [p for p in holders if p != first.peer]
         chunks = self._stream(
             first, others, request, target, offset, first.length, digest, verify=status == 200

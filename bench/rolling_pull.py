@@ -17,6 +17,9 @@ a ``tc tbf`` link (100 Mbit/s by default). For every image (size x layers) and m
 * **baseline**: a fresh cluster without spegeld: containerd pulls straight from the upstream;
 * **spegeld**: a fresh cluster with a spegeld per node, hosts.toml from
   ``spegeld configure containerd``;
+* **spegeld-coord**: the same with ``--coordinate-pulls`` (docs/protocol.md §9): in the
+  create phase (v1 pulled by every node at once) one node fetches each layer upstream and
+  the others follow its download;
 * **spegel**: a fresh cluster with Spegel v0.7.4 per node (``bench/_spegel.py``: in the
   node's namespace, static bootstrap from node 1, hosts.toml from ``spegel configuration``).
   Skipped, with one line saying why, when its binary is not built or the nodes run 1.6.
@@ -26,9 +29,10 @@ or Debian's 1.6, the same in every mode of the run.
 
 Each run pushes v1 and v2 (different seeds), then
 
-1. **v1**: every node pulls v1 at once (threads). ``--v1 import`` instead puts v1 into each
-   node's containerd with ``ctr images import`` (saves 5 x 80 s of link time for 1 GB; v1
-   does not change v2's timing: no shared layers). v1 figures are for information.
+1. **v1**: every node pulls v1 at once (threads): the create phase of a new workload.
+   ``--v1 import`` instead puts v1 into each node's containerd with ``ctr images import``
+   (saves 5 x 80 s of link time for 1 GB; v1 does not change v2's timing: no shared
+   layers).
 2. **v2**: a rolling update, ``--batch`` nodes at a time (1: maxUnavailable 20 % of 5 nodes),
    each batch's pulls at once; the next batch starts when the batch has pulled. With
    spegeld (and Spegel), before the next batch starts the script waits until the next
@@ -43,8 +47,9 @@ the bytes the upstream served (its access log) and the bytes the node's mirror g
 peers (spegeld's /metrics; Spegel counts requests only: its mirror hits) are recorded.
 The table gives per image and mode: average v2 pull time, its ratio to the baseline of the
 same run, improvement = 1 - mode / baseline, the v2 pull time per batch, upstream bytes of
-the v2 rollout (in copies of the image), and the v1 average. ``--json-out`` writes every
-pull.
+the v2 rollout (in copies of the image), and the v1 average. A second table gives the create
+phase (v1 pulled): its average, ratio to the baseline and upstream copies. ``--json-out``
+writes every pull.
 
 With a rollout of one node at a time, the first node's pull has nobody to ask and takes as
 long as the baseline's, so the improvement cannot exceed 1 - 1/N (80 % for N = 5). With
@@ -90,6 +95,12 @@ SPEGEL = {  # spegel.dev/docs/benchmark, v2 average pull time vs baseline (50 no
 SPEGEL_ANCHOR_100MB_4 = "62-68 %"  # DESIGN.md section 11
 TARGET = 0.85
 MODES = ("baseline", "spegeld", "spegel")  # and spegel@<duration>: another resolve timeout
+OPTIONAL_MODES = ("spegeld-coord",)  # not in the default run
+SPEGELD_ARGS = {"spegeld": (), "spegeld-coord": ("--coordinate-pulls",)}
+
+
+def is_spegeld(mode: str) -> bool:
+    return mode in SPEGELD_ARGS
 
 
 def spegel_timeout(mode: str) -> str | None:
@@ -142,6 +153,9 @@ class Run:
 
     def v1_avg(self) -> float | None:
         return statistics.fmean(p.seconds for p in self.v1) if self.v1 else None
+
+    def v1_peers(self) -> int:
+        return sum(p.from_peers for p in self.v1)
 
     def v2_upstream(self) -> int:
         return sum(self.v2_upstream_per_batch)
@@ -220,7 +234,8 @@ def run_mode(
     with Cluster(
         nodes_wanted=case.nodes,
         upstream_rate=args.upstream_rate,
-        with_spegeld=mode == "spegeld",
+        with_spegeld=is_spegeld(mode),
+        spegeld_args=SPEGELD_ARGS.get(mode, ()),
         base_dir=tmp / f"cluster-{mode}",
         containerd_bin_dir=args.containerd_dir,
     ) as cluster:
@@ -280,7 +295,7 @@ def _rollout(
         return Pull.of(result, (hits1 - hits0, misses1 - misses0))
 
     def wait_findable(ref: str, image: BuiltImage, batch: list[Node]) -> None:
-        if run.mode == "spegeld":
+        if is_spegeld(run.mode):
             cluster.wait_findable(ref, image, batch, timeout=60)
         elif spegels:  # the tag only: see _spegel.wait_findable
             _spegel.wait_findable([spegel_of[n.name] for n in batch], ref, timeout=60)
@@ -290,6 +305,8 @@ def _rollout(
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
         if args.v1 == "pull":
             run.v1 = list(pool.map(lambda n: pull(n, ref1), nodes))
+            for node in nodes:
+                check_pulled(node, v1)
         else:
             archive = tmp / "v1.tar"
             if not archive.exists():
@@ -353,7 +370,10 @@ def run_case(args: argparse.Namespace, size: int, layers: int, work: Path) -> Ca
                 case.runs.append(run_mode(args, case, v1, v2, mode, tmp))
                 r = case.runs[-1]
                 waits = f", gossip waits {r.gossip_waits}" if r.gossip_waits else ""
-                say(f"    -> v2 avg {r.v2_avg():.2f} s, upstream "
+                create = (f"v1 (create) avg {v1avg:.2f} s, upstream "
+                          f"{r.v1_upstream / case.image_bytes:.2f} copies; "
+                          if (v1avg := r.v1_avg()) is not None else "")  # fmt: skip
+                say(f"    -> {create}v2 avg {r.v2_avg():.2f} s, upstream "
                     f"{r.v2_upstream() / case.image_bytes:.2f} copies{waits}")  # fmt: skip
         return case
     finally:
@@ -402,7 +422,7 @@ def table(cases: list[Case], args: argparse.Namespace) -> str:
             )
             up = statistics.fmean(r.v2_upstream() for r in runs)
             upstream = f"{up / MiB:.1f} MiB ({up / c.image_bytes:.2f}x)"
-            if mode == "spegeld":
+            if is_spegeld(mode):
                 peers = f"{statistics.fmean(r.v2_peers() for r in runs) / MiB:.1f} MiB"
             elif spegel_timeout(mode) is not None:
                 hits = statistics.fmean(sum(p.mirror_hits for p in r.v2_pulls) for r in runs)
@@ -427,7 +447,38 @@ def table(cases: list[Case], args: argparse.Namespace) -> str:
                 published = SPEGEL.get(c.size, "-")
                 notes.append(f"{size_label(c.size)} / {c.layers}: spegeld / {mode} v2 avg "
                              f"{spg / spl:.2f} (Spegel published {published})")  # fmt: skip
-    return "\n".join(rows + (["", *notes] if notes else []))
+    return "\n".join(rows + (["", *notes] if notes else []) + create_table(cases, args))
+
+
+def create_table(cases: list[Case], args: argparse.Namespace) -> list[str]:
+    """The create phase: every node pulls v1 at once (only when v1 was pulled)."""
+    if args.v1 != "pull":
+        return []
+    rows = [
+        "",
+        "| Image | Mode | create avg | / baseline | Improvement | upstream copies (mean, max) "
+        "| from peers |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        name = f"{size_label(c.size)}, {c.layers} layer{'s' if c.layers > 1 else ''}"
+        base_runs = c.runs_of("baseline")
+        base = statistics.fmean(r.v1_avg() or 0.0 for r in base_runs) if base_runs else None
+        for mode in args.modes:
+            runs = c.runs_of(mode)
+            if not runs:
+                continue
+            avg = statistics.fmean(r.v1_avg() or 0.0 for r in runs)
+            ratio = "-" if not base else f"{avg / base:.2f}"
+            imp = "-" if mode == "baseline" or not base else _pct(1 - avg / base)
+            copies = [r.v1_upstream / c.image_bytes for r in runs]
+            peers = (f"{statistics.fmean(r.v1_peers() for r in runs) / MiB:.1f} MiB"
+                     if is_spegeld(mode) else "-")  # fmt: skip
+            rows.append(
+                f"| {name} | {mode} | {_secs(avg)} | {ratio} | {imp} | "
+                f"{statistics.fmean(copies):.2f}, {max(copies):.2f} | {peers} |"
+            )
+    return rows
 
 
 def verdict(cases: list[Case]) -> str:
@@ -462,7 +513,8 @@ def main() -> int:
     parser.add_argument("--v1", choices=("pull", "import"), default="pull",
                         help="how v1 gets onto the nodes (import: ctr images import)")  # fmt: skip
     parser.add_argument("--modes", default=",".join(MODES),
-                        help="baseline, spegeld, spegel, spegel@200ms (its timeout)")  # fmt: skip
+                        help="baseline, spegeld, spegeld-coord (--coordinate-pulls), spegel, "
+                             "spegel@200ms (its timeout)")  # fmt: skip
     parser.add_argument("--containerd", choices=("2.3", "1.6"), default="2.3",
                         help="every node's containerd: the 2.3 build, or Debian's 1.6")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode and image")
@@ -480,9 +532,9 @@ def main() -> int:
     args.modes = args.modes.split(",")
     spegels = [m for m in args.modes if spegel_timeout(m) is not None]
     if not args.modes or not all(
-        m in MODES or re.fullmatch(r"spegel@\d+m?s", m) for m in args.modes
+        m in MODES + OPTIONAL_MODES or re.fullmatch(r"spegel@\d+m?s", m) for m in args.modes
     ):
-        parser.error("--modes takes some of baseline, spegeld, spegel, spegel@200ms")
+        parser.error("--modes takes some of baseline, spegeld, spegeld-coord, spegel, spegel@200ms")
     if not 1 <= args.batch <= args.nodes or not 2 <= args.nodes <= 20:
         parser.error("need 2 <= nodes <= 20 and 1 <= batch <= nodes")
     args.containerd_dir = None

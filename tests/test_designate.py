@@ -134,6 +134,33 @@ def test_a_new_pull_after_an_idle_one_settles_again() -> None:
     )  # the idle pull's key was not lost
 
 
+def test_a_new_tag_is_a_new_pull_even_while_the_last_one_is_alive() -> None:
+    """A rollout from v1 to v2 within ``PULL_IDLE``: the v2 pull's co-pullers are found
+    by v2's keys only (nodes that just pulled v1 never fetch v2's layers), and its blob
+    misses settle from v2's first request. v1's keys stay advertised until idle."""
+    pulls = Pulls()
+    v1 = pulls.manifest("r.io/app", "r.io/app:v1", 0.0)
+    v1_index = pulls.manifest("r.io/app", str(digest(1)), 0.05)
+    pulls.blob("r.io/app", 0.1)
+    v2 = pulls.manifest("r.io/app", "r.io/app:v2", 5.0)
+    v2_index = pulls.manifest("r.io/app", str(digest(2)), 5.05)
+    assert pulls.keys("r.io/app", 5.1) == sorted([v2, v2_index])
+    assert pulls.started("r.io/app", 5.1) == 5.0
+    assert pulls.manifest("r.io/app", "r.io/app:v1", 5.2) is None  # v1's pull, still live
+    assert pulls.keys("r.io/app", 5.3) == sorted([v2, v2_index])
+    pulls.blob("r.io/app", 20.0)  # v2's layers: the newest pull's
+    assert pulls.expire(5.2 + PULL_IDLE + 1.0) == sorted([v1, v1_index])
+    assert pulls.keys("r.io/app", 5.2 + PULL_IDLE + 1.0) == sorted([v2, v2_index])
+    assert pulls.expire(20.0 + PULL_IDLE + 1.0) == sorted([v2, v2_index])
+
+
+def test_a_pull_by_digest_alone_is_a_pull() -> None:
+    pulls = Pulls()
+    key = pulls.manifest("r.io/app", str(digest(4)), 1.0)
+    assert key == pulling_key(str(digest(4)))
+    assert pulls.started("r.io/app", 1.1) == 1.0 and pulls.keys("r.io/app", 1.1) == [key]
+
+
 def test_a_designated_node_the_proxy_cannot_use_is_not_waited_for() -> None:
     blob = digest(7)
     chosen = designated(blob, NODES[:3])

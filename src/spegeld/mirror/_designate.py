@@ -8,13 +8,14 @@ withdraw, and what to do on a blob miss that found no holder.
 The rule. A node that serves containerd a manifest request (by tag or digest) is
 *pulling* that repository: it advertises ``pulling:<hash of the manifest key>`` for each
 manifest key of the pull. On a blob miss with no complete or in-flight holder, the
-node's *co-pullers* are the nodes advertising any of its own ``pulling:`` keys of the
-same repository. The blob's *designated* node is the one with the highest rendezvous
-score ``sha256(digest | node)`` over {this node} and its co-pullers: the layers of one
-image spread over the pulling nodes, and every node that knows the same set picks the
-same one. Designated, or no co-puller: answer 404 now (containerd goes to the upstream).
-Otherwise wait, up to ``WAIT_FOR_DESIGNATED``, for a holder (in flight or complete) to
-appear, then proxy from it; none by then: 404.
+node's *co-pullers* are the nodes advertising any of the ``pulling:`` keys of its newest
+pull of that repository (a new tag is a new pull: nodes that pulled ``app:v1`` a moment
+ago are not co-pullers of ``app:v2``). The blob's *designated* node is the one with the
+highest rendezvous score ``sha256(digest | node)`` over {this node} and its co-pullers:
+the layers of one image spread over the pulling nodes, and every node that knows the
+same set picks the same one. Designated, or no co-puller: answer 404 now (containerd
+goes to the upstream). Otherwise wait, up to ``WAIT_FOR_DESIGNATED``, for a holder (in
+flight or complete) to appear, then proxy from it; none by then: 404.
 
 One wait comes before that: co-pullers are learnt through gossip, one round (0.2 s) or
 two after their manifest requests, while containerd asks for the layers a few tens of
@@ -89,51 +90,78 @@ class _Pull:
     keys: set[str] = field(default_factory=set)
 
 
+def _is_tag_key(manifest_key: str) -> bool:
+    """A tag key is ``registry/repository:tag``; a digest (``sha256:…``) has no slash."""
+    return "/" in manifest_key
+
+
 class Pulls:
-    """This node's pulls in progress, by repository (``registry/name``)."""
+    """This node's pulls in progress, by repository (``registry/name``).
+
+    A repository can have several pulls alive at once (``PULL_IDLE`` after their last
+    request): a manifest request by a tag no live pull has asked for starts a new pull
+    (containerd resolves a tag once per pull); one by digest joins the newest live pull
+    (the tag's index and manifests follow its resolution), or starts one (a pull by
+    digest). The newest pull is the one a blob miss belongs to: its keys find the
+    co-pullers and its start times the settle. Older pulls' keys stay advertised until
+    they go idle, so a node that starts the same pull later still finds this one.
+    """
 
     def __init__(self) -> None:
-        self._pulls: dict[str, _Pull] = {}
+        self._pulls: dict[str, list[_Pull]] = {}
 
     def manifest(self, repository: str, manifest_key: str, now: float) -> str | None:
         """A manifest request: the ``pulling:`` key to advertise, or None if already."""
-        pull = self._current(repository, now)
-        if pull is None:
-            # A new pull; an idle one's keys are still advertised: withdrawn with these.
-            old = self._pulls.get(repository)
-            kept = old.keys if old is not None else set()
-            pull = self._pulls[repository] = _Pull(started=now, last=now, keys=kept)
-        pull.last = now
         key = pulling_key(manifest_key)
+        live = self._live(repository, now)
+        if _is_tag_key(manifest_key):
+            pull = next((p for p in live if key in p.keys), None)
+        else:
+            pull = live[-1] if live else None
+        if pull is None:
+            pull = _Pull(started=now, last=now)
+            self._pulls.setdefault(repository, []).append(pull)
+        pull.last = now
         if key in pull.keys:
             return None
+        advertised = self._advertised()
         pull.keys.add(key)
-        return key
+        return None if key in advertised else key
 
     def blob(self, repository: str, now: float) -> None:
-        """A blob request keeps the repository's pull alive."""
-        pull = self._current(repository, now)
-        if pull is not None:
-            pull.last = now
+        """A blob request keeps the repository's newest pull alive."""
+        live = self._live(repository, now)
+        if live:
+            live[-1].last = now
 
     def keys(self, repository: str, now: float) -> list[str]:
-        pull = self._current(repository, now)
-        return sorted(pull.keys) if pull is not None else []
+        """The newest live pull's keys (what its co-pullers advertise too)."""
+        live = self._live(repository, now)
+        return sorted(live[-1].keys) if live else []
 
     def started(self, repository: str, now: float) -> float | None:
-        pull = self._current(repository, now)
-        return pull.started if pull is not None else None
+        live = self._live(repository, now)
+        return live[-1].started if live else None
 
     def expire(self, now: float) -> list[str]:
         """Forget idle pulls: the keys to withdraw (unless another pull still has them)."""
-        gone = [repo for repo, pull in self._pulls.items() if now - pull.last > PULL_IDLE]
-        dropped = {key for repo in gone for key in self._pulls.pop(repo).keys}
-        kept = {key for pull in self._pulls.values() for key in pull.keys}
-        return sorted(dropped - kept)
+        dropped: set[str] = set()
+        for repository in list(self._pulls):
+            pulls = self._pulls[repository]
+            gone = [p for p in pulls if now - p.last > PULL_IDLE]
+            for pull in gone:
+                pulls.remove(pull)
+                dropped |= pull.keys
+            if not pulls:
+                del self._pulls[repository]
+        return sorted(dropped - self._advertised())
 
-    def _current(self, repository: str, now: float) -> _Pull | None:
-        pull = self._pulls.get(repository)
-        return pull if pull is not None and now - pull.last <= PULL_IDLE else None
+    def _live(self, repository: str, now: float) -> list[_Pull]:
+        """The repository's pulls not idle yet, oldest first."""
+        return [p for p in self._pulls.get(repository, ()) if now - p.last <= PULL_IDLE]
+
+    def _advertised(self) -> set[str]:
+        return {key for pulls in self._pulls.values() for pull in pulls for key in pull.keys}
 
 
 def followable(

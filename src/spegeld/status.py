@@ -54,17 +54,9 @@ class StoreStatus:
     file_reads: int = 0
     grpc_reads: int = 0
     warnings: tuple[str, ...] = ()
-    # The content directory blobs are read from, and how it was found (flag, containerd
-    # introspection, default); None from a daemon older than that report, and left out.
-    content_path: str | None = None
-    content_source: str | None = None
 
     def to_json(self) -> JsonObject:
-        data = _flat(self)
-        for key in ("content_path", "content_source"):
-            if data[key] is None:
-                del data[key]
-        return data
+        return _flat(self)
 
     @classmethod
     def from_json(cls, data: object, where: str = "store") -> StoreStatus:
@@ -82,8 +74,6 @@ class StoreStatus:
             file_reads=r.integer("file_reads"),
             grpc_reads=r.integer("grpc_reads"),
             warnings=r.texts("warnings"),
-            content_path=r.text_or_none("content_path"),
-            content_source=r.text_or_none("content_source"),
         )
 
 

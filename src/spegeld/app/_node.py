@@ -68,8 +68,6 @@ def _status(
             file_reads=stats.file_reads,
             grpc_reads=stats.grpc_reads,
             warnings=stats.warnings,
-            content_path=stats.content_path,
-            content_source=stats.content_source,
         ),
         http=HttpStatus.from_json(mirror.statistics()),
         router=(

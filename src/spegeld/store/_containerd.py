@@ -78,8 +78,6 @@ class StoreStatistics:
     file_reads: int  # blobs served from their file in the content store (sendfile)
     grpc_reads: int  # blobs streamed over containerd's Content.Read (the fallback)
     warnings: tuple[str, ...]
-    content_path: str  # the content directory blobs are read from
-    content_source: str  # how it was found: flag, containerd introspection, default
 
 
 def tag_keys_for(image: ImageRecord) -> dict[str, Digest]:
@@ -240,8 +238,6 @@ class ContainerdStore:
             file_reads=self._reads.counts["file"],
             grpc_reads=self._reads.counts["grpc"],
             warnings=self._warnings,
-            content_path=str(self._content_path),
-            content_source=str(self._finder.current.source),
         )
 
     async def sync(self) -> KeysChanged:

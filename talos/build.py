@@ -204,14 +204,20 @@ def _platform() -> tuple[str, str]:
     return "linux", arch
 
 
-def write_oci_archive(layer_file: Path, layer: Layer, name: str, out: Path) -> Blob:
-    """An OCI image-layout tar (``skopeo … oci-archive:``); returns the manifest's blob."""
+def write_oci_archive(
+    layer_file: Path, layer: Layer, name: str, out: Path, run_config: dict[str, Any] | None = None
+) -> Blob:
+    """An OCI image-layout tar (``skopeo … oci-archive:``); returns the manifest's blob.
+
+    ``run_config`` is the image config's ``config`` (Entrypoint, Cmd, Env, Labels): empty
+    for the Talos extension, which names its entrypoint in its service file.
+    """
     os_name, arch = _platform()
     config = _json_blob(
         {
             "architecture": arch,
             "os": os_name,
-            "config": {},
+            "config": run_config or {},
             "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
             "created": "1970-01-01T00:00:00Z",
         }

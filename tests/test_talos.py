@@ -42,13 +42,11 @@ The rules Talos enforces on an extension, as read in siderolabs/talos:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 import tomllib
@@ -63,6 +61,7 @@ from click.testing import CliRunner
 
 from spegeld.cli import cli as cli_main
 from spegeld.mirrorconfig._render import TALOS_CRI_CONTENT
+from tests import _talos_bundle
 from tests._components import component_binary
 
 pytestmark = pytest.mark.slow
@@ -230,32 +229,16 @@ def layer_problems(members: list[tarfile.TarInfo]) -> list[str]:
 # --- fixtures ---------------------------------------------------------------------------
 
 
-def _load_build_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("talos_build", TALOS / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def build_module() -> ModuleType:
-    return _load_build_module()
+    return _talos_bundle.build_module()
 
 
 @pytest.fixture(scope="session")
-def built(build_module: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One real build per session; its venv is cached in talos/.build."""
-    if os.geteuid() != 0:
-        pytest.fail("tests/test_talos.py needs root (chroot, mount namespaces)")
-    out = tmp_path_factory.mktemp("talos-out")
-    try:
-        result = build_module.build(out, TALOS / ".build", "/usr/bin/python3")
-    except build_module.BuildError as e:
-        pytest.fail(f"talos/build.py failed: {e}")
-    print(f"\nbuild: {result.seconds:.1f} s")
-    return result
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One real build per session (shared with tests/test_deploy_image.py); its venv is
+    cached in talos/.build."""
+    return _talos_bundle.built_once(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

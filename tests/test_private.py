@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,43 @@ async def test_an_unreachable_upstream_fails_closed(tmp_path: Path) -> None:
         assert sample(metrics, 'spegeld_private_checks_total{result="refused"}') == 1
     finally:
         await access.aclose()
+
+
+async def test_a_redirect_after_auth_counts_as_accepted() -> None:
+    """A registry whose storage is S3 or GCS answers an allowed blob HEAD with a redirect to
+    the bucket. A stand-in upstream: Distribution's filesystem storage never redirects."""
+    right = basic(USER, SECRET)
+    seen: list[bytes] = []
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        seen.append(head)
+        fields = [line.partition(b":") for line in head.split(b"\r\n")[1:]]
+        allowed = any(k.strip().lower() == b"authorization" and v.strip() == right
+                      for k, _, v in fields)  # fmt: skip
+        status = b"307 Temporary Redirect\r\nLocation: http://127.0.0.1:9/bucket" if allowed \
+            else b"403 Forbidden"  # fmt: skip
+        await stream.send_all(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    with trio.fail_after(IO_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            serve = partial(trio.serve_tcp, upstream, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            host = f"127.0.0.1:{listener.socket.getsockname()[1]}"
+            access = PrivateAccess({host: f"http://{host}"}, MetricsRegistry())
+            try:
+                assert await authorize(access, host, right) == 200
+                assert await authorize(access, host, basic(USER, "wrong")) == 404
+            finally:
+                await access.aclose()
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 2  # one check each; the redirect was not followed
 
 
 def config_of(*args: str) -> tuple[tuple[str, str], ...]:

@@ -54,6 +54,7 @@ MAX_CHECKS = 64
 # One check (challenge, token, HEAD) may take this long; containerd waits on the mirror
 # meanwhile, and its fall-back to the upstream is what a timeout costs.
 CHECK_DEADLINE = 5.0
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_HEADER = 4096  # an Authorization header longer than this is not a registry credential
 REALM = b'Basic realm="spegeld"'
 CHALLENGE = ((b"www-authenticate", REALM),)
@@ -190,8 +191,9 @@ async def check_upstream(
     secret: str,
 ) -> bool:
     """Whether the upstream lets ``user`` ``HEAD`` ``/v2/<repository>/<path>`` (a manifest or
-    blob), following a Basic or Bearer challenge as containerd would. True only for 2xx;
-    a refusal, an error or an unreachable upstream is False. The caller sets the deadline."""
+    blob), following a Basic or Bearer challenge as containerd would. True for 2xx and for
+    a redirect (storage behind the registry); a refusal, an error or an unreachable
+    upstream is False. The caller sets the deadline."""
     url = f"{endpoint}/v2/{repository}/{path}"
     headers = {"accept": _MANIFEST_ACCEPT}
     basic = httpx.BasicAuth(user, secret)
@@ -206,7 +208,10 @@ async def check_upstream(
     except httpx.HTTPError as exc:
         logger.info("private registry %s unreachable for a check: %s", endpoint, type(exc).__name__)
         return False
-    return 200 <= response.status_code < 300
+    # A redirect comes after the registry's auth: a blob HEAD on S3 or GCS storage is sent
+    # on to the bucket (307) once the pull is allowed. Not followed: the bucket's answer
+    # says nothing about the credentials.
+    return 200 <= response.status_code < 300 or response.status_code in REDIRECTS
 
 
 async def _bearer_token(

@@ -54,6 +54,15 @@ WINDOW = 2 * MAX_SOURCES * CHUNK
 # A stripe is split for an idle source only while twice this is left of it: smaller
 # pieces cost a request and a connection (the victim's is closed) for little gain.
 MIN_SPLIT = 512 * 1024
+# Seconds a source may hold a stripe before an idle one may split it, at least; and how
+# many times the typical time per byte (of the stripes done so far) it may take. A 2 MiB
+# stripe takes 17 ms at 1 Gbit/s and 0.17 s at 100 Mbit/s: a stripe 3 times slower than
+# the others, or a quarter second late, is from a slow or stopped peer. Splitting sooner
+# cost more than it saved: with splits allowed at once, 4 sources at 1 Gbit/s reached
+# 1.28x one source instead of 3.21x (bench/multi_peer.py, 256 MiB), each split closing
+# the victim's connection with its peer's queued bytes wasted.
+PATIENCE = 0.25
+SLOW_FACTOR = 3.0
 HELD_BACK = 1  # the last byte waits for the digest, as on the single-source path
 
 # Called as ``open_range(peer, range_header=b"bytes=A-B")``: the proxy's signed GET.
@@ -90,10 +99,11 @@ class Swarm:
         self._caught_lying = caught_lying
         sources = [first.peer, *others]
         self._plan = StripePlan(
-            self._size, sources, chunk=CHUNK, window=WINDOW, min_split=MIN_SPLIT
-        )
+            self._size, sources, chunk=CHUNK, window=WINDOW, min_split=MIN_SPLIT,
+            patience=PATIENCE, slow_factor=SLOW_FACTOR,
+        )  # fmt: skip
         # The first holder's response (the whole blob, from byte 0) serves the first stripe.
-        initial = self._plan.take(first.peer)
+        initial = self._plan.take(first.peer, trio.current_time())
         assert initial is not None and initial.start == 0
         self._first = (first, initial)
         self._buffers: dict[Stripe[Peer], deque[bytes]] = {}
@@ -130,7 +140,7 @@ class Swarm:
         try:
             while True:
                 if stripe is None:
-                    stripe = self._plan.take(peer)
+                    stripe = self._plan.take(peer, trio.current_time())
                 if stripe is None:
                     if self._plan.complete:
                         return
@@ -180,7 +190,7 @@ class Swarm:
                         self._unproven.sent(peer, self._digest, trio.current_time())
                     self._served[peer] += len(piece)
                     buffer.append(piece)
-                    self._plan.received(stripe, len(piece))
+                    self._plan.received(stripe, len(piece), trio.current_time())
                     self._lot.unpark_all()
                 if stripe.remaining == 0:
                     return
@@ -222,8 +232,8 @@ class Swarm:
                                     "do not match it")  # fmt: skip
             self._unproven.proven(self._digest)
             shares = ", ".join(f"{p.node} {n}" for p, n in self._served.items())
-            logger.info("%s (%d bytes) came from %d peers: %s", self._digest, self._size,
-                        len(served), shares)  # fmt: skip
+            logger.info("%s (%d bytes, %d splits) came from %d peers: %s", self._digest,
+                        self._size, self._plan.splits, len(served), shares)  # fmt: skip
             self._metrics.bytes_served.labels(source="peer").inc(len(held))
             yield held
         finally:

@@ -31,6 +31,7 @@ MAX_LINES = 500
 RANKS = {
     "errors": 0,
     "metrics": 0,
+    "netaddr": 0,  # host:port forms and dual-stack sockets, used from config up
     "oci": 1,
     "config": 1,
     "mirrorconfig": 1,

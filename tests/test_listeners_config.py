@@ -17,6 +17,7 @@ from spegeld.cli.run import node_config, run, split_inherited
 from spegeld.config import NodeConfig
 from spegeld.errors import ConfigError
 from spegeld.mirror._server import beyond_loopback
+from spegeld.netaddr import wildcard_host
 from spegeld.systemd import InheritedSocket
 
 
@@ -32,14 +33,15 @@ def test_the_mirror_is_loopback_and_peers_get_5001_by_default(
         monkeypatch.delenv(name, raising=False)
     cfg = config_of()
     assert (cfg.mirror_host, cfg.mirror_port) == ("127.0.0.1", 5000)
-    assert (cfg.peer_host, cfg.peer_port) == ("0.0.0.0", 5001)
+    # An empty host: every address, dual-stack "::" where the kernel has IPv6.
+    assert (cfg.peer_host, cfg.peer_port) == (wildcard_host(), 5001)
     assert cfg.metrics_host is None
 
 
 def test_listener_flags_are_parsed() -> None:
     cfg = config_of("--peer-addr", "10.0.0.5:6001", "--metrics-addr", ":9090")
     assert (cfg.peer_host, cfg.peer_port) == ("10.0.0.5", 6001)
-    assert (cfg.metrics_host, cfg.metrics_port) == ("0.0.0.0", 9090)
+    assert (cfg.metrics_host, cfg.metrics_port) == (wildcard_host(), 9090)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spegeld.errors import ConfigError
+from spegeld.netaddr import wildcard_host
 
 DEFAULT_CONTAINERD_SOCK = Path("/run/containerd/containerd.sock")
 DEFAULT_CONTAINERD_NAMESPACE = "k8s.io"
@@ -64,7 +65,9 @@ def load_toml(path: Path, known_keys: frozenset[str]) -> dict[str, Any]:
 DEFAULT_MIRROR_ADDR = "127.0.0.1:5000"
 # --peer-addr: where other nodes reach this one (the pull API, node authentication required).
 DEFAULT_PEER_ADDR = ":5001"
-DEFAULT_GOSSIP_ADDR = "0.0.0.0:7946"  # memberlist's port
+# An empty host binds every address the node has: both families where the kernel has
+# IPv6 (``::``, dual-stack), else IPv4's ``0.0.0.0`` (netaddr.wildcard_host).
+DEFAULT_GOSSIP_ADDR = ":7946"  # memberlist's port
 DEFAULT_STATE_DIR = Path("/var/lib/spegeld")
 DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight responses get at shutdown
 
@@ -143,11 +146,15 @@ def is_host(text: str) -> bool:
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` or ``:port`` (all addresses) → (host, port)."""
+    """``host:port`` or ``[v6]:port`` or ``:port`` (all addresses) → (host, port).
+
+    ``:port`` binds ``::`` (dual-stack) when the kernel has IPv6, else ``0.0.0.0``."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"{what} {text!r} is not HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT ([v6]:PORT for IPv6)")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"{what} {text!r} has an unclosed [ ] around its host")
+    host = host.removeprefix("[").removesuffix("]") or wildcard_host()
     if not is_host(host):
         raise ConfigError(f"{what} {text!r} has an invalid host")
     return host, int(port_text)

@@ -45,6 +45,7 @@ from spegeld_harness._netns import (
     Network,
     in_netns_wrapper,
 )
+from spegeld_harness._netns6 import Network6
 from spegeld_harness._process import ManagedProcess
 from spegeld_harness._registry import (
     RegistryRequest,
@@ -55,7 +56,7 @@ from spegeld_harness._registry import (
     parse_access_log,
     registry_unavailable_reason,
 )
-from spegeld_harness._spegeld import SpegeldProcess, free_port, write_cluster_key
+from spegeld_harness._spegeld import SpegeldProcess, free_port, host_port, write_cluster_key
 
 __all__ = [
     "Cluster",
@@ -66,10 +67,12 @@ __all__ = [
     "NetnsContainerd",
     "NetnsSpegeld",
     "Network",
+    "Network6",
     "in_netns_wrapper",
     "ManagedProcess",
     "SpegeldProcess",
     "free_port",
+    "host_port",
     "write_cluster_key",
     "ANNOTATION_IMAGE_NAME",
     "ANNOTATION_REF_NAME",

@@ -75,8 +75,11 @@ class Network:
                  "peer", "name", f"p{i}", "netns", self.bridge])  # fmt: skip
             run(["ip", "-n", self.bridge, "link", "set", f"p{i}", "master", "br0"])
             run(["ip", "-n", self.bridge, "link", "set", f"p{i}", "up"])
-            run(["ip", "-n", node, "addr", "add", f"{self.address(i)}/24", "dev", "eth0"])
+            self._add_address(node, i)
             run(["ip", "-n", node, "link", "set", "eth0", "up"])
+
+    def _add_address(self, node: str, i: int) -> None:
+        run(["ip", "-n", node, "addr", "add", f"{self.address(i)}/24", "dev", "eth0"])
 
     def nft(self, node: str, ruleset: str) -> None:
         run(["ip", "netns", "exec", node, "nft", "-f", "-"], stdin=ruleset)
@@ -176,7 +179,8 @@ class NetnsSpegeld(SpegeldProcess):
     ) -> tuple[int, dict[str, str], bytes]:
         # curl's --head, not --request HEAD: the latter waits for a body that never comes.
         verb = ["--head"] if method == "HEAD" else ["--request", method]
-        argv = ["ip", "netns", "exec", self.netns, "curl", "--silent", "--include",
+        # --globoff: a [v6] host in the URL is an address, not a curl glob.
+        argv = ["ip", "netns", "exec", self.netns, "curl", "--silent", "--include", "--globoff",
                 "--noproxy", "*", "--max-time", "10", *verb]  # fmt: skip
         for name, value in (headers or {}).items():
             argv += ["--header", f"{name}: {value}"]

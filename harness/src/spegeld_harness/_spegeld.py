@@ -23,9 +23,14 @@ from spegeld_harness._process import ManagedProcess
 
 def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
     """A port free on ``host`` right now (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, kind) as probe:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def host_port(host: str, port: int) -> str:
+    """``127.0.0.1:5000``, or ``[fd00::1]:5000`` for an IPv6 host (as URLs write it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_cluster_key(path: Path) -> Path:
@@ -76,16 +81,16 @@ class SpegeldProcess(ManagedProcess):
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def peer_address(self) -> str:
         """Where other nodes fetch from (``--peer-addr``; ``--static-peer`` names this)."""
-        return f"{self.host}:{self.peer_port}"
+        return host_port(self.host, self.peer_port)
 
     @property
     def gossip_address(self) -> str:
-        return f"{self.host}:{self.gossip_port}"
+        return host_port(self.host, self.gossip_port)
 
     @property
     def url(self) -> str:

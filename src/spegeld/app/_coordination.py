@@ -17,6 +17,7 @@ from spegeld.errors import SpegeldError
 from spegeld.gossip import CoordinatorChanged, GossipEvent, GossipRouter
 from spegeld.kube import Credentials, KubeClient
 from spegeld.metrics import MetricsRegistry
+from spegeld.netaddr import join_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Coordination:
         )  # fmt: skip
         election = ElectionConfig(
             identity=cfg.node_name,
-            gossip_addr=f"{cfg.advertise_addr}:{cfg.gossip_port}",
+            gossip_addr=join_host_port(cfg.advertise_addr, cfg.gossip_port),
             mirror_addr=peer_address(cfg),  # where peers fetch: the peer listener
         )
         async with KubeClient(

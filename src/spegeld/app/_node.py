@@ -23,6 +23,7 @@ from spegeld.gossip import GossipConfig, GossipRouter, Keyring
 from spegeld.kube import Credentials
 from spegeld.metrics import MetricsRegistry
 from spegeld.mirror import Limits, Listen, MirrorServer, MirrorSettings, PeerKeys, ProxySettings
+from spegeld.netaddr import join_host_port
 from spegeld.oci import ShareFilter
 from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
 from spegeld.status import (
@@ -54,7 +55,7 @@ def _status(
         node=cfg.node_name,
         version=version(),
         advertise_addr=cfg.advertise_addr,
-        mirror=tuple(f"{host}:{port}" for host, port in mirror.addresses),
+        mirror=tuple(join_host_port(host, port) for host, port in mirror.addresses),
         store=StoreStatus(
             images=stats.images,
             digests=stats.digests,

@@ -84,7 +84,9 @@ def containerd(
     reads these files on each pull: no restart needed.
     """
     from spegeld.mirrorconfig import (
+        OLD_CONTAINERD_IPV6,
         apply_hosts_files,
+        old_containerd_cannot_read,
         parse_registries,
         remove_hosts_files,
         render_hosts_files,
@@ -97,6 +99,8 @@ def containerd(
         registries = parse_registries(mirrored_registries)
         files = render_hosts_files(target, registries, resolve_tags=resolve_tags)
         report = apply_hosts_files(config_path, files, keep_existing=keep_existing)
+        if old_containerd_cannot_read(target):
+            click.echo(f"spegeld: warning: {' '.join(OLD_CONTAINERD_IPV6.split())}", err=True)
     for warning in report.warnings:
         click.echo(f"spegeld: warning: {warning}", err=True)
     for change in report.changes:

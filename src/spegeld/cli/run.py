@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,14 +29,46 @@ if TYPE_CHECKING:
     from spegeld.systemd import InheritedSocket
 
 
-def default_advertise_addr() -> str:
-    """The source address of the default route: a UDP connect sends no packet."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+# Destinations only asked of the routing table (a UDP connect sends no packet): the
+# documentation prefixes of each family, which no real route is meant to reach.
+_ROUTE_PROBES = ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1"))
+IF_INET6 = Path("/proc/net/if_inet6")  # Linux's list of this namespace's IPv6 addresses
+_IFA_F_TENTATIVE_OR_DADFAILED = 0x40 | 0x08  # not usable yet, or never
+
+
+def default_advertise_addr(if_inet6: Path = IF_INET6) -> str:
+    """The address peers reach this node at: the source address of the IPv4 default
+    route, else of the IPv6 one (an IPv6-only node), else a global IPv6 address of any
+    interface (an IPv6-only node with no default route), else loopback."""
+    for family, destination in _ROUTE_PROBES:
         try:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only asks the kernel for a route
-            return str(probe.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((destination, 9))
+                return str(probe.getsockname()[0])
+        except OSError:  # no route of this family, or no such family here
+            continue
+    return _global_ipv6(if_inet6) or "127.0.0.1"
+
+
+def _global_ipv6(if_inet6: Path) -> str | None:
+    """The first global-scope IPv6 address in ``/proc/net/if_inet6`` that is not
+    tentative: ``address ifindex prefixlen scope flags name`` per line, hex."""
+    try:
+        lines = if_inet6.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 6 or fields[3] != "00":  # scope 00: global (ULA included)
+            continue
+        try:
+            flags = int(fields[4], 16)
+            address = ipaddress.IPv6Address(int(fields[0], 16))
+        except ValueError:
+            continue
+        if not flags & _IFA_F_TENTATIVE_OR_DADFAILED:
+            return str(address)
+    return None
 
 
 def registry_host(entry: str) -> str:
@@ -54,7 +87,9 @@ def registry_host(entry: str) -> str:
 @mirror_addr_option
 @listener_options
 @option("--advertise-addr", default=None,
-        help="IP peers use to reach this node.  [default: default route's source]")  # fmt: skip
+        help="IP (IPv4 or IPv6) peers use to reach this node.  [default: the source "
+        "address of the IPv4 default route, else of the IPv6 one, else a global IPv6 "
+        "address]")  # fmt: skip
 @option("--mirrored-registries", default="", show_default=True,
         help="Comma-separated registries to mirror (URLs or hosts); empty: all.")  # fmt: skip
 @option("--resolve-tags/--no-resolve-tags", default=True, show_default=True,
@@ -210,7 +245,7 @@ def node_config(
         peer_port=peer_port,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
-        advertise_addr=advertise_addr or default_advertise_addr(),
+        advertise_addr=_unbracketed(advertise_addr or default_advertise_addr()),
         mirrored_registries=registries,
         resolve_tags=resolve_tags,
         static_peers=static_peers,
@@ -232,6 +267,13 @@ def node_config(
         private_registries=private,
         coordinate_pulls=coordinate_pulls,
     )
+
+
+def _unbracketed(address: str) -> str:
+    """``[fd00::1]``, as HOST:PORT forms write it, is the address ``fd00::1``."""
+    if address.startswith("[") and address.endswith("]"):
+        return address[1:-1]
+    return address
 
 
 def _private_registry(entry: str) -> tuple[str, str]:

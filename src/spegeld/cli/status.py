@@ -15,17 +15,19 @@ if TYPE_CHECKING:
 
 @click.command()
 @option("--registry-addr", default="127.0.0.1:5000", show_default=True,
-        help="HOST:PORT of the daemon's mirror (its /status endpoint).")  # fmt: skip
+        help="HOST:PORT ([v6]:PORT) of the daemon's mirror (its /status endpoint).")  # fmt: skip
 @json_option
 def status(registry_addr: str, as_json: bool) -> None:
     """Show the daemon's peers, keys, coordinator and packet counters."""
     import httpx
 
     from spegeld.cli._root import fail
+    from spegeld.config import parse_host_port
     from spegeld.errors import RemoteProtocolError
+    from spegeld.netaddr import join_host_port
     from spegeld.status import NodeStatus
 
-    url = f"http://{registry_addr}/status"
+    url = f"http://{join_host_port(*parse_host_port(registry_addr, '--registry-addr'))}/status"
     try:
         response = httpx.get(url, timeout=5.0)
     except httpx.HTTPError as exc:

@@ -18,6 +18,7 @@ import trio
 
 from spegeld.errors import KubeStatusError, KubeUnreachable, LeaseConflict, SpegeldError
 from spegeld.kube import Credentials, KubeClient, jwt_claims, jwt_expiry, ssl_context
+from spegeld.netaddr import join_host_port
 
 from . import _remedies as remedy
 from ._model import CheckResult, Status, first_failure, skipped
@@ -124,10 +125,11 @@ async def check_api(
 
     ip = addresses[0]
     connected = await tcp_connect(ip, port, timeout)
+    where = join_host_port(ip, port)  # [v6]:port
     if connected.outcome is Connect.DROPPED:
-        evidence: tuple[str, ...] = (f"{ip}:{port}: SYN sent, {connected.detail}",)
+        evidence: tuple[str, ...] = (f"{where}: SYN sent, {connected.detail}",)
     else:
-        evidence = (f"{ip}:{port}: {connected.detail} after {connected.seconds * 1000:.0f} ms",)
+        evidence = (f"{where}: {connected.detail} after {connected.seconds * 1000:.0f} ms",)
     if connected.outcome is not Connect.OK:
         results.append(
             await _connect_failure(target, ip, port, connected.outcome, evidence, timeout)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from spegeld.gossip import Keyring, ack_sender, ping_datagram
+from spegeld.netaddr import join_host_port
 
 from ._model import CheckResult, Status, skipped
 
@@ -87,7 +88,7 @@ async def _ping_one(
 
 
 async def ping_peer(keyring: Keyring, addr: Addr, timeout: float) -> CheckResult:
-    title = f"gossip peer {addr[0]}:{addr[1]}"
+    title = f"gossip peer {join_host_port(*addr)}"
     seq = secrets.randbelow(1 << 31)
     sender = f"doctor-{os.getpid()}-{secrets.token_hex(3)}"
     datagram = ping_datagram(keyring, sender, int(time.time()) & 0xFFFF_FFFF, seq)

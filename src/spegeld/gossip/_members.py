@@ -189,7 +189,7 @@ class MemberTable:
                 node=peer.node,
                 state=peer.state.name.lower(),
                 incarnation=peer.incarnation,
-                addr=f"{peer.addr[0]}:{peer.addr[1]}",
+                addr=_host_port(*peer.addr),
                 mirror=peer.mirror,
                 rtt_ms=None if peer.rtt is None else round(peer.rtt * 1000, 3),
                 keys=key_count(peer.slot),
@@ -290,3 +290,8 @@ class MemberTable:
         if self._by_addr.get(peer.addr) == node:
             del self._by_addr[peer.addr]
         return peer
+
+
+def _host_port(host: str, port: int) -> str:
+    """``10.0.0.1:7946`` or ``[fd00::1]:7946``, as mirror addresses are written."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

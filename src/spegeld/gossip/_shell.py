@@ -23,6 +23,7 @@ import trio
 
 from spegeld.errors import ListenError
 from spegeld.metrics import Counter, MetricsRegistry
+from spegeld.netaddr import join_host_port, open_udp_socket, split_host_port, unmapped
 from spegeld.routing import CoordinatorView, Peer
 
 from ._config import GossipConfig
@@ -156,14 +157,12 @@ class GossipRouter:
     async def run(
         self, *, task_status: trio.TaskStatus[Addr] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        family = socket.AF_INET6 if ":" in self._bind[0] else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         try:
-            await sock.bind(self._bind)
+            # "::" is dual-stack: IPv4 members' datagrams arrive too (netaddr).
+            sock = await open_udp_socket(*self._bind)
         except OSError as exc:
-            sock.close()
-            host, port = self._bind
-            raise ListenError(f"gossip cannot listen on {host}:{port}: {exc.strerror}") from exc
+            where = join_host_port(*self._bind)
+            raise ListenError(f"gossip cannot listen on {where}: {exc.strerror}") from exc
         self._socket = sock
         bound = sock.getsockname()[:2]
         if not self._core.config.seeds:
@@ -187,7 +186,8 @@ class GossipRouter:
 
     async def _receive(self, sock: trio.socket.SocketType) -> None:
         data, addr = await sock.recvfrom(RECEIVE_SIZE)
-        self._core.receive(data, (addr[0], addr[1]), trio.current_time())
+        # A dual-stack socket names an IPv4 sender ::ffff:a.b.c.d; its record says a.b.c.d.
+        self._core.receive(data, (unmapped(addr[0]), addr[1]), trio.current_time())
 
     async def _flush(self, sock: trio.socket.SocketType, now: float) -> None:
         for datagram, addr in self._core.datagrams_to_send(now):
@@ -267,9 +267,9 @@ def load_members(state_dir: Path) -> list[Addr]:
     found: list[Addr] = []
     for entry in raw.get("members", []) if isinstance(raw, dict) else []:
         if isinstance(entry, str):
-            host, _, port = entry.rpartition(":")
-            if host and port.isdigit():
-                found.append((host.strip("[]"), int(port)))
+            addr = split_host_port(entry)
+            if addr is not None and addr[0]:
+                found.append(addr)
     return found
 
 
@@ -277,11 +277,8 @@ async def resolve_seeds(names: Sequence[str], default_port: int) -> list[Addr]:
     """``name[:port]`` → every address the name resolves to (a headless Service, say)."""
     found: list[Addr] = []
     for name in names:
-        host, sep, port_text = name.rpartition(":")
-        if not sep or not port_text.isdigit():
-            host, port = name, default_port
-        else:
-            port = int(port_text)
+        split = split_host_port(name)
+        host, port = (name, default_port) if split is None else split
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: "a..b" (IDNA)

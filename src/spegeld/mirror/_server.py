@@ -26,6 +26,7 @@ import trio
 from spegeld.errors import ContainerdError, ListenError, NotFound
 from spegeld.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from spegeld.metrics import MetricsRegistry
+from spegeld.netaddr import join_host_port, open_tcp_listeners
 from spegeld.oci import Digest, ShareFilter, is_index, is_manifest, tag_key
 from spegeld.routing import Router
 from spegeld.store import Store
@@ -462,17 +463,17 @@ def _text(status: int, body: bytes) -> Response:
 
 async def _listen(name: str, spec: Listen) -> list[trio.SocketListener]:
     try:
-        return await trio.open_tcp_listeners(spec.port, host=spec.host)
+        return await open_tcp_listeners(spec.host, spec.port)  # "::": dual-stack
     except OSError as exc:
         reason = exc.strerror or str(exc)
         what = {MIRROR: "the mirror", PEER: "the peer listener", METRICS: "the metrics listener"}
         raise ListenError(
-            f"{what[name]} cannot listen on {spec.host}:{spec.port}: {reason}"
+            f"{what[name]} cannot listen on {join_host_port(spec.host, spec.port)}: {reason}"
         ) from exc
 
 
 def _describe(addresses: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{host}:{port}" for host, port in addresses)
+    return ", ".join(join_host_port(host, port) for host, port in addresses)
 
 
 def beyond_loopback(addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:

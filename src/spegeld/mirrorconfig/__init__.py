@@ -18,6 +18,10 @@ remotes/docker/config/hosts.go), so there the default dial timeout (30 s) applie
 On Talos, ``/etc/cri/conf.d/hosts`` is generated from the machine config and read-only,
 so spegeld prints a patch instead: ``machine.registries.mirrors`` (``"*"`` for every
 registry) plus the CRI part that sets ``discard_unpacked_layers = false``.
+
+An IPv6 mirror (``http://[::1]:5000``) is written as TOML has it, which containerd 2.x
+reads; 1.6 and 1.7 cannot (``OLD_CONTAINERD_IPV6`` says why, in the file and from
+``spegeld configure``): with them the mirror stays on ``127.0.0.1``.
 """
 
 from spegeld.mirrorconfig._files import (
@@ -34,9 +38,11 @@ from spegeld.mirrorconfig._render import (
     DIAL_TIMEOUT,
     HOSTS_TOML,
     MARKER,
+    OLD_CONTAINERD_IPV6,
     TALOS_CRI_PART,
     HostsFile,
     is_spegeld_file,
+    old_containerd_cannot_read,
     render_hosts_files,
     render_hosts_toml,
     render_talos_patch,
@@ -54,6 +60,7 @@ __all__ = [
     "DIAL_TIMEOUT",
     "HOSTS_TOML",
     "MARKER",
+    "OLD_CONTAINERD_IPV6",
     "TALOS_CRI_PART",
     "Change",
     "FileChange",
@@ -63,6 +70,7 @@ __all__ = [
     "MirroredRegistry",
     "apply_hosts_files",
     "is_spegeld_file",
+    "old_containerd_cannot_read",
     "parse_mirror_target",
     "parse_registries",
     "parse_registry",

@@ -16,12 +16,14 @@ __all__ = [
     "DIAL_TIMEOUT",
     "HOSTS_TOML",
     "MARKER",
+    "OLD_CONTAINERD_IPV6",
     "TALOS_CRI_PART",
     "HostsFile",
     "is_spegeld_file",
     "keep_existing_hosts",
     "render_hosts_files",
     "render_hosts_toml",
+    "old_containerd_cannot_read",
     "render_talos_patch",
 ]
 
@@ -89,6 +91,8 @@ def render_hosts_toml(
     ]
     if not resolve_tags:
         lines.append('# capabilities = ["pull"]: tags resolve at the registry; digests come here.')
+    if old_containerd_cannot_read(target):
+        lines += [f"# {line}" for line in OLD_CONTAINERD_IPV6.splitlines()]
     if registry is not None:
         lines.append(f"server = {_quoted(registry.server)}")
     lines += [
@@ -98,6 +102,24 @@ def render_hosts_toml(
         f"  dial_timeout = {_quoted(DIAL_TIMEOUT)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+# containerd 1.6 and 1.7 read hosts.toml with go-toml v1, whose table-header lexer ends
+# the key at the first "]" even inside quotes (and does not unescape \u005d there):
+# "[host."http://[::1]:5000"]" fails with "table key cannot contain ']'" and the whole
+# file is ignored. An inline table under [host] would suit them, but 2.x only takes hosts
+# from table headers. So the file is standard TOML (2.x reads it) and says so.
+OLD_CONTAINERD_IPV6 = (
+    "containerd 1.6 and 1.7 cannot read an IPv6 literal in a [host] key (go-toml v1):\n"
+    "they ignore this file and pull from the registry. With them, give the mirror as\n"
+    "http://127.0.0.1:PORT (IPv6-only nodes have IPv4 loopback too) and run spegeld\n"
+    "with --registry-addr 127.0.0.1:PORT."
+)
+
+
+def old_containerd_cannot_read(mirror_target: str) -> bool:
+    """Whether containerd 1.6 and 1.7 would ignore a hosts.toml naming this mirror."""
+    return "[" in mirror_target
 
 
 def _toml_value(value: Any, where: str) -> str:

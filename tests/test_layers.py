@@ -33,6 +33,7 @@ RANKS = {
     "metrics": 0,
     "netaddr": 0,  # host:port forms and dual-stack sockets, used from config up
     "oci": 1,
+    "processmetrics": 1,  # the process_* metrics from /proc, registered by app
     "config": 1,
     "mirrorconfig": 1,
     "kube": 2,

@@ -478,3 +478,39 @@ def test_help_round_trips(help: str) -> None:
     registry.gauge("g", help)
     (family,) = parse(registry.render())
     assert family.help == help
+
+
+# --- Values read at scrape time -----------------------------------------------------------
+
+
+def test_counter_function_is_read_at_scrape_time_and_refuses_inc() -> None:
+    registry = MetricsRegistry()
+    counter = registry.counter("process_cpu_seconds_total", "CPU.")
+    seconds = [1.5]
+    counter.set_function(lambda: seconds[0])
+    assert registry.render().endswith("process_cpu_seconds_total 1.5\n")
+    seconds[0] = 2.0
+    assert registry.render().endswith("process_cpu_seconds_total 2\n")
+    with pytest.raises(ValueError, match="set_function"):
+        counter.inc()
+
+
+def test_scrape_hooks_run_before_every_render() -> None:
+    registry = MetricsRegistry()
+    gauge = registry.gauge("spegel_advertised_image_tags", "Tags.", ("registry",))
+    held = {"docker.io": 2}
+
+    def refresh() -> None:
+        for (registry_label,) in gauge.label_values():
+            gauge.labels(registry=registry_label).set(0)
+        for name, count in held.items():
+            gauge.labels(registry=name).set(count)
+
+    registry.on_scrape(refresh)
+    assert registry.render().endswith('spegel_advertised_image_tags{registry="docker.io"} 2\n')
+    held = {"ghcr.io": 1}
+    assert registry.render().endswith(
+        'spegel_advertised_image_tags{registry="docker.io"} 0\n'
+        'spegel_advertised_image_tags{registry="ghcr.io"} 1\n'
+    )
+    assert gauge.label_values() == [("docker.io",), ("ghcr.io",)]

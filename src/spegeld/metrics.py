@@ -77,21 +77,31 @@ def _format_value(value: float) -> str:
 
 
 class CounterChild:
-    """One labelled series of a :class:`Counter`."""
+    """One labelled series of a :class:`Counter`: counted, or read at scrape time."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_function", "_value")
 
     def __init__(self) -> None:
         self._value = 0.0
+        self._function: Callable[[], float] | None = None
 
     def inc(self, amount: float = 1) -> None:
         # `not >=` also rejects NaN, which would poison the counter for good.
         if not amount >= 0:
             raise ValueError(f"counters only go up; cannot add {amount!r}")
+        if self._function is not None:
+            raise ValueError("this counter is read by set_function; it cannot be incremented")
         self._value += amount
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        """Read the value by calling ``function`` at every scrape: for a total something
+        else keeps (the kernel's CPU time of this process), which must never go down."""
+        self._function = function
 
     @property
     def value(self) -> float:
+        if self._function is not None:
+            return float(self._function())
         return self._value
 
 
@@ -200,6 +210,10 @@ class _Metric(Generic[_Child]):
         """The names this metric's samples use, which no other metric may share."""
         return tuple(self.name + suffix for suffix in self._suffixes)
 
+    def label_values(self) -> list[tuple[str, ...]]:
+        """The label values of every series so far, in ``labelnames`` order."""
+        return list(self._children)
+
     def labels(self, **labels: str) -> _Child:
         """The series with these label values, created on first use."""
         if len(labels) == len(self.labelnames):
@@ -260,6 +274,9 @@ class Counter(_Metric[CounterChild]):
     def inc(self, amount: float = 1) -> None:
         """Increment the counter that has no labels."""
         self._unlabelled().inc(amount)
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self._unlabelled().set_function(function)
 
     def _new_child(self) -> CounterChild:
         return CounterChild()
@@ -345,6 +362,12 @@ class MetricsRegistry:
     def __init__(self) -> None:
         self._metrics: list[Counter | Gauge | Histogram] = []
         self._sample_names: set[str] = set()
+        self._collectors: list[Callable[[], object]] = []
+
+    def on_scrape(self, collect: Callable[[], object]) -> None:
+        """Call ``collect`` at the start of every :meth:`render`: to set series whose
+        label values are only known then (the advertised content, per registry)."""
+        self._collectors.append(collect)
 
     def counter(self, name: str, help: str, labelnames: Iterable[str] = ()) -> Counter:
         return self._register(Counter(name, help, labelnames))
@@ -363,6 +386,8 @@ class MetricsRegistry:
 
     def render(self) -> str:
         """The text exposition (format 0.0.4) of every metric, ending in a newline."""
+        for collect in self._collectors:
+            collect()
         out: list[str] = []
         for metric in self._metrics:
             metric._render(out)

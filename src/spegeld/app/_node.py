@@ -25,6 +25,7 @@ from spegeld.metrics import MetricsRegistry
 from spegeld.mirror import Limits, Listen, MirrorServer, MirrorSettings, PeerKeys, ProxySettings
 from spegeld.netaddr import join_host_port
 from spegeld.oci import ShareFilter
+from spegeld.processmetrics import with_process_metrics
 from spegeld.routing import NodeId, Peer, Router, StaticRouter, advertise_store
 from spegeld.status import (
     ElectionStatus,
@@ -147,7 +148,7 @@ async def run_node(
     SIGHUP reloads what can change under a running daemon (the cluster key file) and
     says which changed settings need a restart.
     """
-    metrics = MetricsRegistry()
+    metrics = with_process_metrics(MetricsRegistry())
     sup = supervision or Supervision()
     notifier = sup.notifier
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import h11
 import trio
@@ -52,6 +53,7 @@ __all__ = [
     "Limits",
     "Request",
     "Response",
+    "RequestAccounting",
     "ServerStatistics",
     "StreamBody",
 ]
@@ -80,6 +82,18 @@ class _BodyTimeout(Exception):
     """The body stream gave no chunk for ``Limits.body_timeout`` seconds."""
 
 
+class RequestAccounting(Protocol):
+    """Told of every request given to the handler: when it began and how it ended.
+
+    ``end`` gets the status sent (500 when the handler raised, 503 when it timed out) and
+    the body bytes of a complete response (0 for HEAD, and for a response cut short).
+    It runs on the hot path: keep it to a few dictionary lookups."""
+
+    def begin(self, request: Request) -> object: ...
+
+    def end(self, token: object, status: int, size: int) -> None: ...
+
+
 @dataclass(slots=True)
 class ServerStatistics:
     connections: int = 0
@@ -99,10 +113,12 @@ class HttpServer:
         limits: Limits,
         *,
         on_error: Callable[[str], object] | None = None,
+        accounting: RequestAccounting | None = None,
     ) -> None:
         self._handler = handler
         self._limits = limits
         self._on_error = on_error
+        self._accounting = accounting
         self._slots = Slots(
             shared=limits.max_connections,
             per_source=limits.per_source_connections,
@@ -319,6 +335,9 @@ class HttpServer:
     ) -> None:
         self.stats.requests += 1
         self.stats.in_flight += 1
+        accounting = self._accounting
+        token: object = None
+        status, size = 500, 0  # what a handler that raised gets (_HandlerFailed)
         try:
             request = Request(
                 method=bytes(req.method),
@@ -326,6 +345,8 @@ class HttpServer:
                 headers={bytes(k): bytes(v) for k, v in req.headers},
                 listener=name,
             )
+            if accounting is not None:
+                token = accounting.begin(request)
             response: Response | None = None
             try:  # outside the scope too: what a cancelled nursery leaves is an ExceptionGroup
                 with trio.move_on_after(self._limits.handler_timeout):
@@ -333,14 +354,20 @@ class HttpServer:
             except Exception as exc:
                 raise _HandlerFailed from exc
             if response is None:
+                status = 503
                 raise _HandlerTimeout
+            status = response.status
             await self._send(conn, stream, request, response)
+            if request.method != b"HEAD":
+                size = response.body.length
             # Consume the request's end (and any body already buffered); a body
             # still on the wire is never read, and the connection then closes.
             while conn.their_state is h11.SEND_BODY:
                 if conn.next_event() is h11.NEED_DATA:
                     return
         finally:
+            if accounting is not None and token is not None:
+                accounting.end(token, status, size)
             self.stats.in_flight -= 1
             if self._draining and self.stats.in_flight == 0:
                 self._drained.set()

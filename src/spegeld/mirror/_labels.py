@@ -51,3 +51,35 @@ class RegistryLabels:
         """A tag under ``registry`` was served: the registry is real and may be a label."""
         if registry not in self._fixed and len(self._learned) < MAX_LEARNED_REGISTRIES:
             self._learned.add(registry)
+
+
+# The ``handler`` label of the http_* metrics: Spegel's value for its pull API ("/v2/*",
+# its Go mux pattern "/v2/" with the trailing slash as "*") and the path of each fixed
+# route. A path no route serves is "other": the target is the client's choice, so it is
+# never a label as it is.
+V2_HANDLER = "/v2/*"
+FIXED_HANDLERS = {
+    b"/healthz": "/healthz",
+    b"/livez": "/livez",
+    b"/readyz": "/readyz",
+    b"/metrics": "/metrics",
+    b"/status": "/status",
+}
+HANDLERS = (V2_HANDLER, *FIXED_HANDLERS.values(), OTHER)
+# The ``method`` label: the methods HTTP defines; any other token a client sends is OTHER.
+METHODS = {
+    method.encode(): method
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+}
+OTHER_METHOD = "OTHER"
+
+
+def handler_label(target: bytes) -> str:
+    """The ``handler`` label for a request target: bounded whatever the client sends."""
+    if target.startswith(b"/v2/") or target == b"/v2" or target.startswith(b"/v2?"):
+        return V2_HANDLER
+    return FIXED_HANDLERS.get(target.partition(b"?")[0], OTHER)
+
+
+def method_label(method: bytes) -> str:
+    return METHODS.get(method, OTHER_METHOD)

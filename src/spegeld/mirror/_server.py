@@ -46,7 +46,7 @@ from ._http import (
 )
 from ._inflight import Designation, InflightFeeds, blob_holders, inflight_response, tracked
 from ._labels import RegistryLabels
-from ._metrics import MirrorMetrics
+from ._metrics import AdvertisedCounts, HttpMetrics, MirrorMetrics
 from ._peer import MIRRORED_HEADER
 from ._private import PrivateAccess
 from ._proxy import DiscardPartial, Proxy, ProxySettings
@@ -118,6 +118,7 @@ class MirrorServer:
         self._router = router
         self._metrics_registry = metrics
         self._metrics = MirrorMetrics(metrics)
+        AdvertisedCounts(metrics, store)  # counted at every scrape
         self._settings = settings
         self._ready = ready
         self._status = status
@@ -136,7 +137,10 @@ class MirrorServer:
         self._private = PrivateAccess(dict(settings.private_registries), metrics)
         errors = {kind: self._metrics.http_errors.labels(kind=kind) for kind in ERROR_KINDS}
         self._server = HttpServer(
-            self.handle, settings.limits, on_error=lambda kind: errors[kind].inc()
+            self.handle,
+            settings.limits,
+            on_error=lambda kind: errors[kind].inc(),
+            accounting=HttpMetrics(metrics),
         )
         self.addresses: list[tuple[str, int]] = []  # the mirror listener's
         self.peer_addresses: list[tuple[str, int]] = []
@@ -324,6 +328,8 @@ class MirrorServer:
         if response is None and not mirrored:
             response = await self._proxied(route, request, key)
         cache = "hit" if response is not None else "miss"
+        if response is not None:
+            self._metrics.last_success.set(time.time())
         if response is not None and route.tag is not None and route.upstream is not None:
             self._labels.tag_hit(route.upstream)
         label = self._labels.label(route.upstream)  # bounded: ``ns`` is the client's choice

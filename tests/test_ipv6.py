@@ -4,9 +4,10 @@
   ``[v6]:PORT`` everywhere, an unclosed bracket is a clear error.
 - A dual-stack ``::`` socket (``IPV6_V6ONLY`` off) takes IPv4 and IPv6: one mirror
   listener answers a peer's proxied request over ``[::1]`` and over ``127.0.0.1``.
-- Gossip: real ``GossipRouter`` shells, one on ``::1``, one bound ``::`` (dual-stack) and
-  advertised on ``127.0.0.1``, one IPv4-only; each learns the others' keys, and an IPv4
-  datagram reaching the dual-stack socket is seen from ``127.0.0.1``, not ``::ffff:…``.
+- Gossip: real ``GossipRouter`` shells bound ``::`` (dual-stack) exchange keys with a
+  node on ``::1`` alone and, advertised at ``127.0.0.1``, with a node on ``127.0.0.1``
+  alone. An IPv4 datagram reaching a dual-stack socket comes from ``::ffff:127.0.0.1``,
+  which ``netaddr.unmapped`` (used by the gossip shell) turns back into ``127.0.0.1``.
 
 The 3-node cluster with a real ``ctr`` pull over IPv6 is ``test_ipv6_netns.py``.
 """
@@ -138,6 +139,12 @@ async def test_the_dual_stack_socket_is_one_socket_with_v6only_off() -> None:
         udp = await netaddr.open_udp_socket("::", 0)
         with udp:
             assert udp.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+            # An IPv4 sender, as the dual-stack socket reports it, and as gossip reads it.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as four:
+                four.sendto(b"hello", ("127.0.0.1", udp.getsockname()[1]))
+                data, source = await udp.recvfrom(64)
+            assert (data, source[0]) == (b"hello", "::ffff:127.0.0.1")
+            assert netaddr.unmapped(source[0]) == "127.0.0.1"
         only_v6 = await netaddr.open_udp_socket("::1", 0)
         with only_v6:
             assert only_v6.family == socket.AF_INET6
@@ -215,8 +222,7 @@ async def test_gossip_on_ipv6_and_through_a_dual_stack_socket_over_ipv4() -> Non
             on_six = {p["node"]: p for p in dual.status()["peers"]}
             assert on_six["six"]["addr"] == f"[::1]:{six._core.config.addr[1]}"
             assert on_six["six"]["registry"] == "[::1]:5001"
-            # four's datagrams reach dual4's socket from ::ffff:127.0.0.1; unmapped, they
-            # match four's record: four is alive, and nothing was taken for a stranger.
+            # four reaches dual4's dual-stack socket over IPv4 and is listed as it advertises.
             on_four = {p["node"]: p for p in dual4.status()["peers"]}
             assert on_four["four"]["addr"] == f"127.0.0.1:{four._core.config.addr[1]}"
             for router in (dual, six, dual4, four):

@@ -14,7 +14,12 @@ from spegeld_harness import build_image
 
 from spegeld.metrics import MetricsRegistry
 from spegeld.mirror._http import HttpServer, Limits, Request, Response
-from spegeld.mirror._metrics import RESPONSE_SIZE_BUCKETS, HttpMetrics, registry_of
+from spegeld.mirror._metrics import (
+    RESPONSE_SIZE_BUCKETS,
+    AdvertisedCounts,
+    HttpMetrics,
+    registry_of,
+)
 from spegeld.oci import Digest, parse_reference
 from spegeld.processmetrics import export_process_metrics, read_stat
 from spegeld.routing import StaticRouter
@@ -148,6 +153,43 @@ async def test_advertised_gauges_are_per_registry() -> None:
     # An image gone: its registry reads 0, the other is unchanged.
     assert by_registry(after["spegel_advertised_content_digests"]) == {
         "example.com": content["example.com"],
+        "ghcr.io": 0,
+    }
+
+
+def test_content_is_counted_over_several_scrapes_within_the_budget() -> None:
+    """With no time budget, each scrape counts one digest: a large store never stalls one
+    scrape; the gauge shows the last complete count, and a change made during a pass is
+    counted by the pass after it."""
+    store = image_in_memory(IMAGE)
+    registry = MetricsRegistry()
+    AdvertisedCounts(registry, store, budget=0)
+    digests = len(memory_blobs(IMAGE))
+
+    def content() -> dict[str, float] | None:
+        family = families(registry.render()).get("spegel_advertised_content_digests")
+        if family is None:
+            return None
+        return {labels["registry"]: float(value) for _, labels, value in family.samples}
+
+    assert [content() for _ in range(digests - 1)] == [None] * (digests - 1)
+    assert content() == {"example.com": digests}
+    other = parse_reference(OTHER_IMAGE.name).tag_key()
+    assert other is not None
+    store.add_image(
+        OTHER_IMAGE.name, memory_blobs(OTHER_IMAGE), {other: Digest(OTHER_IMAGE.digest)}
+    )
+    total = len(set(memory_blobs(IMAGE)) | set(memory_blobs(OTHER_IMAGE)))
+    # A pass over both images: meanwhile the last complete count stays.
+    assert all(content() == {"example.com": digests} for _ in range(total - 1))
+    store.remove_image(OTHER_IMAGE.name)  # one digest before that pass ends
+    content()  # it ends, counted partly before the removal; the next pass begins
+    final = [content() for _ in range(digests)]
+    assert final[-1] == {"example.com": digests, "ghcr.io": 0}
+    # The tags were counted at every change, at once.
+    tags = families(registry.render())["spegel_advertised_image_tags"]
+    assert {labels["registry"]: float(v) for _, labels, v in tags.samples} == {
+        "example.com": 1,
         "ghcr.io": 0,
     }
 

@@ -31,6 +31,7 @@ import yaml
 from spegeld_harness import CtrError, PrivateContainerd, free_port
 
 from tests._talos_bundle import built_once, load_talos_module
+from tests.realkube._apiserver import RealKubeApi
 
 pytestmark = [pytest.mark.slow, pytest.mark.containerd]
 
@@ -88,6 +89,28 @@ def node(tmp_path_factory: pytest.TempPathFactory, image: Any) -> Iterator[Priva
         yield containerd
     finally:
         containerd.close()
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealKubeApi]:
+    """The real kube-apiserver with deploy/rbac.yaml applied: the pod's ServiceAccount."""
+    api = RealKubeApi(tmp_path_factory.mktemp("kube"))
+    api.start()
+    try:
+        api.kubectl("apply", "-f", str(REPO / "deploy" / "rbac.yaml"))
+        yield api
+    finally:
+        api.stop()
+
+
+def _service_account_dir(api: RealKubeApi, directory: Path) -> Path:
+    """What the kubelet projects into the pod: token, ca.crt, namespace."""
+    directory.mkdir()
+    token = api.kubectl("-n", "spegeld", "create", "token", "spegeld").strip()
+    (directory / "token").write_text(token)
+    (directory / "ca.crt").write_text(api.ca_pem)
+    (directory / "namespace").write_text("spegeld")
+    return directory
 
 
 def _pod() -> dict[str, Any]:
@@ -212,13 +235,16 @@ def _proc_status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
+@pytest.mark.kubeapiserver
 def test_the_daemon_serves_under_the_pods_security_context(
-    node: PrivateContainerd, image: Any, tmp_path: Path
+    node: PrivateContainerd, image: Any, kube: RealKubeApi, tmp_path: Path
 ) -> None:
     """``spegeld run`` (the image's Entrypoint + Cmd, no command given) with the DaemonSet's
     environment and mounts: containerd's socket directory and content store read-only, the
-    state directory, the key as the Secret volume gives it (0400). It gets ready, serves
-    a blob of the store from its file, holds no capability, and stops cleanly on SIGTERM.
+    state directory, the key as the Secret volume gives it (0400), the ServiceAccount's
+    token as the kubelet projects it, KUBERNETES_SERVICE_HOST/PORT. It gets ready, takes
+    the coordinator Lease with the in-cluster credentials, serves a blob of the store
+    from its file, holds no capability, and stops cleanly on SIGTERM.
 
     Ports: the host's loopback is shared with other tests, so the listeners move to free
     ports (SPEGELD_*_ADDR; the DaemonSet keeps the defaults); the private containerd's
@@ -235,6 +261,9 @@ def test_the_daemon_serves_under_the_pods_security_context(
         "SPEGELD_PEER_ADDR": f"127.0.0.1:{free_port('127.0.0.1')}",
         "SPEGELD_GOSSIP_ADDR": f"127.0.0.1:{free_port('127.0.0.1')}",
         "SPEGELD_CONTAINERD_CONTENT_PATH": str(node.content_path),
+        # What the kubelet sets in every pod (the kubernetes Service; here the API server).
+        "KUBERNETES_SERVICE_HOST": kube.host,
+        "KUBERNETES_SERVICE_PORT": str(kube.port),
     }
     key_dir, state = tmp_path / "key", tmp_path / "state"
     key_dir.mkdir()
@@ -257,12 +286,15 @@ def test_the_daemon_serves_under_the_pods_security_context(
             str(node.content_path) if m["name"] == "containerd-content" else m["mountPath"]
         )
         args += _mount(host_side[m["name"]], destination, "ro" if m.get("readOnly") else "rw")
+    account = _service_account_dir(kube, tmp_path / "serviceaccount")
+    args += _mount(account, "/var/run/secrets/kubernetes.io/serviceaccount", "ro")
     container = f"spegeld-deploy-{time.monotonic_ns()}"  # runc's state dir is host-wide
     log = tmp_path / "spegeld.log"
     node.ctr(*args, image.name, container, timeout=COMMAND_TIMEOUT)
     try:
         started = time.monotonic()
         while _get(f"http://127.0.0.1:{registry}/readyz") != (200, b"ready\n"):
+            assert not _stopped(node, container), log.read_text()[-3000:]
             assert time.monotonic() - started < READY_TIMEOUT, log.read_text()[-3000:]
             time.sleep(0.1)
         print(f"\nready in {time.monotonic() - started:.1f} s")
@@ -272,6 +304,16 @@ def test_the_daemon_serves_under_the_pods_security_context(
         assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
         assert "(sendfile)" in log.read_text()  # by file, through the read-only mount
 
+        # The in-cluster credentials: the preflight passes and the node takes the Lease.
+        lease = ("-n", "spegeld", "get", "lease", "spegeld-coordinator",
+                 "-o", "jsonpath={.spec.holderIdentity}")  # fmt: skip
+        while kube.kubectl_run(*lease).stdout != "node-1":
+            assert time.monotonic() - started < READY_TIMEOUT, log.read_text()[-3000:]
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "preflight: Kubernetes API reachable; Lease permissions ok" in text
+        assert "credentials: in-cluster service account" in text
+
         (task,) = [line.split() for line in node.ctr("task", "ls").splitlines()[1:]
                    if line.startswith(container)]  # fmt: skip
         proc = _proc_status(int(task[1]))
@@ -280,6 +322,12 @@ def test_the_daemon_serves_under_the_pods_security_context(
             "0000000000000000"
         }
         assert proc["NoNewPrivs"] == "1" and proc["Seccomp"] == "2"
+
+        # What `kubectl exec <pod> -- spegeld status` runs: the image's PATH, the pod's env.
+        exec_id = f"status-{time.monotonic_ns()}"
+        status = node.ctr("task", "exec", "--exec-id", exec_id, container, "spegeld", "status",
+                          "--json", timeout=COMMAND_TIMEOUT)  # fmt: skip
+        assert "node-1" in json.dumps(json.loads(status))
 
         node.ctr("task", "kill", "--signal", "SIGTERM", container)
         started = time.monotonic()

@@ -47,10 +47,14 @@ MAX_SOURCES = 4  # holders asked at once: 4 uplinks already exceed most nodes' d
 # Bytes per Range request: 2 MiB is 17 ms at 1 Gbit/s, so a request's fixed cost (a
 # signature, a head, well under 1 ms on a local network) stays a few percent of it.
 CHUNK = 2 * 1024 * 1024
-# Bytes past what the client has been sent that may be fetched: two stripes per source,
-# so a source that finishes early starts its next stripe while the earliest one lands.
-# The memory bound per blob is WINDOW + CHUNK (18 MiB), for any client and peer pace.
-WINDOW = 2 * MAX_SOURCES * CHUNK
+# Stripes in flight per peer, each on its own connection: the next request is on its way
+# while a stripe lands, so a busy peer's or client's scheduling delay between stripes
+# does not idle the peer's uplink.
+LANES = 2
+# Bytes past what the client has been sent that may be fetched: two stripes per lane,
+# so a lane that finishes early starts its next stripe while the earliest one lands.
+# The memory bound per blob is WINDOW + CHUNK, for any client and peer pace.
+WINDOW = 2 * LANES * MAX_SOURCES * CHUNK
 # A stripe is split for an idle source only while twice this is left of it: smaller
 # pieces cost a request and a connection (the victim's is closed) for little gain.
 MIN_SPLIT = 512 * 1024
@@ -66,6 +70,7 @@ SLOW_FACTOR = 3.0
 HELD_BACK = 1  # the last byte waits for the digest, as on the single-source path
 
 # Called as ``open_range(peer, range_header=b"bytes=A-B")``: the proxy's signed GET.
+Lane = tuple[Peer, int]  # one of a peer's LANES connections: a source of the plan
 Opener = Callable[..., Awaitable[PeerResponse | None]]
 CaughtLying = Callable[[Sequence[Peer]], Awaitable[None]]
 
@@ -98,15 +103,16 @@ class Swarm:
         self._unproven = unproven
         self._caught_lying = caught_lying
         sources = [first.peer, *others]
+        self._lanes = [(peer, lane) for peer in sources for lane in range(LANES)]
         self._plan = StripePlan(
-            self._size, sources, chunk=CHUNK, window=WINDOW, min_split=MIN_SPLIT,
+            self._size, self._lanes, chunk=CHUNK, window=WINDOW, min_split=MIN_SPLIT,
             patience=PATIENCE, slow_factor=SLOW_FACTOR,
         )  # fmt: skip
         # The first holder's response (the whole blob, from byte 0) serves the first stripe.
-        initial = self._plan.take(first.peer, trio.current_time())
+        initial = self._plan.take((first.peer, 0), trio.current_time())
         assert initial is not None and initial.start == 0
         self._first = (first, initial)
-        self._buffers: dict[Stripe[Peer], deque[bytes]] = {}
+        self._buffers: dict[Stripe[Lane], deque[bytes]] = {}
         self._served: dict[Peer, int] = dict.fromkeys(sources, 0)
         self._lot = trio.lowlevel.ParkingLot()  # woken at every change of the plan
         self._scope = trio.CancelScope()
@@ -126,42 +132,45 @@ class Swarm:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    for peer in self._plan.sources:
-                        first = self._first if peer == self._first[0].peer else None
-                        nursery.start_soon(self._source, peer, first)
+                    for lane in self._lanes:
+                        first = self._first if lane == (self._first[0].peer, 0) else None
+                        nursery.start_soon(self._source, lane, first)
         except Exception:  # a bug here must cut one response, never end the daemon
             logger.exception("fetching %s from several peers failed", self._digest)
         finally:
             self._ended = True
             self._lot.unpark_all()
 
-    async def _source(self, peer: Peer, first: tuple[PeerResponse, Stripe[Peer]] | None) -> None:
+    async def _source(self, lane: Lane, first: tuple[PeerResponse, Stripe[Lane]] | None) -> None:
+        peer = lane[0]
         response, stripe = first if first is not None else (None, None)
         try:
             while True:
                 if stripe is None:
-                    stripe = self._plan.take(peer, trio.current_time())
+                    stripe = self._plan.take(lane, trio.current_time())
                 if stripe is None:
-                    if self._plan.complete:
+                    if self._plan.complete or lane not in self._plan.sources:
                         return
                     await self._lot.park()
                     continue
                 if response is None:
                     response = await self._request(peer, stripe)
-                await self._read(peer, stripe, response)
+                await self._read(lane, stripe, response)
                 await response.aclose()  # back to the pool when the range ended exactly
                 response, stripe = None, None
         except PeerFailed as exc:
             self._metrics.proxy_errors.labels(reason="broken").inc()
             logger.info("%s: its ranges of %s move to the other holders: %s",
                         peer.mirror, self._digest, exc)  # fmt: skip
-            self._plan.failed(peer)
+            for other in self._lanes:  # the peer's other lanes stop at their next piece
+                if other[0] == peer:
+                    self._plan.failed(other)
             self._lot.unpark_all()
         finally:
             if response is not None:
                 await response.aclose()
 
-    async def _request(self, peer: Peer, stripe: Stripe[Peer]) -> PeerResponse:
+    async def _request(self, peer: Peer, stripe: Stripe[Lane]) -> PeerResponse:
         start, end = stripe.next_byte, stripe.end
         response = await self._open(peer, range_header=f"bytes={start}-{end - 1}".encode())
         if response is None:
@@ -178,12 +187,15 @@ class Swarm:
                              f"{response.header(b'content-range')!r}")  # fmt: skip
         return response
 
-    async def _read(self, peer: Peer, stripe: Stripe[Peer], response: PeerResponse) -> None:
+    async def _read(self, lane: Lane, stripe: Stripe[Lane], response: PeerResponse) -> None:
         """Receive ``stripe`` (whose end may move down meanwhile) from ``response``."""
         buffer = self._buffers.setdefault(stripe, deque())
         body = response.body()
         async with contextlib.aclosing(body):  # type: ignore[type-var]
             async for chunk in body:
+                if stripe.owner != lane:
+                    return  # the peer failed on another lane: this stripe is another's now
+                peer = lane[0]
                 piece = chunk[: stripe.remaining]
                 if piece:
                     if not self._served[peer]:
@@ -194,7 +206,7 @@ class Swarm:
                     self._lot.unpark_all()
                 if stripe.remaining == 0:
                     return
-        if stripe.remaining:  # the response ended before the stripe: not this range
+        if stripe.remaining and stripe.owner == lane:  # the response ended short
             raise PeerFailed(f"a range of {self._digest} ended {stripe.remaining} bytes short")
 
     async def _chunks(self) -> AsyncIterator[bytes]:

@@ -325,9 +325,9 @@ def test_the_daemon_serves_under_the_pods_security_context(
 
         # What `kubectl exec <pod> -- spegeld status` runs: the image's PATH, the pod's env.
         exec_id = f"status-{time.monotonic_ns()}"
-        status = node.ctr("task", "exec", "--exec-id", exec_id, container, "spegeld", "status",
+        report = node.ctr("task", "exec", "--exec-id", exec_id, container, "spegeld", "status",
                           "--json", timeout=COMMAND_TIMEOUT)  # fmt: skip
-        assert "node-1" in json.dumps(json.loads(status))
+        assert "node-1" in json.dumps(json.loads(report))
 
         node.ctr("task", "kill", "--signal", "SIGTERM", container)
         started = time.monotonic()

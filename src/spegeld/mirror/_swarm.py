@@ -114,7 +114,12 @@ class Swarm:
         self._first = (first, initial)
         self._buffers: dict[Stripe[Lane], deque[bytes]] = {}
         self._served: dict[Peer, int] = dict.fromkeys(sources, 0)
-        self._lot = trio.lowlevel.ParkingLot()  # woken at every change of the plan
+        # Woken only when it matters, as a wake-up of every task per piece cost more than
+        # the fetch itself on fast links: the body (_chunks) when bytes land at the point
+        # it sends from; idle lanes when a stripe ends or is delivered, or a peer fails.
+        self._data = trio.lowlevel.ParkingLot()
+        self._work = trio.lowlevel.ParkingLot()
+        self._offset = 0  # bytes the body has sent on
         self._scope = trio.CancelScope()
         self._running = False
         self._ended = False  # the source tasks are over (done, failed, or cancelled)
@@ -139,7 +144,11 @@ class Swarm:
             logger.exception("fetching %s from several peers failed", self._digest)
         finally:
             self._ended = True
-            self._lot.unpark_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._data.unpark_all()
+        self._work.unpark_all()
 
     async def _source(self, lane: Lane, first: tuple[PeerResponse, Stripe[Lane]] | None) -> None:
         peer = lane[0]
@@ -151,7 +160,9 @@ class Swarm:
                 if stripe is None:
                     if self._plan.complete or lane not in self._plan.sources:
                         return
-                    await self._lot.park()
+                    # Re-checked at least this often: a stripe held too long is split.
+                    with trio.move_on_after(PATIENCE / 2):
+                        await self._work.park()
                     continue
                 if response is None:
                     response = await self._request(peer, stripe)
@@ -165,7 +176,7 @@ class Swarm:
             for other in self._lanes:  # the peer's other lanes stop at their next piece
                 if other[0] == peer:
                     self._plan.failed(other)
-            self._lot.unpark_all()
+            self._wake()
         finally:
             if response is not None:
                 await response.aclose()
@@ -203,8 +214,10 @@ class Swarm:
                     self._served[peer] += len(piece)
                     buffer.append(piece)
                     self._plan.received(stripe, len(piece), trio.current_time())
-                    self._lot.unpark_all()
+                    if stripe.start <= self._offset:
+                        self._data.unpark_all()
                 if stripe.remaining == 0:
+                    self._work.unpark_all()
                     return
         if stripe.remaining and stripe.owner == lane:  # the response ended short
             raise PeerFailed(f"a range of {self._digest} ended {stripe.remaining} bytes short")
@@ -222,16 +235,17 @@ class Swarm:
                 if not buffer:
                     if self._plan.failed_all or self._ended:
                         raise AbortResponse(f"no holder could send the rest of {self._digest}")
-                    await self._lot.park()
+                    await self._data.park()
                     continue
                 assert stripe is not None
                 piece = buffer.popleft()
                 await hasher.update(piece)
                 offset += len(piece)
+                self._offset = offset
+                self._plan.delivered(offset)
                 if offset >= stripe.end and not buffer:
                     del self._buffers[stripe]
-                self._plan.delivered(offset)
-                self._lot.unpark_all()
+                    self._work.unpark_all()  # the window moved on by a stripe
                 if offset == self._size:
                     piece, held = piece[:-HELD_BACK], piece[-HELD_BACK:]
                 if piece:

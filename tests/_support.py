@@ -32,6 +32,11 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def router_knows(router: Router, key: str, holder: str) -> bool:
+    """Whether ``router`` names ``holder`` among the holders of ``key``."""
+    return any(peer.node == holder for peer in router.lookup(key, 10))
+
+
 def expected_keys(image: BuiltImage, platform: str | None = None) -> set[str]:
     tag_key = parse_reference(image.name).tag_key()
     assert tag_key is not None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -35,6 +35,9 @@ from spegeld.gossip._sealed import (
 from spegeld.gossip._security import DroppedPacket, seal
 from spegeld.gossip._wire import V1Policy
 
+from ._support import router_knows, wait_until
+
+UNTIL = 20.0  # seconds for gossip to converge, inside every test's fail_after
 RING = Keyring([(1, bytes(range(32)))])
 FAST = Timings(probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05, sync_interval=0.2)
 # Strings a private registry would not want on the node network.
@@ -64,18 +67,6 @@ def _router(i: int, v1: V1Policy, seeds: tuple[tuple[str, int], ...] = ()) -> Go
     )
     core = GossipCore(config, RING, random.Random(i), trio.current_time())
     return GossipRouter(core, addr)
-
-
-async def _until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(400):  # 20 s at most, inside every test's fail_after
-        if check():
-            return
-        await trio.sleep(0.05)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-def _knows(router: GossipRouter, key: str, holder: str) -> bool:
-    return any(peer.node == holder for peer in router.lookup(key, 10))
 
 
 class Capture:
@@ -138,8 +129,12 @@ async def test_a_capture_between_two_nodes_shows_no_registry_repository_or_tag(
             await _start(nursery, b, capture)
             a.advertise([SECRET_TAG])
             b.advertise([f"sha256:{'ab' * 32}"])
-            await _until(lambda: _knows(b, SECRET_TAG, "node-1"), "b learns a's tag")
-            await _until(lambda: _knows(a, f"sha256:{'ab' * 32}", "node-2"), "a learns b's key")
+            await wait_until(
+                lambda: router_knows(b, SECRET_TAG, "node-1"), UNTIL, "b learns a's tag"
+            )
+            await wait_until(
+                lambda: router_knows(a, f"sha256:{'ab' * 32}", "node-2"), UNTIL, "a learns b's key"
+            )
             await trio.sleep(0.5)  # some steady traffic too
     traffic = b"\n".join(capture.payloads)
     versions = {payload[2] for payload in capture.payloads if payload[:2] == b"SG"}
@@ -170,18 +165,19 @@ async def test_a_mixed_cluster_converges_and_upgraded_nodes_speak_version_2() ->
 
             def converged(group: list[GossipRouter]) -> bool:
                 return all(
-                    _knows(r, f"key-of-{o._core.node}", o._core.node)
+                    router_knows(r, f"key-of-{o._core.node}", o._core.node)
                     for r in group
                     for o in group
                     if o is not r
                 )
 
-            await _until(lambda: converged(nodes), "every node holds every other's key")
+            await wait_until(lambda: converged(nodes), UNTIL, "every node holds every other's key")
             old2, new1, new2 = nodes[1], nodes[2], nodes[3]
-            await _until(
+            await wait_until(
                 lambda: (
                     new1._core.wire.speaks_v2("node-14") and new2._core.wire.speaks_v2("node-13")
                 ),
+                UNTIL,
                 "the upgraded nodes hear each other in version 2",
             )
             assert not new1._core.wire.speaks_v2("node-11")
@@ -196,8 +192,10 @@ async def test_a_mixed_cluster_converges_and_upgraded_nodes_speak_version_2() ->
             await _start(nursery, new3, None)
             new3.advertise(["key-of-node-15"])
             upgraded = [new1, new2, new3]
-            await _until(lambda: converged(upgraded), "the upgraded nodes share keys")
-            await _until(lambda: all(r._core.alive_count() >= 2 for r in upgraded), "all alive")
+            await wait_until(lambda: converged(upgraded), UNTIL, "the upgraded nodes share keys")
+            await wait_until(
+                lambda: all(r._core.alive_count() >= 2 for r in upgraded), UNTIL, "all alive"
+            )
             # An accepting node speaks version 1 to a newcomer until it hears it in version 2
             # (a refusing node drops those few as v1_refused); then version 2 only.
             assert new1._core.wire.speaks_v2("node-15") and new2._core.wire.speaks_v2("node-15")
@@ -215,7 +213,9 @@ async def test_a_spoofed_state_pull_sends_nothing_to_its_source() -> None:
             b = _router(22, "accept", seeds=(a._core.config.addr,))
             await _start(nursery, b, capture)
             b.advertise(keys)
-            await _until(lambda: all(_knows(a, k, "node-22") for k in keys), "a holds b's keys")
+            await wait_until(
+                lambda: all(router_knows(a, k, "node-22") for k in keys), UNTIL, "a holds b's keys"
+            )
             victim = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             with victim:
                 await victim.bind(("127.0.13.99", 0))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,12 +36,13 @@ from spegeld.mirror import MirrorServer, MirrorSettings
 from spegeld.routing import NodeId, Peer, Router, StaticRouter
 from spegeld.store import MemoryStore, Store
 
-from ._support import image_in_memory
+from ._support import image_in_memory, router_knows, wait_until
 
 IMAGE = build_image("example.com/team/v6:v1", [300_000], seed=616)
 LAYER = IMAGE.platforms[0].layers[0]
 BLOB_PATH = f"/v2/team/v6/blobs/{LAYER}?ns=example.com"
 RING = Keyring([(1, bytes(range(32)))])
+LEARN_TIMEOUT = 15.0  # seconds for a key to spread, inside the test's fail_after
 FAST = Timings(probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05, sync_interval=0.2)
 
 pytestmark = pytest.mark.skipif(not netaddr.has_ipv6(), reason="this kernel has no IPv6")
@@ -176,18 +177,6 @@ def _router(
     return GossipRouter(core, (bind, addr[1]))
 
 
-async def _until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(300):  # 15 s at most, inside the test's fail_after
-        if check():
-            return
-        await trio.sleep(0.05)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-def _knows(router: GossipRouter, key: str, holder: str) -> bool:
-    return any(peer.node == holder for peer in router.lookup(key, 10))
-
-
 async def _exchange_keys(routers: dict[str, GossipRouter]) -> None:
     keys = {name: f"sha256:{str(i) * 64}" for i, name in enumerate(routers)}
     for name, router in routers.items():
@@ -195,8 +184,9 @@ async def _exchange_keys(routers: dict[str, GossipRouter]) -> None:
     for name, router in routers.items():
         for holder, key in keys.items():
             if holder != name:
-                await _until(
-                    lambda r=router, k=key, h=holder: _knows(r, k, h),
+                await wait_until(
+                    lambda r=router, k=key, h=holder: router_knows(r, k, h),
+                    LEARN_TIMEOUT,
                     f"{name} knows {holder}'s key",
                 )
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from spegeld.errors import SpegeldError
 from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 
@@ -38,7 +37,7 @@ from ._ranges import (
     unsatisfiable,
 )
 from ._swarm import MAX_SOURCES, Swarm, swarm_sources
-from ._unproven import UnprovenBytes
+from ._unproven import DiscardPartial, UnprovenBytes
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +49,6 @@ MAX_FORWARDED_HEADER = 2048
 # Peers remembered as bad or unreachable; past this, expired entries are dropped. Peers
 # come from the router, so this only matters in a cluster whose members churn for weeks.
 MAX_REMEMBERED_PEERS = 1024
-# Seconds to discard containerd's partial write of a blob whose bytes were wrong; the
-# client waits that long at most for its response to be cut (two local gRPC calls).
-DISCARD_TIMEOUT = 2.0
 # Bytes of a verified blob held back until its digest checks out. One is enough: without
 # it the client cannot complete the blob, so wrong bytes are never a finished download.
 HELD_BACK = 1
@@ -90,7 +86,6 @@ class ProxySettings:
     tag_quorum: int = 1
 
 
-DiscardPartial = Callable[[Digest], Awaitable[object]]
 # (method, target) → the node authentication header's value, or None to send none.
 Signer = Callable[[bytes, bytes], bytes | None]
 
@@ -127,22 +122,10 @@ class Proxy:
 
     async def _caught_lying(self, peers: Sequence[Peer]) -> None:
         """Mark ``peers`` bad, and discard the client's partial writes of every blob they
-        sent unchecked bytes of: any of them may hold the lie."""
-        now = trio.current_time()
-        digests: set[Digest] = set()
+        sent unchecked bytes of (any of them may hold the lie) before a response is cut."""
         for peer in peers:
             self.mark_bad(peer)
-            digests.update(self._unproven.take(peer, now))
-        if self._discard_partial is None or not digests:
-            return
-        with trio.move_on_after(DISCARD_TIMEOUT):
-            for digest in sorted(digests):
-                try:
-                    discarded = await self._discard_partial(digest)
-                except SpegeldError as exc:
-                    logger.warning("could not discard the partial write of %s: %s", digest, exc)
-                else:
-                    logger.warning("discarded the partial write of %s: %s", digest, discarded)
+        await self._unproven.discard(peers, trio.current_time(), self._discard_partial)
 
     def holders(self, key: str, *, tag: bool = False) -> list[Peer]:
         start = trio.current_time()

@@ -49,9 +49,10 @@ from ._labels import RegistryLabels
 from ._metrics import AdvertisedCounts, HttpMetrics, MirrorMetrics
 from ._peer import MIRRORED_HEADER
 from ._private import PrivateAccess
-from ._proxy import DiscardPartial, Proxy, ProxySettings
+from ._proxy import Proxy, ProxySettings
 from ._ranges import parse_range
 from ._routes import Kind, Route, parse_target
+from ._unproven import DiscardPartial
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,16 @@ with a real Distribution (holding the same image) as the upstream behind it: on 
 pull runs in ctr, on 2.3 in containerd's transfer service. The pull must succeed with the
 layer committed (containerd checks the digest as it commits), E's swarm log line must name
 at least two peers, and the upstream must see no request for the layer.
+
+On 2.3 a second edge F pulls with the transfer service's ``concurrent_layer_fetch_buffer``
+set (containerd fetches a layer in chunks, with parallel ``Range: bytes=N-`` requests):
+it must get the same one verified stream from several peers. It does not yet (strict
+xfail, see the test): the fix is in ``mirror/_proxy.py``.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,24 +43,44 @@ MiB = 1024 * 1024
 # small enough that three imports stay around a second each.
 LAYER_SIZE = 40 * MiB
 HOLDERS = {"node-a": "127.0.0.2", "node-b": "127.0.0.3", "node-c": "127.0.0.4"}
-EDGE = ("node-e", "127.0.0.5")
-GOSSIP_DEADLINE = 30  # seconds for the four to meet and E to learn every holder's keys
-PULL_DEADLINE = 60  # seconds for E's pull, a hard bound (it takes about a second)
+# The edges: E pulls with containerd's defaults; on 2.3 also F, whose transfer service
+# fetches a layer in chunks of CHUNKED with parallel open-ended Range requests.
+EDGES = {"node-e": "127.0.0.5", "node-f": "127.0.0.6"}
+CHUNKED = 4 * MiB  # ten chunks of the layer: enough for containerd to run 3 at once
+CHUNKED_CONFIG = f"""
+[plugins."io.containerd.transfer.v1.local"]
+  concurrent_layer_fetch_buffer = {CHUNKED}
+  max_concurrent_downloads = 3
+"""
+GOSSIP_DEADLINE = 30  # seconds for the nodes to meet and each edge to learn every holder
+PULL_DEADLINE = 60  # seconds for one pull, a hard bound (it takes about a second)
 LOCAL = 'spegeld_bytes_served_total{source="local"}'
+
+
+@dataclass
+class Edge:
+    node: SpegeldProcess
+    containerd: PrivateContainerd
+    hosts_dir: Path
 
 
 @dataclass
 class Cluster:
     version: str
-    base: Path
     upstream: UpstreamRegistry
     ref: str
     layer: str
     size: int  # the layer blob's bytes (a gzip of LAYER_SIZE, stored)
     blobs: set[str]
     holders: dict[str, SpegeldProcess]
-    edge: SpegeldProcess
-    edge_containerd: PrivateContainerd
+    edges: dict[str, Edge]
+
+    def nodes(self) -> list[SpegeldProcess]:
+        return [*self.holders.values(), *(edge.node for edge in self.edges.values())]
+
+    def served(self, edge: Edge) -> float:
+        """Bytes the nodes other than ``edge`` served from their own store."""
+        return sum(node.metric(LOCAL) for node in self.nodes() if node is not edge.node)
 
 
 @pytest.fixture(scope="module")
@@ -95,44 +119,50 @@ def cluster(
     archive = image.write_oci_archive(base / "image.tar")
     layer = image.platforms[0].layers[0]
     key = write_cluster_key(base / "cluster.key")
-    names = [*HOLDERS, EDGE[0]]
-    containerds = {n: PrivateContainerd(base / f"{n}-containerd", bin_dir=bin_dir) for n in names}
+    edges = dict(EDGES) if version != "1.6" else {"node-e": EDGES["node-e"]}
+    hosts = {**HOLDERS, **edges}
+    containerds = {
+        n: PrivateContainerd(
+            base / f"{n}-containerd", bin_dir=bin_dir,
+            extra_config=CHUNKED_CONFIG if n == "node-f" else "",
+        )
+        for n in hosts
+    }  # fmt: skip
     nodes: dict[str, SpegeldProcess] = {}
     try:
         for name, containerd in containerds.items():
             containerd.start()
             if name in HOLDERS:
                 containerd.import_image(archive)
-        hosts = {**HOLDERS, EDGE[0]: EDGE[1]}
-        for name in names:
+        for name, host in hosts.items():
             seed = [nodes["node-a"].gossip_address] if nodes else []
             node = SpegeldProcess(
-                base / name, containerds[name], host=hosts[name], key_file=key, peers=seed
+                base / name, containerds[name], host=host, key_file=key, peers=seed
             )
             nodes[name] = node.start()
-        edge = nodes[EDGE[0]]
-        wait_for(
-            lambda: holders_known(edge, len(image.blobs)) == len(HOLDERS),
-            GOSSIP_DEADLINE,
-            "the edge to learn every holder's blobs",
-        )
-        configure_hosts(base / "hosts", edge.url, upstream.url)
+        for name in edges:
+            wait_for(
+                lambda: holders_known(nodes[name], len(image.blobs)) == set(HOLDERS),  # noqa: B023
+                GOSSIP_DEADLINE,
+                f"{name} to learn every holder's blobs",
+            )
+            configure_hosts(base / f"hosts-{name}", nodes[name].url, upstream.url)
         yield Cluster(
-            version, base, upstream, ref, layer, image.blobs[layer].size, set(image.blobs),
-            {n: nodes[n] for n in HOLDERS}, edge, containerds[EDGE[0]],
+            version, upstream, ref, layer, image.blobs[layer].size, set(image.blobs),
+            {n: nodes[n] for n in HOLDERS},
+            {n: Edge(nodes[n], containerds[n], base / f"hosts-{n}") for n in edges},
         )  # fmt: skip
     finally:
         for node in nodes.values():
-            node.send_signal(signal.SIGCONT)
             node.stop()
         for containerd in containerds.values():
             containerd.close()
 
 
-def holders_known(edge: SpegeldProcess, blobs: int) -> int:
-    """How many of the edge's gossip peers advertise at least ``blobs`` keys."""
+def holders_known(edge: SpegeldProcess, blobs: int) -> set[str]:
+    """The edge's gossip peers that advertise at least ``blobs`` keys."""
     peers: list[dict[str, Any]] = edge.status()["gossip"]["peers"]
-    return sum(int(p["keys"]) >= blobs for p in peers)
+    return {p["node"] for p in peers if int(p["keys"]) >= blobs}
 
 
 def swarm_shares(node: SpegeldProcess, layer: str) -> dict[str, int]:
@@ -147,27 +177,62 @@ def swarm_shares(node: SpegeldProcess, layer: str) -> dict[str, int]:
     return {peer: int(count) for peer, count in (item.split() for item in listed.split(", "))}
 
 
-def test_containerd_pulls_a_large_layer_from_several_gossip_peers(cluster: Cluster) -> None:
-    assert cluster.edge_containerd.version.startswith(cluster.version + ".")
-    served_before = {n: p.metric(LOCAL) for n, p in cluster.holders.items()}
+def pull_from_several_peers(cluster: Cluster, edge: Edge) -> dict[str, int]:
+    """``ctr images pull`` on ``edge``; checks what both tests check, returns the shares."""
+    assert edge.containerd.version.startswith(cluster.version + ".")
     since = cluster.upstream.log_position()
-    cluster.edge_containerd.ctr(
-        "images", "pull", "--hosts-dir", str(cluster.base / "hosts"), cluster.ref,
-        timeout=PULL_DEADLINE,
-    )  # fmt: skip
+    edge.containerd.ctr(
+        "images", "pull", "--hosts-dir", str(edge.hosts_dir), cluster.ref, timeout=PULL_DEADLINE
+    )
     # containerd commits a blob only once its digest matched.
-    assert all(cluster.edge_containerd.has_blob(d) for d in cluster.blobs)
-    shares = swarm_shares(cluster.edge, cluster.layer)
+    assert all(edge.containerd.has_blob(d) for d in cluster.blobs)
+    shares = swarm_shares(edge.node, cluster.layer)
     assert sum(shares.values()) == cluster.size, f"each byte came once: {shares}"
     sources = {peer for peer, count in shares.items() if count}
     assert len(sources) >= 2, f"the layer came from one peer only: {shares}"
-    assert sources <= set(HOLDERS), shares
-    served = {n: p.metric(LOCAL) - served_before[n] for n, p in cluster.holders.items()}
-    assert sum(served[n] > 0 for n in HOLDERS) >= 2, served
+    # A holder, or an edge that pulled the layer before (a complete holder since).
+    assert sources <= set(HOLDERS) | set(EDGES), shares
     layer_requests = [
         str(r) for r in cluster.upstream.requests(since) if r.path.endswith(cluster.layer)
     ]
     assert not layer_requests, f"the upstream was asked for the layer: {layer_requests}"
-    print(f"containerd {cluster.version}: shares {shares}")  # shown with pytest -s
-    for node in [*cluster.holders.values(), cluster.edge]:
+    for node in cluster.nodes():
         assert "Traceback" not in node.log_path.read_text()
+    return shares
+
+
+def test_containerd_pulls_a_large_layer_from_several_gossip_peers(cluster: Cluster) -> None:
+    served_before = {n: p.metric(LOCAL) for n, p in cluster.holders.items()}
+    shares = pull_from_several_peers(cluster, cluster.edges["node-e"])
+    served = {n: p.metric(LOCAL) - served_before[n] for n, p in cluster.holders.items()}
+    assert sum(served[n] > 0 for n in HOLDERS) >= 2, served
+    print(f"containerd {cluster.version}: shares {shares}")  # shown with pytest -s
+
+
+# The fix belongs where the proxy reads the Range (mirror/_proxy.py, Proxy.blob: a
+# ``bytes=0-`` treated as no Range), which this change could not touch: reported to the
+# lead. Strict: once fixed, this passes and the marker must go.
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="the mirror answers bytes=0- with 206, so containerd 2.x fetches each chunk as "
+    "bytes=N-, a whole-blob fetch from one peer (docs/protocol.md §10)",
+)  # fmt: skip
+@pytest.mark.parametrize("cluster", [pytest.param("2.3", id="2.3")], indirect=True)
+def test_a_chunked_fetch_by_containerd_2_is_one_stream_from_several_peers(
+    cluster: Cluster,
+) -> None:
+    """containerd 2.x with ``concurrent_layer_fetch_buffer`` asks ``Range: bytes=0-`` and,
+    when answered 206, fetches the rest as parallel ``bytes=N-`` requests, each read for
+    one chunk and closed. The mirror serves ``bytes=N-`` by fetching the whole blob from
+    one peer (to check the digest, §10): N bytes more per chunk, so a 40 MiB layer in
+    4 MiB chunks cost the holders 11 whole copies (measured) and no swarm. Answered 200
+    (RFC 9110 lets a server ignore Range), containerd reads one stream (it logs "remote
+    host ignored content range"), which the swarm serves from several peers, verified."""
+    edge = cluster.edges["node-f"]
+    served_before = cluster.served(edge)
+    shares = pull_from_several_peers(cluster, edge)
+    served = cluster.served(edge) - served_before
+    # A holder counts a whole response's length when it hands it to sendfile: the swarm's
+    # first response (the whole blob, closed after its first stripe) counts once more.
+    assert served <= 2.5 * cluster.size, f"the peers sent {served / cluster.size:.1f} copies"
+    print(f"chunked fetch on {cluster.version}: shares {shares}")  # shown with pytest -s

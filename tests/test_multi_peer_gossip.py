@@ -11,8 +11,8 @@ at least two peers, and the upstream must see no request for the layer.
 
 On 2.3 a second edge F pulls with the transfer service's ``concurrent_layer_fetch_buffer``
 set (containerd fetches a layer in chunks, with parallel ``Range: bytes=N-`` requests):
-it must get the same one verified stream from several peers. It does not yet (strict
-xfail, see the test): the fix is in ``mirror/_proxy.py``.
+it must get the same one verified stream from several peers: the mirror answers its
+opening ``bytes=0-`` with the whole blob (200), never 206 (see the test).
 """
 
 from __future__ import annotations
@@ -209,14 +209,6 @@ def test_containerd_pulls_a_large_layer_from_several_gossip_peers(cluster: Clust
     print(f"containerd {cluster.version}: shares {shares}")  # shown with pytest -s
 
 
-# The fix belongs where the proxy reads the Range (mirror/_proxy.py, Proxy.blob: a
-# ``bytes=0-`` treated as no Range), which this change could not touch: reported to the
-# lead. Strict: once fixed, this passes and the marker must go.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="the mirror answers bytes=0- with 206, so containerd 2.x fetches each chunk as "
-    "bytes=N-, a whole-blob fetch from one peer (docs/protocol.md §10)",
-)  # fmt: skip
 @pytest.mark.parametrize("cluster", [pytest.param("2.3", id="2.3")], indirect=True)
 def test_a_chunked_fetch_by_containerd_2_is_one_stream_from_several_peers(
     cluster: Cluster,
@@ -227,7 +219,8 @@ def test_a_chunked_fetch_by_containerd_2_is_one_stream_from_several_peers(
     one peer (to check the digest, §10): N bytes more per chunk, so a 40 MiB layer in
     4 MiB chunks cost the holders 11 whole copies (measured) and no swarm. Answered 200
     (RFC 9110 lets a server ignore Range), containerd reads one stream (it logs "remote
-    host ignored content range"), which the swarm serves from several peers, verified."""
+    host ignored content range"), which the swarm serves from several peers, verified:
+    what the proxy does now."""
     edge = cluster.edges["node-f"]
     served_before = cluster.served(edge)
     shares = pull_from_several_peers(cluster, edge)

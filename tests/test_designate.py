@@ -9,12 +9,13 @@ from collections import Counter
 from spegeld.gossip._codec import valid_key
 from spegeld.mirror._designate import (
     PULL_IDLE,
-    SETTLE,
+    SHOW_GRACE,
     WAIT_FOR_DESIGNATED,
     Pulls,
     Verdict,
     decide,
     designated,
+    fetching_key,
     followable,
     pulling_key,
 )
@@ -34,6 +35,12 @@ def test_pulling_keys_are_short_gossip_keys_distinct_from_digests_and_tags() -> 
         assert valid_key(key) and key.startswith("pulling:") and len(key) == 40
         assert key == pulling_key(manifest)
     assert pulling_key(digest(1)) != pulling_key(digest(2))
+
+
+def test_fetching_keys_are_short_gossip_keys_one_per_digest() -> None:
+    key = fetching_key(digest(1))
+    assert valid_key(key) and key.startswith("fetching:") and len(key) == 41
+    assert key == fetching_key(digest(1)) and key != fetching_key(digest(2))
 
 
 def test_every_node_picks_the_same_designated_node_whatever_the_order() -> None:
@@ -56,19 +63,15 @@ def test_a_node_leaving_moves_only_its_own_blobs() -> None:
 
 
 def test_a_blob_outside_any_pull_goes_upstream_at_once() -> None:
-    d = decide("node-a", digest(1), ["node-b"], started=None, missed_at=10.0, now=10.0)
+    d = decide("node-a", digest(1), ["node-b"], pulling=False, missed_at=10.0, now=10.0)
     assert d.verdict is Verdict.UPSTREAM
 
 
-def test_a_miss_right_after_the_manifest_waits_only_until_the_settle_ends() -> None:
-    d = decide("node-a", digest(1), [], started=10.0, missed_at=10.05, now=10.05)
-    assert d.verdict is Verdict.WAIT and d.until == 10.0 + SETTLE
-
-
-def test_a_lone_puller_goes_upstream_once_settled() -> None:
-    d = decide("node-a", digest(1), [], started=10.0, missed_at=20.0, now=20.0)
+def test_a_lone_puller_never_waits() -> None:
+    """No settle: co-pullers' keys are pushed when their pulls begin, not a round later."""
+    d = decide("node-a", digest(1), [], pulling=True, missed_at=10.0, now=10.0)
     assert d.verdict is Verdict.UPSTREAM
-    d = decide("node-a", digest(1), ["node-a"], started=10.0, missed_at=20.0, now=20.0)
+    d = decide("node-a", digest(1), ["node-a"], pulling=True, missed_at=10.0, now=10.0)
     assert d.verdict is Verdict.UPSTREAM  # itself among the co-pullers changes nothing
 
 
@@ -77,22 +80,72 @@ def test_the_designated_node_goes_upstream_and_the_others_wait_a_bounded_time() 
     chosen = designated(blob, NODES[:3])
     for me in NODES[:3]:
         others = [n for n in NODES[:3] if n != me]
-        d = decide(me, blob, others, started=10.0, missed_at=20.0, now=20.0)
+        d = decide(me, blob, others, pulling=True, missed_at=20.0, now=20.0)
         if me == chosen:
             assert d.verdict is Verdict.UPSTREAM
         else:
             assert d.verdict is Verdict.WAIT and d.designated == chosen
             assert d.until == 20.0 + WAIT_FOR_DESIGNATED
-            late = decide(me, blob, others, started=10.0, missed_at=20.0, now=d.until)
+            late = decide(me, blob, others, pulling=True, missed_at=20.0, now=d.until)
             assert late.verdict is Verdict.UPSTREAM
 
 
-def test_no_miss_waits_longer_than_the_bound_settle_included() -> None:
+def test_a_claimed_fetch_is_followed_even_by_the_node_the_rendezvous_picks() -> None:
+    """A node that missed before it heard of this one fetched the blob and said so: the
+    node the rendezvous picks follows that fetch instead of making a second."""
+    blob = digest(9)
+    chosen = designated(blob, NODES[:3])
+    early = next(n for n in NODES[:3] if n != chosen)
+    others = [n for n in NODES[:3] if n != chosen]
+    d = decide(chosen, blob, others, [early], pulling=True, missed_at=20.0, now=20.0)
+    assert d.verdict is Verdict.WAIT and d.designated == early
+    assert d.until == 20.0 + WAIT_FOR_DESIGNATED
+    late = decide(chosen, blob, others, [early], pulling=True, missed_at=20.0, now=d.until)
+    assert late.verdict is Verdict.UPSTREAM
+    # Even with no co-puller known: the claim alone says someone fetches it now.
+    d = decide("node-e", blob, [], [early], pulling=True, missed_at=20.0, now=20.0)
+    assert d.verdict is Verdict.WAIT and d.designated == early
+    # Its own claim (a retry after a cut) does not hold it back: the rendezvous decides.
+    its_others = [n for n in NODES[:3] if n != early]
+    d = decide(early, blob, its_others, [early], pulling=True, missed_at=20.0, now=20.0)
+    assert d.verdict is Verdict.WAIT and d.designated == chosen
+
+
+def test_a_designated_node_that_shows_no_download_is_waited_for_only_the_grace() -> None:
+    """A designated node fetching the blob shows it in flight at once (its ingest opens
+    before it asks its mirror): one that does not is not fetching it (another platform's
+    pull) and is not waited for long. A claim is waited for the whole bound."""
+    blob = digest(7)
+    chosen = designated(blob, NODES[:3])
+    me = next(n for n in NODES[:3] if n != chosen)
+    others = [n for n in NODES[:3] if n != me]
+    end = 20.0 + SHOW_GRACE
+    early = decide(me, blob, others, [], [], pulling=True, missed_at=20.0, now=20.5)
+    assert early.verdict is Verdict.WAIT and early.designated == chosen
+    late = decide(me, blob, others, [], [], pulling=True, missed_at=20.0, now=end)
+    assert late.verdict is Verdict.UPSTREAM
+    # Showing the blob in flight, or claiming it, it is waited for up to the whole bound.
+    for fetchers, inflight in (([], [chosen]), ([chosen], [])):
+        d = decide(me, blob, others, fetchers, inflight, pulling=True, missed_at=20.0, now=end)
+        assert d.verdict is Verdict.WAIT and d.until == 20.0 + WAIT_FOR_DESIGNATED
+
+
+def test_a_claimed_fetch_the_proxy_cannot_use_is_not_waited_for() -> None:
+    blob = digest(9)
+    d = decide(
+        "node-a", blob, ["node-b", "node-c"], ["node-b"], pulling=True, missed_at=20.0,
+        now=20.0, unusable=["node-b"],
+    )  # fmt: skip
+    assert d.verdict is Verdict.UPSTREAM
+
+
+def test_no_miss_waits_longer_than_the_bound() -> None:
     for n in range(200):
         blob, missed = digest(n), 10.0 + (n % 7) / 10
+        fetchers = [NODES[n % 5]] if n % 3 == 0 else []
         now = missed
         for _ in range(1000):
-            d = decide("node-a", blob, NODES[1:], started=10.0, missed_at=missed, now=now)
+            d = decide("node-a", blob, NODES[1:], fetchers, pulling=True, missed_at=missed, now=now)
             if d.verdict is Verdict.UPSTREAM:
                 break
             assert d.until > now
@@ -166,25 +219,31 @@ def test_a_designated_node_the_proxy_cannot_use_is_not_waited_for() -> None:
     chosen = designated(blob, NODES[:3])
     me = next(n for n in NODES[:3] if n != chosen)
     others = [n for n in NODES[:3] if n != me]
-    d = decide(me, blob, others, started=10.0, missed_at=20.0, now=20.0, unusable=[chosen])
+    d = decide(me, blob, others, pulling=True, missed_at=20.0, now=20.0, unusable=[chosen])
     assert d.verdict is Verdict.UPSTREAM
     other = next(n for n in others if n != chosen)
-    d = decide(me, blob, others, started=10.0, missed_at=20.0, now=20.0, unusable=[other])
+    d = decide(me, blob, others, pulling=True, missed_at=20.0, now=20.0, unusable=[other])
     assert d.verdict is Verdict.WAIT
 
 
-def test_only_the_designated_download_or_an_outsiders_is_followed() -> None:
-    blob = digest(11)
-    pullers = NODES[:3]
-    chosen = designated(blob, pullers)
-    me = next(n for n in pullers if n != chosen)
-    copullers = [n for n in pullers if n != me]
-    waiting = next(n for n in copullers if n != chosen)
-    inflight = [chosen, waiting, "node-e", me]  # node-e: downloading, not in this pull
-    assert followable(me, blob, copullers, inflight, settling=False) == {chosen, "node-e"}
-    # Settling: the designated node is not known yet, only outsiders are followed.
-    assert followable(me, blob, copullers, inflight, settling=True) == {"node-e"}
-    # The designated node itself follows no co-puller: they wait for it.
-    assert followable(chosen, blob, [me, waiting], inflight, settling=False) == {"node-e"}
+def test_only_claimed_downloads_or_an_outsiders_are_followed() -> None:
+    pullers = NODES[:4]
+    me, fetcher, waiting, late = pullers
+    copullers = [fetcher, waiting, late]
+    inflight = [fetcher, waiting, "node-e", me]  # node-e: downloading, not in this pull
+    assert followable(me, copullers, [fetcher], inflight) == {fetcher, "node-e"}
+    # A claim without a download yet: nothing of the co-pull to follow, only the outsider.
+    assert followable(me, copullers, [late], inflight) == {"node-e"}
     # Alone: any in-flight holder (item 1).
-    assert followable(me, blob, [], inflight, settling=False) == {chosen, waiting, "node-e"}
+    assert followable(me, [], [], inflight) == {fetcher, waiting, "node-e"}
+
+
+def test_claims_are_made_once_and_withdrawn_with_their_pull() -> None:
+    pulls = Pulls()
+    assert pulls.claim("r.io/app", digest(1), 0.0) is None  # no pull: nothing to hold it
+    pull = pulls.manifest("r.io/app", "r.io/app:v1", 0.0)
+    claim = pulls.claim("r.io/app", digest(1), 0.1)
+    assert claim == fetching_key(digest(1))
+    assert pulls.claim("r.io/app", digest(1), 0.2) is None
+    assert pulls.keys("r.io/app", 0.3) == [pull]  # claims do not find co-pullers
+    assert pulls.expire(PULL_IDLE + 1.0) == sorted([pull, claim])

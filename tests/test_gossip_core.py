@@ -222,6 +222,25 @@ def test_key_is_found_everywhere_but_never_on_self_and_withdraw_removes_it() -> 
     )
 
 
+def test_an_urgent_key_reaches_every_member_in_one_hop_not_rounds() -> None:
+    """A pull starting is news while it is fresh (docs/protocol.md §9): an urgent key goes
+    straight to every member of a cluster within URGENT_FANOUT, a plain one with the
+    rounds (gossip_nodes members every gossip_interval, then onwards)."""
+    sim = _joined(12, seed=5)
+    sim.run_for(10)  # every member holds every other's key version: a delta is not a gap
+    start = sim.now
+    sim.advertise(4, ["pulling:" + "a" * 32], urgent=True)
+    sim.advertise(6, ["pulling:" + "b" * 32])
+    sim.run_for(0.01)  # one way is 2-3 ms here
+    assert sim.now - start < 0.02
+    assert all(
+        _holders(c, "pulling:" + "a" * 32) == ["node-4"] for c in sim.live() if c.node != "node-4"
+    )
+    told = sum(_holders(c, "pulling:" + "b" * 32) == ["node-6"] for c in sim.live())
+    assert told < 11  # at most the members of one round, if one fell in these 10 ms
+    sim.wait(_everyone_knows(sim, "pulling:" + "b" * 32, "node-6"), 5, "plain key spread")
+
+
 def test_lookup_ranks_alive_before_suspect_then_by_rtt() -> None:
     wire = Wire()
     a, b, c, d = (wire.core(name, seeds=("a",) if name != "a" else ()) for name in "abcd")

@@ -54,7 +54,7 @@ class RecordingRouter:
     def lookup(self, key: str, count: int) -> list[Peer]:
         return []
 
-    def advertise(self, keys: Iterable[str]) -> None:
+    def advertise(self, keys: Iterable[str], *, urgent: bool = False) -> None:
         self.advertised.update(keys)
 
     def withdraw(self, keys: Iterable[str]) -> None:

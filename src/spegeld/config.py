@@ -126,7 +126,7 @@ class NodeConfig:
     # --private-registry: (registry as ``ns`` names it, upstream endpoint URL); their content
     # is served to containerd only with credentials the upstream accepts (mirror._private).
     private_registries: tuple[tuple[str, str], ...] = ()
-    coordinate_pulls: bool = False  # one upstream fetch per blob in a scale-out (§9)
+    coordinate_pulls: bool = True  # one upstream fetch per blob in a scale-out (§9)
 
 
 # RFC 1123 host names: what getaddrinfo can be asked without an encoding error.

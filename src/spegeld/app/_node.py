@@ -135,6 +135,13 @@ def _peer_keys(cfg: NodeConfig, keyring: Keyring | None) -> PeerKeys:
     return keys
 
 
+def _coordinates_pulls(wanted: bool, gossip: bool, share: ShareFilter) -> bool:
+    """Whether the mirror coordinates pulls (docs/protocol.md §9). Static peers name every
+    peer for every key, so no pull could be told apart; with names required (filters, a
+    private registry) nothing is shared in flight, so there would be no download to follow."""
+    return wanted and gossip and not share.names_required
+
+
 async def run_node(
     cfg: NodeConfig,
     keyring: Keyring | None,
@@ -181,7 +188,9 @@ async def run_node(
                 peer=Listen(cfg.peer_host, cfg.peer_port, sup.peer_listeners),
                 metrics=_metrics_listener(cfg, sup),
                 private_registries=cfg.private_registries,
-                coordinate_pulls=cfg.coordinate_pulls,
+                coordinate_pulls=_coordinates_pulls(
+                    cfg.coordinate_pulls, gossip is not None, share
+                ),
             )
             mirror = MirrorServer(
                 store,

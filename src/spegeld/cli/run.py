@@ -104,10 +104,10 @@ def registry_host(entry: str) -> str:
         help="Serve this registry's content to containerd only with pull credentials its "
         "upstream accepts (challenge, one upstream check per credential and repository); "
         "HOST is https://HOST, or give http(s)://HOST:PORT (repeatable).")  # fmt: skip
-@option("--coordinate-pulls/--no-coordinate-pulls", default=False, show_default=True,
-        help="When several nodes pull one repository at once, let one designated node fetch "
-        "each blob upstream while the others follow its download (waits up to 2.5 s; a "
-        "lone pull waits about 0.4 s once: off by default).")  # fmt: skip
+@option("--coordinate-pulls/--no-coordinate-pulls", default=True, show_default=True,
+        help="When several nodes pull one repository at once, one node fetches each blob "
+        "upstream and the others follow its download (a miss waits for it at most 2.5 s; "
+        "a lone pull never waits). Needs gossip: off with --static-peer.")  # fmt: skip
 @option("--tag-quorum", type=click.IntRange(min=1), default=config.DEFAULT_TAG_QUORUM,
         show_default=True, help="Holders on distinct hosts that must return one digest before "
         "a tag is answered from peers; fewer: 404, containerd asks the upstream.")  # fmt: skip

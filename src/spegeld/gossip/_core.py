@@ -1,34 +1,34 @@
 """The gossip protocol core: SWIM membership plus versioned key ownership. Sans-I/O.
 
 Inputs are datagrams and the time, ``receive(datagram, addr, now)`` and
-``handle_timer(now)``; outputs are ``datagrams_to_send(now)`` and
-``next_deadline()``. There are no sockets, no trio and no clock in here, so a
-simulator can run thousands of nodes in one process and tests can set time.
+``handle_timer(now)``; outputs are ``datagrams_to_send(now)`` and ``next_deadline()``.
+There are no sockets, no trio and no clock in here, so a simulator can run thousands of
+nodes in one process and tests can set time.
 
-Membership is SWIM: a probe every ``probe_interval`` (ping, then ping-req
-through ``indirect_checks`` members), then suspect, then dead, with
-incarnation numbers so a node can refute a suspicion. News is piggybacked on
-every datagram and gossiped to ``gossip_nodes`` members every
-``gossip_interval``, each item ``retransmit_mult * ceil(log10(N + 1))`` times.
+Membership is SWIM: a probe every ``probe_interval`` (ping, then ping-req through
+``indirect_checks`` members), then suspect, then dead, with incarnation numbers so a
+node can refute a suspicion. News is piggybacked on every datagram and gossiped to
+``gossip_nodes`` members every ``gossip_interval``, each item ``retransmit_mult *
+ceil(log10(N + 1))`` times; an urgent change also goes to ``URGENT_FANOUT`` at once.
 
-Ownership: each node's keys carry a version. A change is a Delta for the next
-version, gossiped like membership news. A receiver applies deltas in version
-order, holding back any that arrive early. Anti-entropy repairs the rest:
-every ``sync_interval`` a node sends a Summary of some members (with the
-version it holds of each) to a random member, which answers with its own
-view of them; whoever sees a newer version pulls that node's whole key set in
-chunks (StatePull, StateChunk). A gap that stays open pulls from the owner.
+Ownership: each node's keys carry a version. A change is a Delta for the next version,
+gossiped like membership news. A receiver applies deltas in version order, holding back
+any that arrive early. Anti-entropy repairs the rest: every ``sync_interval`` a node
+sends a Summary of some members (with the version it holds of each) to a random member,
+which answers with its own view of them; whoever sees a newer version pulls that node's
+whole key set in chunks (StatePull, StateChunk). A gap that stays open pulls from the
+owner.
 
-Healing (Serf's reconnect): every ``RECONNECT_INTERVAL`` a node sends one dead
-member a Summary carrying that member's record as we hold it, which it refutes if
-it was a partition; a node whose seeds all look dead joins one again.
-docs/protocol.md describes the wire format and these rules in full.
+Healing (Serf's reconnect): every ``RECONNECT_INTERVAL`` a node sends one dead member a
+Summary carrying that member's record as we hold it, which it refutes if it was a
+partition; a node whose seeds all look dead joins one again. docs/protocol.md describes
+the wire format and these rules in full.
 
 This module holds the public interface, message dispatch, membership merging (and
 refutation) and sending. The member table is ``_members``; failure detection
-(``_failure``) and anti-entropy (``_antientropy``) return actions (``_actions``)
-that the core applies in order; ``_wire`` picks each datagram's version and admits
-what arrives. What changed is told through events (``_events``): ``next_event()``.
+(``_failure``) and anti-entropy (``_antientropy``) return actions (``_actions``) that
+the core applies in order; ``_wire`` picks each datagram's version and admits what
+arrives. What changed is told through events (``_events``): ``next_event()``.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ REPLAY_WINDOW = 256
 # (``members_full``), so a key holder inventing names cannot grow the table without end;
 # dead members are forgotten after ``dead_forget`` and free their places.
 MAX_MEMBERS = 10_000
+URGENT_FANOUT = 16  # members an urgent change goes to at once: all, in a cluster this size
 # Events held for the shell, which takes them after every datagram and timer. Only a core
 # nobody drains (a simulation) reaches it; then the oldest go, counted in events_dropped.
 MAX_EVENTS = 4096
@@ -147,16 +148,22 @@ class GossipCore:
 
     # ---- local commands -------------------------------------------------------------
 
-    def advertise(self, keys: set[str] | frozenset[str] | list[str]) -> None:
+    def advertise(
+        self, keys: set[str] | frozenset[str] | list[str], *, urgent: bool = False
+    ) -> None:
         """Announce ``keys``; a key no peer's decoder would accept is skipped and counted.
 
-        One such key would make every datagram that carries it undecodable.
+        One such key would make every datagram that carries it undecodable. ``urgent``:
+        the change also goes now to up to ``URGENT_FANOUT`` alive members, not only as news.
         """
         good = [key for key in keys if valid_key(key)]
         if len(good) != len(keys):
             self.counters["keys_rejected"] += len(keys) - len(good)
         for delta in self.ledger.change(self.node, added=good, removed=()):
             self._broadcast(("delta", self.node, delta.version), delta)
+            if urgent:
+                for peer in self.members_table.pick_alive(URGENT_FANOUT):
+                    self._send(peer.addr, [delta], piggyback=False)
 
     def withdraw(self, keys: set[str] | frozenset[str] | list[str]) -> None:
         for delta in self.ledger.change(self.node, added=(), removed=keys):
@@ -212,21 +219,15 @@ class GossipCore:
         return self.members_table.alive_count()
 
     def statistics(self) -> GossipStatistics:
-        states = Counter(p.state.name.lower() for p in self.members_table)
+        c = self.counters
         return GossipStatistics(
-            node=self.node,
-            incarnation=self.incarnation,
-            own_keys=len(self.ledger.own_keys),
-            own_version=self.ledger.version,
-            known_keys=len(self.table),
-            members=dict(states),
-            packets_in=self.counters["packets_in"],
-            packets_out=self.counters["packets_out"],
-            bytes_in=self.counters["bytes_in"],
-            bytes_out=self.counters["bytes_out"],
-            dropped=dict(self.dropped),
-            rejected=dict(self.rejected),
-        )
+            node=self.node, incarnation=self.incarnation, own_keys=len(self.ledger.own_keys),
+            own_version=self.ledger.version, known_keys=len(self.table),
+            members=dict(Counter(p.state.name.lower() for p in self.members_table)),
+            packets_in=c["packets_in"], packets_out=c["packets_out"],
+            bytes_in=c["bytes_in"], bytes_out=c["bytes_out"],
+            dropped=dict(self.dropped), rejected=dict(self.rejected),
+        )  # fmt: skip
 
     # ---- sans-I/O interface ------------------------------------------------------------
 

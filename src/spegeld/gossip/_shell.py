@@ -41,6 +41,28 @@ MEMBERS_FILE = "members.json"
 
 
 Listener = Callable[[GossipEvent], object]
+# Urgent pushes (keys of a pull starting, claims of its upstream fetches) at once, and a
+# second after that: a pull of a 50-layer image claims up to 50 blobs in a burst.
+URGENT_BURST = 64
+URGENT_RATE = 32.0
+
+
+class UrgentBudget:
+    """How many urgent pushes may go now: ``URGENT_BURST`` at once, ``URGENT_RATE`` a
+    second after that. Only containerd's requests on this node make urgent keys, but a
+    local client asking for a new tag in a loop must not turn into a datagram storm."""
+
+    def __init__(self) -> None:
+        self._tokens = float(URGENT_BURST)
+        self._at = 0.0
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(float(URGENT_BURST), self._tokens + (now - self._at) * URGENT_RATE)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 class GossipRouter:
@@ -54,6 +76,8 @@ class GossipRouter:
         self._metrics: tuple[Counter, Counter] | None = None
         self._exported: dict[tuple[int, str], int] = {}  # what the metrics count so far
         self._listeners: list[Listener] = []
+        self._urgent = UrgentBudget()
+        self._waiting: trio.CancelScope | None = None  # the run loop's wait for a datagram
 
     @classmethod
     def from_config(
@@ -111,8 +135,13 @@ class GossipRouter:
     def lookup(self, key: str, count: int) -> list[Peer]:
         return self._core.lookup(key, count)
 
-    def advertise(self, keys: Iterable[str]) -> None:
-        self._core.advertise(list(keys))  # sent on the next gossip round
+    def advertise(self, keys: Iterable[str], *, urgent: bool = False) -> None:
+        """Sent on the next gossip round; ``urgent`` ones also at once, to a few members,
+        while the budget (``UrgentBudget``) lasts."""
+        urgent = urgent and self._urgent.take(trio.current_time())
+        self._core.advertise(list(keys), urgent=urgent)
+        if urgent and self._waiting is not None:
+            self._waiting.cancel()  # the run loop sends what the core queued now
 
     def withdraw(self, keys: Iterable[str]) -> None:
         self._core.withdraw(list(keys))
@@ -172,8 +201,9 @@ class GossipRouter:
         with sock:
             while True:
                 deadline = min(self._core.next_deadline(), next_save)
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as self._waiting:
                     await self._receive(sock)
+                self._waiting = None
                 now = trio.current_time()
                 if now >= self._core.next_deadline():
                     self._core.handle_timer(now)

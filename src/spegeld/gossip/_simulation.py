@@ -121,6 +121,11 @@ class Simulation:
         self._flush(self.addr(i))
         self.kill(i)
 
+    def advertise(self, i: int, keys: list[str], *, urgent: bool = False) -> None:
+        """Node ``i`` advertises ``keys`` now; what it sends at once leaves now too."""
+        self.nodes[self.addr(i)].advertise(keys, urgent=urgent)
+        self._flush(self.addr(i))
+
     def _flush(self, addr: Addr) -> None:
         core = self.nodes[addr]
         while core.next_event() is not None:  # nobody here reacts; just keep the queue short

@@ -1,32 +1,35 @@
 """Who fetches a blob from the upstream when several nodes pull the same image at once
 (docs/protocol.md, "One upstream copy").
 
-Sans-I/O: the mirror feeds in its manifest and blob requests, the node set it read from
-the router, and the clock; this module answers which ``pulling:`` keys to advertise or
-withdraw, and what to do on a blob miss that found no holder.
+Sans-I/O: the mirror feeds in its manifest and blob requests, the node sets it read from
+the router, and the clock; this module answers which keys to advertise or withdraw, and
+what to do on a blob miss that found no holder.
 
 The rule. A node that serves containerd a manifest request (by tag or digest) is
 *pulling* that repository: it advertises ``pulling:<hash of the manifest key>`` for each
-manifest key of the pull. On a blob miss with no complete or in-flight holder, the
-node's *co-pullers* are the nodes advertising any of the ``pulling:`` keys of its newest
-pull of that repository (a new tag is a new pull: nodes that pulled ``app:v1`` a moment
-ago are not co-pullers of ``app:v2``). The blob's *designated* node is the one with the
-highest rendezvous score ``sha256(digest | node)`` over {this node} and its co-pullers:
-the layers of one image spread over the pulling nodes, and every node that knows the
-same set picks the same one. Designated, or no co-puller: answer 404 now (containerd
-goes to the upstream). Otherwise wait, up to ``WAIT_FOR_DESIGNATED``, for a holder (in
-flight or complete) to appear, then proxy from it; none by then: 404.
+manifest key of the pull, at once (not at the next gossip round). On a blob miss with no
+complete holder:
 
-One wait comes before that: co-pullers are learnt through gossip, one round (0.2 s) or
-two after their manifest requests, while containerd asks for the layers a few tens of
-milliseconds after the manifest when the upstream is near. So a blob miss within
-``SETTLE`` of this node's first manifest request of the pull waits until then (or until
-a holder appears) before it decides. A lone node's pull pays that once (its layer
-requests wait together) and only when its manifest phase was shorter than ``SETTLE``.
+1. If other nodes *fetch* the blob from the upstream now (they advertise
+   ``fetching:<hash of the digest>``), follow one of their downloads.
+2. Else the node's *co-pullers* are the nodes advertising any of the ``pulling:`` keys of
+   its newest pull of that repository (a new tag is a new pull). The blob's *designated*
+   node is the one with the highest rendezvous score ``sha256(digest | node)`` over {this
+   node} and its co-pullers: the layers of one image spread over the pulling nodes, and
+   every node that knows the same set picks the same one.
+3. Designated, or no co-puller: answer 404 now and advertise ``fetching:`` at once
+   (containerd goes to the upstream). Otherwise wait, up to ``WAIT_FOR_DESIGNATED``, for
+   the designated node's claim and download, then 404.
+
+No miss waits for co-pullers to be heard of: their ``pulling:`` keys are pushed when
+their manifest requests arrive, a datagram away, while containerd asks for the layers
+only after its own manifest round trips to the upstream. A node that starts later than
+another's blob miss finds that node's ``fetching:`` claims instead (step 1): a node that
+pulls alone never waits, and one that joins late follows.
 
 containerd opens a blob's ingest before it asks the mirror, so every co-puller shows as
-an in-flight holder of every blob while it waits: only the designated node's download
-is followed (``followable``).
+an in-flight holder of every blob while it waits: only the downloads of nodes that claim
+the blob are followed, and those of nodes outside the co-pull (``followable``).
 """
 
 from __future__ import annotations
@@ -39,27 +42,42 @@ from enum import Enum
 from spegeld.oci import Digest
 
 PULLING_PREFIX = "pulling:"  # never a digest, tag or in-flight key
-# Seconds after this node's first manifest request of a pull during which a blob miss
-# waits for co-pullers to be heard of: two gossip rounds (gossip_interval 0.2 s; in a
-# small cluster one round reaches every member, docs/protocol.md §9 has the measurement).
-SETTLE = 0.4
-# Seconds a non-designated node waits for the designated node's download to show up: the
-# designated node's own settle (0.4 s), its containerd's request to the upstream (a token
-# and a redirect: about 0.3 s across the internet), the ingest scan (0.1 s) and a gossip
-# round or two (0.4 s): 1.2 s typical, and as much again as margin. Also the most a
+FETCHING_PREFIX = "fetching:"  # nor this: a claim on a blob's upstream fetch
+# Seconds a non-designated node waits for the designated node's download to show up: its
+# containerd's request to the upstream (a token and a redirect: about 0.3 s across the
+# internet), the ingest scan (0.1-0.25 s) and a gossip round for the in-flight key
+# (0.2 s): under 1 s typical, and more than as much again as margin. Also the most a
 # failed or slow designated node costs a blob over today's 404.
 WAIT_FOR_DESIGNATED = 2.5
+# Seconds from a miss within which a designated node that has not claimed the blob must
+# show it in flight: containerd opens a blob's ingest before it asks its mirror, and the
+# ingest scan (0.25 s when idle) pushes the in-flight key at once. A node that shows
+# nothing by then is not fetching this blob (a pull of another platform, a layer queued
+# behind the node's download limit): waiting out WAIT_FOR_DESIGNATED for it would cost
+# every follower 2.5 s. A claim is waited for the whole bound: the claimer's containerd
+# was sent to the upstream, though its download can show up later than that (2.3's
+# transfer service was seen to take over 1 s with four layers at once).
+SHOW_GRACE = 1.0
 # Seconds a pull stays advertised after this node's last request of its repository: the
 # time between two layer requests of one pull (containerd queues layers behind its
-# download limit) is well under this; a finished pull's key then goes away.
+# download limit) is well under this; a finished pull's keys then go away.
 PULL_IDLE = 30.0
 # Co-pullers read per key: the rendezvous spreads layers over at most this many nodes.
 MAX_COPULLERS = 64
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def pulling_key(manifest_key: str) -> str:
     """The key that says this node is pulling ``manifest_key`` (a digest or a tag key)."""
-    return PULLING_PREFIX + hashlib.sha256(manifest_key.encode()).hexdigest()[:32]
+    return PULLING_PREFIX + _short_hash(manifest_key)
+
+
+def fetching_key(digest: Digest) -> str:
+    """The key that says this node's containerd fetches ``digest`` from the upstream now."""
+    return FETCHING_PREFIX + _short_hash(digest)
 
 
 def score(digest: Digest, node: str) -> bytes:
@@ -80,14 +98,15 @@ class Verdict(Enum):
 class Decision:
     verdict: Verdict
     until: float = 0.0  # for WAIT: the deadline (trio clock)
-    designated: str = ""  # for WAIT after the settle: the node waited for
+    designated: str = ""  # for WAIT: the node waited for
 
 
 @dataclass(slots=True)
 class _Pull:
     started: float
     last: float
-    keys: set[str] = field(default_factory=set)
+    keys: set[str] = field(default_factory=set)  # pulling: keys
+    claims: set[str] = field(default_factory=set)  # fetching: keys
 
 
 def _is_tag_key(manifest_key: str) -> bool:
@@ -103,8 +122,9 @@ class Pulls:
     (containerd resolves a tag once per pull); one by digest joins the newest live pull
     (the tag's index and manifests follow its resolution), or starts one (a pull by
     digest). The newest pull is the one a blob miss belongs to: its keys find the
-    co-pullers and its start times the settle. Older pulls' keys stay advertised until
-    they go idle, so a node that starts the same pull later still finds this one.
+    co-pullers and it holds the miss's ``fetching:`` claim. Older pulls' keys stay
+    advertised until they go idle, so a node that starts the same pull later still finds
+    this one.
     """
 
     def __init__(self) -> None:
@@ -134,12 +154,26 @@ class Pulls:
         if live:
             live[-1].last = now
 
+    def claim(self, repository: str, digest: Digest, now: float) -> str | None:
+        """This node's containerd fetches ``digest`` for the repository's newest pull: the
+        ``fetching:`` key to advertise, or None if already (or no pull is live)."""
+        live = self._live(repository, now)
+        if not live:
+            return None
+        key = fetching_key(digest)
+        if key in live[-1].claims:
+            return None
+        advertised = self._advertised()
+        live[-1].claims.add(key)
+        return None if key in advertised else key
+
     def keys(self, repository: str, now: float) -> list[str]:
         """The newest live pull's keys (what its co-pullers advertise too)."""
         live = self._live(repository, now)
         return sorted(live[-1].keys) if live else []
 
     def started(self, repository: str, now: float) -> float | None:
+        """When the newest live pull began; None: this node is not pulling it."""
         live = self._live(repository, now)
         return live[-1].started if live else None
 
@@ -151,7 +185,7 @@ class Pulls:
             gone = [p for p in pulls if now - p.last > PULL_IDLE]
             for pull in gone:
                 pulls.remove(pull)
-                dropped |= pull.keys
+                dropped |= pull.keys | pull.claims
             if not pulls:
                 del self._pulls[repository]
         return sorted(dropped - self._advertised())
@@ -161,57 +195,67 @@ class Pulls:
         return [p for p in self._pulls.get(repository, ()) if now - p.last <= PULL_IDLE]
 
     def _advertised(self) -> set[str]:
-        return {key for pulls in self._pulls.values() for pull in pulls for key in pull.keys}
+        return {
+            key
+            for pulls in self._pulls.values()
+            for pull in pulls
+            for key in (*pull.keys, *pull.claims)
+        }
 
 
 def followable(
-    me: str, digest: Digest, copullers: Iterable[str], inflight: Iterable[str], *, settling: bool
+    me: str, copullers: Iterable[str], fetchers: Iterable[str], inflight: Iterable[str]
 ) -> set[str]:
-    """Which in-flight holders of ``digest`` a miss of this node's pull may stream from.
+    """Which in-flight holders of a blob a miss of this node's pull may stream from.
 
     containerd opens a blob's ingest (advertised in flight) before it asks the mirror,
     so a co-puller's in-flight key says only that it wants the blob too, maybe waiting
-    itself: following it would wait on a download nobody started. Only the designated
-    node's download is followed, and any node outside the co-pull (it started before).
-    While settling, the designated node is not known yet: only outsiders.
+    itself: following it would wait on a download nobody started. Followed are the
+    downloads of nodes that claim the blob's upstream fetch (``fetchers``), and of any
+    node outside the co-pull (it started before, or does not coordinate).
     """
-    others = set(copullers) - {me}
-    holders = set(inflight) - {me}
-    outside = holders - others
-    if settling or not others:
-        return outside
-    chosen = designated(digest, others | {me})
-    return outside | ({chosen} & holders)
+    waiting = set(copullers) - set(fetchers)
+    return set(inflight) - waiting - {me}
 
 
 def decide(
     me: str,
     digest: Digest,
     copullers: Iterable[str],
+    fetchers: Iterable[str] = (),
+    inflight: Iterable[str] = (),
     *,
-    started: float | None,
+    pulling: bool,
     missed_at: float,
     now: float,
     unusable: Iterable[str] = (),
 ) -> Decision:
-    """What a blob miss with no holder does now.
+    """What a blob miss with no holder to follow does now.
 
-    ``started``: this node's first manifest request of the pull this blob belongs to
-    (None: not pulling it, e.g. a blob asked for without its manifest); ``missed_at``:
-    when the miss began, the start of the wait for the designated node; ``unusable``:
-    nodes whose download this node's proxy cannot use now (unreachable, or sent bad
-    bytes): waiting for one of them would only run out the bound.
+    ``pulling``: this node serves a pull of the blob's repository (False: a blob asked for
+    without its manifest, as §8 does: no wait); ``fetchers``: the nodes that claim the
+    blob's upstream fetch; ``inflight``: the nodes that show it in flight (downloading,
+    or waiting to); ``missed_at``: when the miss began, the start of the bounded wait;
+    ``unusable``: nodes whose download this node's proxy cannot use now (unreachable, or
+    sent bad bytes): waiting for one of them would only run out the bound.
     """
-    if started is None:
+    if not pulling:
         return Decision(Verdict.UPSTREAM)
-    settled = started + SETTLE
-    if now < settled:
-        return Decision(Verdict.WAIT, settled)
+    deadline = missed_at + WAIT_FOR_DESIGNATED
+    if now >= deadline:
+        return Decision(Verdict.UPSTREAM)
+    claimed = set(fetchers) - {me}
+    if claimed:  # someone fetches it already: follow, never fetch it again
+        usable = claimed - set(unusable)
+        if not usable:
+            return Decision(Verdict.UPSTREAM)
+        return Decision(Verdict.WAIT, deadline, designated(digest, usable))
     others = set(copullers) - {me}
     if not others:
         return Decision(Verdict.UPSTREAM)
     chosen = designated(digest, others | {me})
-    deadline = missed_at + WAIT_FOR_DESIGNATED
-    if chosen == me or now >= deadline or chosen in set(unusable):
+    # Past the grace, a designated node that shows nothing in flight is not fetching it.
+    absent = now >= missed_at + SHOW_GRACE and chosen not in set(inflight)
+    if chosen == me or chosen in set(unusable) or absent:
         return Decision(Verdict.UPSTREAM)
     return Decision(Verdict.WAIT, deadline, chosen)

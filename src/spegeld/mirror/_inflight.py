@@ -28,7 +28,7 @@ from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 from spegeld.store import Ingest, inflight_key
 
-from ._designate import MAX_COPULLERS, SETTLE, Pulls, Verdict, decide, followable
+from ._designate import MAX_COPULLERS, Pulls, Verdict, decide, fetching_key, followable
 from ._hashing import stream_hasher
 from ._http import AbortResponse, Request, Response, StreamBody
 from ._proxy import Proxy
@@ -48,7 +48,10 @@ FEED_MARK_TTL = 600.0
 # Seconds between looks for a holder while a miss waits for the designated node: a
 # lookup is a local read, and this is small beside a gossip round (0.2 s).
 HOLDER_POLL = 0.05
-# Seconds between sweeps that withdraw the ``pulling:`` keys of pulls gone idle.
+# Looks for a holder one miss makes at most: the wait's deadline (2.5 s) ends it after
+# about 50 at HOLDER_POLL; a bound on the loop whatever the clock does.
+MAX_POLLS = 200
+# Seconds between sweeps that withdraw the keys of pulls gone idle.
 EXPIRE_EVERY = 5.0
 
 logger = logging.getLogger(__name__)
@@ -94,8 +97,9 @@ def blob_holders(proxy: Proxy, digest: Digest) -> tuple[list[Peer], bool]:
 
 
 class Designation:
-    """The I/O around ``_designate``: advertises this node's pulls through the router and
-    holds a blob miss back while another node is designated to fetch it."""
+    """The I/O around ``_designate``: advertises this node's pulls and upstream fetches
+    through the router (at once: their worth is in their timing), and holds a blob miss
+    back while another node fetches it or is designated to."""
 
     def __init__(self, router: Router, me: Callable[[], str], holders_to_try: int) -> None:
         self._router = router
@@ -107,7 +111,7 @@ class Designation:
         """containerd asked this node's mirror for a manifest of ``repository``."""
         key = self._pulls.manifest(repository, manifest_key, trio.current_time())
         if key is not None:
-            self._router.advertise([key])
+            self._router.advertise([key], urgent=True)
 
     def blob(self, repository: str) -> None:
         self._pulls.blob(repository, trio.current_time())
@@ -117,15 +121,15 @@ class Designation:
     ) -> tuple[list[Peer], bool]:
         """``blob_holders``, except that while this node pulls with others it follows only
         the downloads ``_designate.followable`` allows, and waits (bounded,
-        ``_designate.decide``) for one when another node is designated to fetch."""
+        ``_designate.decide``) for one when another node fetches the blob or is designated
+        to. Going to the upstream itself, it claims the blob's fetch."""
         missed_at = trio.current_time()
-        while True:
+        for _ in range(MAX_POLLS):
             complete = proxy.holders(digest)
             if complete:
                 return complete, False
             now = trio.current_time()
-            started = self._pulls.started(repository, now)
-            if started is None:  # not a pull this mirror saw begin: as item 1 does
+            if self._pulls.started(repository, now) is None:  # not a pull seen begin: §8
                 return proxy.holders(inflight_key(digest)), True
             inflight, unusable = self._inflight(proxy, digest)
             me = self._me()
@@ -134,29 +138,37 @@ class Designation:
                 for key in self._pulls.keys(repository, now)
                 for peer in self._router.lookup(key, MAX_COPULLERS)
             } - {me}
-            settling = now < started + SETTLE
-            allowed = followable(
-                me, digest, copullers, [p.node for p in inflight], settling=settling
-            )
+            fetchers = {p.node for p in self._router.lookup(fetching_key(digest), MAX_COPULLERS)}
+            allowed = followable(me, copullers, fetchers, [p.node for p in inflight])
             chosen = [p for p in inflight if p.node in allowed][: self._limit]
             if chosen:
                 return chosen, True
+            showing = [p.node for p in inflight] + sorted(unusable)
             decision = decide(
-                me, digest, copullers, started=started, missed_at=missed_at, now=now,
-                unusable=unusable,
+                me, digest, copullers, fetchers, showing, pulling=True, missed_at=missed_at,
+                now=now, unusable=unusable,
             )  # fmt: skip
             if decision.verdict is Verdict.UPSTREAM:
                 logger.debug(
-                    "%s: to the upstream after %.3f s (co-pullers %s; in flight at %s)",
-                    digest, now - missed_at, sorted(copullers), sorted(p.node for p in inflight),
+                    "%s: to the upstream after %.3f s (co-pullers %s; fetching at %s; "
+                    "in flight at %s)", digest, now - missed_at, sorted(copullers),
+                    sorted(fetchers), sorted(p.node for p in inflight),
                 )  # fmt: skip
+                self._claim(repository, digest)
                 return [], False
             await trio.sleep(max(0.0, min(HOLDER_POLL, decision.until - now)))
+        self._claim(repository, digest)  # not reached: decide's deadline ends the wait first
+        return [], False
+
+    def _claim(self, repository: str, digest: Digest) -> None:
+        key = self._pulls.claim(repository, digest, trio.current_time())
+        if key is not None:
+            self._router.advertise([key], urgent=True)
 
     def _inflight(self, proxy: Proxy, digest: Digest) -> tuple[list[Peer], set[str]]:
         """Every in-flight holder the proxy may use, best first, and those it may not.
 
-        ``Proxy.holders`` answers only the first few usable ones: the designated node may
+        ``Proxy.holders`` answers only the first few usable ones: the node to follow may
         rank after co-pullers that are only waiting. When it answered fewer than its
         limit, the others the router names are unusable (unreachable, or marked bad)."""
         key = inflight_key(digest)

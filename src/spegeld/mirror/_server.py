@@ -60,6 +60,7 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 JSON = b"application/json"
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 UNBOUNDED = 1 << 62  # validates a Range header's syntax when the size is not known here
+CONTAINERD_AGENT = b"containerd/"  # how containerd's requests name themselves (User-Agent)
 MIRROR, PEER, METRICS = "mirror", "peer", "metrics"  # the listeners' names (Request.listener)
 _PULL = frozenset({Kind.BASE, Kind.MANIFEST, Kind.BLOB})
 _METRICS_ONLY = frozenset({Kind.METRICS, Kind.STATUS})
@@ -93,10 +94,10 @@ class MirrorSettings:
     # --private-registry: (registry as ``ns`` names it, upstream endpoint URL) pairs whose
     # content the mirror listener serves only to credentials the upstream accepts.
     private_registries: tuple[tuple[str, str], ...] = ()
-    # --coordinate-pulls: simultaneous misses of one repository let one designated node
-    # fetch each blob upstream while the others follow its download (docs/protocol.md §9).
-    # Off by default: a node pulling alone waits up to SETTLE once per pull to hear of
-    # co-pullers, which "no slower than today" does not allow yet.
+    # --coordinate-pulls: simultaneous misses of one repository let one node fetch each
+    # blob upstream while the others follow its download (docs/protocol.md §9). The daemon
+    # turns it on with gossip; it needs a router that names only the nodes holding a key
+    # (a static one names every peer for everything), so it is off here by default.
     coordinate_pulls: bool = False
 
 
@@ -322,7 +323,7 @@ class MirrorServer:
             raise unknown(f"{upstream}/{route.name} is not shared (registry filters)")
         key = self._key(route)
         if not mirrored:
-            self._note_pull(route, key)
+            self._note_pull(route, key, request)
         response = await self._local(route, request, key)
         if response is None and mirrored and route.kind is Kind.BLOB and route.digest:
             response = await self._inflight(route.digest, request)
@@ -349,13 +350,19 @@ class MirrorServer:
             raise manifest_unknown("the ns query parameter is required to resolve a tag")
         return tag_key(route.upstream, route.name, route.tag)
 
-    def _note_pull(self, route: Route, key: str) -> None:
-        """containerd's manifest and blob requests mark this node as pulling the repository."""
+    def _note_pull(self, route: Route, key: str, request: Request) -> None:
+        """containerd's manifest and blob requests mark this node as pulling the repository.
+
+        Only containerd's (its User-Agent, ``containerd/<version>``, from ctr, CRI and the
+        transfer service alike) start a pull: other clients (curl, skopeo, a registry UI)
+        read without downloading into containerd's ingest, and co-pullers would wait for
+        downloads that never come (docs/protocol.md §9)."""
         if not self._settings.coordinate_pulls:
             return
         repository = f"{route.upstream}/{route.name}"
         if route.kind is Kind.MANIFEST:
-            self._designation.manifest(repository, key)
+            if (request.header(b"user-agent") or b"").startswith(CONTAINERD_AGENT):
+                self._designation.manifest(repository, key)
         elif route.kind is Kind.BLOB:
             self._designation.blob(repository)
 

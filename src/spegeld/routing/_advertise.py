@@ -6,7 +6,7 @@ from typing import NoReturn
 
 import trio
 
-from spegeld.store import Store
+from spegeld.store import INFLIGHT_PREFIX, Store
 
 from ._protocol import Router
 
@@ -21,6 +21,12 @@ async def advertise_store(
         async for change in changes:
             if change.removed:
                 router.withdraw(change.removed)
-            if change.added:
-                router.advertise(change.added)
+            # A download starting is news for nodes deciding whether to wait for it now
+            # (docs/protocol.md §9): in-flight keys go at once, the rest with the rounds.
+            inflight = [key for key in change.added if key.startswith(INFLIGHT_PREFIX)]
+            rest = [key for key in change.added if not key.startswith(INFLIGHT_PREFIX)]
+            if inflight:
+                router.advertise(inflight, urgent=True)
+            if rest:
+                router.advertise(rest)
     raise AssertionError("a store's watch channel never ends while the store lives")

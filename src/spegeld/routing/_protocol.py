@@ -26,8 +26,9 @@ class Router(Protocol):
         """Up to ``count`` holders of ``key``, best first, never this node."""
         ...
 
-    def advertise(self, keys: Iterable[str]) -> None:
-        """This node now holds ``keys``."""
+    def advertise(self, keys: Iterable[str], *, urgent: bool = False) -> None:
+        """This node now holds ``keys``. ``urgent``: tell the other nodes now, not with the
+        next round of news, for keys whose worth is in their timing (a pull starting)."""
         ...
 
     def withdraw(self, keys: Iterable[str]) -> None:

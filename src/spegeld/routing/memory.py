@@ -47,7 +47,7 @@ class MemoryRouter:
         peers = [p for p in self._cluster.holders(key) if p.node != self.me.node]
         return sorted(peers, key=lambda p: p.node)[:count]
 
-    def advertise(self, keys: Iterable[str]) -> None:
+    def advertise(self, keys: Iterable[str], *, urgent: bool = False) -> None:
         for key in keys:
             self._cluster.add(key, self.me)
 
@@ -73,7 +73,7 @@ class StaticRouter:
     def lookup(self, key: str, count: int) -> list[Peer]:
         return self._peers[:count]
 
-    def advertise(self, keys: Iterable[str]) -> None:
+    def advertise(self, keys: Iterable[str], *, urgent: bool = False) -> None:
         pass
 
     def withdraw(self, keys: Iterable[str]) -> None:

@@ -17,9 +17,11 @@ a ``tc tbf`` link (100 Mbit/s by default). For every image (size x layers) and m
 * **baseline**: a fresh cluster without spegeld: containerd pulls straight from the upstream;
 * **spegeld**: a fresh cluster with a spegeld per node, hosts.toml from
   ``spegeld configure containerd``;
-* **spegeld-coord**: the same with ``--coordinate-pulls`` (docs/protocol.md §9): in the
-  create phase (v1 pulled by every node at once) one node fetches each layer upstream and
-  the others follow its download;
+  Pulls are coordinated (docs/protocol.md §9, on by default): in the create phase (v1
+  pulled by every node at once) one node fetches each layer upstream and the others
+  follow its download;
+* **spegeld-nocoord**: the same with ``--no-coordinate-pulls``: in-flight sharing only
+  (§8), what the default was before;
 * **spegel**: a fresh cluster with Spegel v0.7.4 per node (``bench/_spegel.py``: in the
   node's namespace, static bootstrap from node 1, hosts.toml from ``spegel configuration``).
   Skipped, with one line saying why, when its binary is not built or the nodes run 1.6.
@@ -95,8 +97,8 @@ SPEGEL = {  # spegel.dev/docs/benchmark, v2 average pull time vs baseline (50 no
 SPEGEL_ANCHOR_100MB_4 = "62-68 %"  # DESIGN.md section 11
 TARGET = 0.85
 MODES = ("baseline", "spegeld", "spegel")  # and spegel@<duration>: another resolve timeout
-OPTIONAL_MODES = ("spegeld-coord",)  # not in the default run
-SPEGELD_ARGS = {"spegeld": (), "spegeld-coord": ("--coordinate-pulls",)}
+OPTIONAL_MODES = ("spegeld-nocoord",)  # not in the default run
+SPEGELD_ARGS = {"spegeld": (), "spegeld-nocoord": ("--no-coordinate-pulls",)}
 
 
 def is_spegeld(mode: str) -> bool:
@@ -314,6 +316,8 @@ def _rollout(
             list(pool.map(lambda n: n.containerd.import_image(archive), nodes))
     run.v1_seconds = round(time.monotonic() - t0, 2)
     run.v1_upstream = upstream.blob_bytes_served(mark)
+    if args.create_only:
+        return
     if run.mode != "baseline":
         t0 = time.monotonic()
         wait_findable(ref1, v1, nodes)
@@ -373,8 +377,9 @@ def run_case(args: argparse.Namespace, size: int, layers: int, work: Path) -> Ca
                 create = (f"v1 (create) avg {v1avg:.2f} s, upstream "
                           f"{r.v1_upstream / case.image_bytes:.2f} copies; "
                           if (v1avg := r.v1_avg()) is not None else "")  # fmt: skip
-                say(f"    -> {create}v2 avg {r.v2_avg():.2f} s, upstream "
-                    f"{r.v2_upstream() / case.image_bytes:.2f} copies{waits}")  # fmt: skip
+                rollout = ("" if args.create_only else f"v2 avg {r.v2_avg():.2f} s, upstream "
+                           f"{r.v2_upstream() / case.image_bytes:.2f} copies{waits}")  # fmt: skip
+                say(f"    -> {create}{rollout}")
         return case
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -400,6 +405,8 @@ def _secs(x: float | None) -> str:
 
 def table(cases: list[Case], args: argparse.Namespace) -> str:
     """One row per image and mode; ratios against the baseline of the same run."""
+    if args.create_only:
+        return "\n".join(create_table(cases, args)[1:])
     v1_note = "imported" if args.v1 == "import" else "pulled"
     rows = [
         "| Image | Mode | v2 avg | / baseline | Improvement | Ceiling | v2 pull per batch | "
@@ -513,11 +520,14 @@ def main() -> int:
     parser.add_argument("--v1", choices=("pull", "import"), default="pull",
                         help="how v1 gets onto the nodes (import: ctr images import)")  # fmt: skip
     parser.add_argument("--modes", default=",".join(MODES),
-                        help="baseline, spegeld, spegeld-coord (--coordinate-pulls), spegel, "
+                        help="baseline, spegeld, spegeld-nocoord (--no-coordinate-pulls), spegel, "
                              "spegel@200ms (its timeout)")  # fmt: skip
     parser.add_argument("--containerd", choices=("2.3", "1.6"), default="2.3",
                         help="every node's containerd: the 2.3 build, or Debian's 1.6")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode and image")
+    parser.add_argument("--create-only", action="store_true",
+                        help="only the create phase (v1 pulled by every node at once), no v2 "
+                             "rollout: the 1 GB row without 5 x 80 s more of baseline")  # fmt: skip
     parser.add_argument("--upstream-rate", default="100mbit")
     parser.add_argument("--json-out", type=Path, help="write every pull here")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()))
@@ -534,7 +544,11 @@ def main() -> int:
     if not args.modes or not all(
         m in MODES + OPTIONAL_MODES or re.fullmatch(r"spegel@\d+m?s", m) for m in args.modes
     ):
-        parser.error("--modes takes some of baseline, spegeld, spegeld-coord, spegel, spegel@200ms")
+        parser.error(
+            "--modes takes some of baseline, spegeld, spegeld-nocoord, spegel, spegel@200ms"
+        )
+    if args.create_only and args.v1 != "pull":
+        parser.error("--create-only measures v1's pull: not with --v1 import")
     if not 1 <= args.batch <= args.nodes or not 2 <= args.nodes <= 20:
         parser.error("need 2 <= nodes <= 20 and 1 <= batch <= nodes")
     args.containerd_dir = None
@@ -582,8 +596,9 @@ def main() -> int:
         if cases:
             say("")
             say(table(cases, args))
-            say("")
-            say(verdict(cases))
+            if not args.create_only:
+                say("")
+                say(verdict(cases))
         if args.json_out is not None:
             out: dict[str, Any] = {
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -592,9 +607,11 @@ def main() -> int:
                 "cases": [
                     {
                         **asdict(c),
-                        "improvement": {m: c.improvement(m) for m in args.modes},
+                        "improvement": {}
+                        if args.create_only
+                        else {m: c.improvement(m) for m in args.modes},
                         "ceiling": c.ceiling(),
-                        "v2_avg": {m: c.avg(m) for m in args.modes},
+                        "v2_avg": {} if args.create_only else {m: c.avg(m) for m in args.modes},
                     }
                     for c in cases
                 ],

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import _spegel  # bench/_spegel.py, beside this script
-from spegeld_harness import Cluster, build_image, missing_requirement
+from spegeld_harness import BuiltImage, Cluster, build_image, missing_requirement
 
 PEER_BYTES = 'spegeld_bytes_served_total{source="peer"}'
 # One blob GET timed from inside node 2's namespace: a keep-alive connection per URL,
@@ -100,6 +100,11 @@ def main() -> int:
         "--src", type=Path, help="run the daemons from this source tree (PYTHONPATH), e.g. "
         "an older commit's src/ from git archive, for a before/after comparison",
     )  # fmt: skip
+    parser.add_argument(
+        "--ab", type=Path, help="a second source tree: every round restarts both daemons "
+        "from --src (or this tree), then from this one (the order alternating) and measures "
+        "each in the same cluster and minute: a before/after comparison on a noisy machine",
+    )  # fmt: skip
     args = parser.parse_args()
     if not 1 <= args.layers <= 64 or not 1 <= args.rounds <= 50 or not 1 <= args.gets <= 500:
         parser.error("need 1 <= layers <= 64, 1 <= rounds <= 50, 1 <= gets <= 500")
@@ -145,70 +150,114 @@ def main() -> int:
         (direct / cluster.upstream_address / "hosts.toml").write_text(
             f'server = "{upstream}"\n\n[host."{upstream}"]\n  capabilities = ["pull", "resolve"]\n'
         )
+        variants: list[Path | None] = [args.src] if args.ab is None else [args.src, args.ab]
         for r in range(args.rounds):
             image = build_image(f"bench.local/tax:r{r}", [per_layer] * args.layers, seed=1000 + r)
             reference = cluster.push(image, "bench/tax", f"r{r}")
             cluster.pull(holder, reference)
-            cluster.wait_findable(reference, image, [puller])
-            times: dict[str, float] = {}
-            for kind in ("peer", "local") if r % 2 == 0 else ("local", "peer"):
-                hosts = puller.hosts_dir if kind == "peer" else direct
-                before = puller.metric(PEER_BYTES)
-                started = time.monotonic()
-                puller.containerd.ctr("images", "pull", "--hosts-dir", str(hosts), reference,
-                                      timeout=600)  # fmt: skip
-                times[kind] = time.monotonic() - started
-                peer_bytes = puller.metric(PEER_BYTES) - before
-                if (peer_bytes >= size) != (kind == "peer"):
-                    raise RuntimeError(f"{kind} pull took {peer_bytes:.0f} bytes from peers")
-                puller.containerd.remove_image(reference)
-                puller.containerd.gc()
-            layer = image.platforms[0].layers[0]
-            ns = f"?ns={cluster.upstream_address}"
-            urls = {
-                "mirror": [puller.address, 5000, f"/v2/bench/tax/blobs/{layer}{ns}"],
-                "upstream": [cluster.upstream_address.split(":")[0], 5000,
-                             f"/v2/bench/tax/blobs/{layer}"],
-            }  # fmt: skip
-            gets: dict[str, float] = {}
-            cpu: dict[str, float] = {}
-            for kind, url in urls.items():
-                servers = (
-                    [puller.spegeld, holder.spegeld] if kind == "mirror" else [cluster.upstream]
-                )
-                pids = [server.pid if server is not None else None for server in servers]
-                before_cpu = sum(cpu_seconds(pid) for pid in pids)
-                out = subprocess.run(
-                    ["ip", "netns", "exec", puller.netns, sys.executable, "-c", _CLIENT,
-                     json.dumps({kind: url}), str(args.gets)],
-                    capture_output=True, text=True, timeout=300, check=True,
-                ).stdout  # fmt: skip
-                cpu[kind] = (sum(cpu_seconds(pid) for pid in pids) - before_cpu) / args.gets
-                gets[kind] = statistics.median(json.loads(out)[kind])
-            row = {"round": r, **times, **{f"get_{k}": v for k, v in gets.items()},
-                   **{f"cpu_{k}": v for k, v in cpu.items()}}  # fmt: skip
-            rows.append(row)
-            print(f"round {r}: peer {times['peer']:.3f} s, local {times['local']:.3f} s, "
-                  f"tax/layer {(times['peer'] - times['local']) / args.layers * 1000:.1f} ms; "
-                  f"one {per_layer / 1e6:.1f} MB blob GET: mirror {gets['mirror'] * 1000:.1f} ms, "
-                  f"upstream {gets['upstream'] * 1000:.1f} ms; server CPU per GET: mirror + "
-                  f"peer {cpu['mirror'] * 1000:.1f} ms, Distribution "
-                  f"{cpu['upstream'] * 1000:.1f} ms", flush=True)  # fmt: skip
-    peer = statistics.median(float(str(row["peer"])) for row in rows)
-    local = statistics.median(float(str(row["local"])) for row in rows)
-    get_m = statistics.median(float(str(row["get_mirror"])) for row in rows)
-    get_u = statistics.median(float(str(row["get_upstream"])) for row in rows)
-    cpu_m = statistics.median(float(str(row["cpu_mirror"])) for row in rows)
-    cpu_u = statistics.median(float(str(row["cpu_upstream"])) for row in rows)
-    print(f"median of {args.rounds}: peer {peer:.3f} s, local {local:.3f} s, ratio "
-          f"{peer / local:.2f}, tax/layer {(peer - local) / args.layers * 1000:.1f} ms; "
-          f"blob GET mirror {get_m * 1000:.1f} ms, upstream {get_u * 1000:.1f} ms; server "
-          f"CPU per GET mirror + peer {cpu_m * 1000:.1f} ms, Distribution "
-          f"{cpu_u * 1000:.1f} ms")  # fmt: skip
+            order = variants if r % 2 == 0 else variants[::-1]
+            for src in order:
+                if args.ab is not None:
+                    _run_from(cluster, src)
+                cluster.wait_findable(reference, image, [puller])
+                row = _measure(cluster, reference, image, direct, size, args, r)
+                label = str(src) if src is not None else "this tree"
+                rows.append({**row, "src": label})
+                print(f"round {r} ({label}): peer {row['peer']:.3f} s, local "
+                      f"{row['local']:.3f} s, ratio {row['peer'] / row['local']:.2f}, tax/layer "
+                      f"{(row['peer'] - row['local']) / args.layers * 1000:.1f} ms; one "
+                      f"{per_layer / 1e6:.1f} MB blob GET: mirror {row['get_mirror'] * 1000:.1f}"
+                      f" ms, upstream {row['get_upstream'] * 1000:.1f} ms; server CPU per GET: "
+                      f"mirror + peer {row['cpu_mirror'] * 1000:.1f} ms (mirror "
+                      f"{row['cpu_edge'] * 1000:.1f}), Distribution "
+                      f"{row['cpu_upstream'] * 1000:.1f} ms", flush=True)  # fmt: skip
+    for src in variants:
+        label = str(src) if src is not None else "this tree"
+        _summary(label, [row for row in rows if row["src"] == label], args.layers)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"args": vars(args) | {"json_out": None},
                                              "rows": rows}, indent=1, default=str))  # fmt: skip
     return 0
+
+
+def _run_from(cluster: Cluster, src: Path | None) -> None:
+    """Restart every node's spegeld with ``src`` (PYTHONPATH; None: this tree)."""
+    for node in cluster.nodes:
+        assert node.spegeld is not None
+        env = {k: v for k, v in (node.spegeld.env or {}).items() if k != "PYTHONPATH"}
+        if src is not None:
+            env["PYTHONPATH"] = str(src.absolute())
+        node.spegeld.env = env
+        node.spegeld.restart()
+        cluster.track(node.spegeld.pid)
+
+
+def _measure(
+    cluster: Cluster,
+    reference: str,
+    image: BuiltImage,
+    direct: Path,
+    size: int,
+    args: argparse.Namespace,
+    r: int,
+) -> dict[str, float]:
+    """One round for the code now running: the two pulls on node 2 (order by round), then
+    the blob GETs of one layer through the mirror and from Distribution."""
+    holder, puller = cluster.nodes
+    times: dict[str, float] = {}
+    for kind in ("peer", "local") if r % 2 == 0 else ("local", "peer"):
+        hosts = puller.hosts_dir if kind == "peer" else direct
+        before = puller.metric(PEER_BYTES)
+        started = time.monotonic()
+        puller.containerd.ctr("images", "pull", "--hosts-dir", str(hosts), reference,
+                              timeout=600)  # fmt: skip
+        times[kind] = time.monotonic() - started
+        peer_bytes = puller.metric(PEER_BYTES) - before
+        if (peer_bytes >= size) != (kind == "peer"):
+            raise RuntimeError(f"{kind} pull took {peer_bytes:.0f} bytes from peers")
+        puller.containerd.remove_image(reference)
+        puller.containerd.gc()
+    layer = image.platforms[0].layers[0]
+    ns = f"?ns={cluster.upstream_address}"
+    urls = {
+        "mirror": [puller.address, 5000, f"/v2/bench/tax/blobs/{layer}{ns}"],
+        "upstream": [cluster.upstream_address.split(":")[0], 5000,
+                     f"/v2/bench/tax/blobs/{layer}"],
+    }  # fmt: skip
+    gets: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for kind, url in urls.items():
+        servers = [puller.spegeld, holder.spegeld] if kind == "mirror" else [cluster.upstream]
+        pids = [server.pid if server is not None else None for server in servers]
+        before_cpu = sum(cpu_seconds(pid) for pid in pids)
+        before_edge = cpu_seconds(pids[0])
+        out = subprocess.run(
+            ["ip", "netns", "exec", puller.netns, sys.executable, "-c", _CLIENT,
+             json.dumps({kind: url}), str(args.gets)],
+            capture_output=True, text=True, timeout=300, check=True,
+        ).stdout  # fmt: skip
+        cpu[kind] = (sum(cpu_seconds(pid) for pid in pids) - before_cpu) / args.gets
+        if kind == "mirror":  # node 2's spegeld alone (the rest: node 1's, the holder)
+            cpu["edge"] = (cpu_seconds(pids[0]) - before_edge) / args.gets
+        gets[kind] = statistics.median(json.loads(out)[kind])
+    return {"round": r, **times, **{f"get_{k}": v for k, v in gets.items()},
+            **{f"cpu_{k}": v for k, v in cpu.items()}}  # fmt: skip
+
+
+def _summary(label: str, rows: list[dict[str, object]], layers: int) -> None:
+    def med(key: str) -> float:
+        return statistics.median(float(str(row[key])) for row in rows)
+
+    ratios = sorted(float(str(row["peer"])) / float(str(row["local"])) for row in rows)
+    peer, local = med("peer"), med("local")
+    print(f"{label}, median of {len(rows)}: peer {peer:.3f} s, local {local:.3f} s, ratio "
+          f"{peer / local:.2f} (median of the rounds' ratios "
+          f"{statistics.median(ratios):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}), "
+          f"tax/layer {(peer - local) / layers * 1000:.1f} ms; blob GET mirror "
+          f"{med('get_mirror') * 1000:.1f} ms, upstream {med('get_upstream') * 1000:.1f} ms; "
+          f"server CPU per GET mirror + peer {med('cpu_mirror') * 1000:.1f} ms (mirror "
+          f"{med('cpu_edge') * 1000:.1f}), Distribution "
+          f"{med('cpu_upstream') * 1000:.1f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -133,12 +133,16 @@ class Designation:
                 return proxy.holders(inflight_key(digest)), True
             inflight, unusable = self._inflight(proxy, digest)
             me = self._me()
-            copullers = {
-                peer.node
+            pulling = [
+                peer
                 for key in self._pulls.keys(repository, now)
                 for peer in self._router.lookup(key, MAX_COPULLERS)
-            } - {me}
-            fetchers = {p.node for p in self._router.lookup(fetching_key(digest), MAX_COPULLERS)}
+            ]
+            fetching = self._router.lookup(fetching_key(digest), MAX_COPULLERS)
+            # A partitioned or lying node is not waited for, whatever it claims.
+            unusable |= proxy.unusable(pulling + fetching)
+            copullers = {peer.node for peer in pulling} - {me}
+            fetchers = {peer.node for peer in fetching}
             allowed = followable(me, copullers, fetchers, [p.node for p in inflight])
             chosen = [p for p in inflight if p.node in allowed][: self._limit]
             if chosen:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from spegeld.oci import Digest
-from spegeld.routing import Peer, Router
+from spegeld.routing import NodeId, Peer, Router
 
 from ._auth import HEADER as AUTH_HEADER
 from ._errors import OciError
@@ -133,6 +133,10 @@ class Proxy:
         found = self._router.lookup(key, want * 2)
         self._metrics.resolve_duration.labels(router="local").observe(trio.current_time() - start)
         return self._usable(found)[: want if tag else self._settings.holders_to_try]
+
+    def unusable(self, peers: Sequence[Peer]) -> set[NodeId]:
+        """The nodes of ``peers`` this proxy would not ask now (unreachable, or bad)."""
+        return {p.node for p in peers} - {p.node for p in self._usable(peers)}
 
     def _usable(self, found: Sequence[Peer]) -> list[Peer]:
         # A peer that sent corrupt bytes is not asked at all while it is marked: bytes it

@@ -56,6 +56,7 @@ from spegeld.gossip._messages import (
 )
 from spegeld.gossip._sealed import MAX_DATAGRAM_V2
 from spegeld.gossip._security import HEADER_SIZE, MAX_DATAGRAM, open_datagram, seal
+from spegeld.gossip._shell import URGENT_BURST, URGENT_RATE, UrgentBudget
 from spegeld.gossip.sim import NetworkRules, Simulation
 from spegeld.routing import CoordinatorView
 
@@ -239,6 +240,15 @@ def test_an_urgent_key_reaches_every_member_in_one_hop_not_rounds() -> None:
     told = sum(_holders(c, "pulling:" + "b" * 32) == ["node-6"] for c in sim.live())
     assert told < 11  # at most the members of one round, if one fell in these 10 ms
     sim.wait(_everyone_knows(sim, "pulling:" + "b" * 32, "node-6"), 5, "plain key spread")
+
+
+def test_urgent_pushes_are_budgeted_a_burst_then_a_rate() -> None:
+    """A local client asking for new tags in a loop must not become a datagram storm."""
+    budget = UrgentBudget()
+    assert sum(budget.take(100.0) for _ in range(URGENT_BURST + 10)) == URGENT_BURST
+    assert not budget.take(100.0)
+    assert sum(budget.take(101.0) for _ in range(100)) == int(URGENT_RATE)  # a second later
+    assert sum(budget.take(1000.0) for _ in range(1000)) == URGENT_BURST  # never above it
 
 
 def test_lookup_ranks_alive_before_suspect_then_by_rtt() -> None:

@@ -9,7 +9,9 @@ MirrorServers on loopback proxy between nodes that share a MemoryCluster ownersh
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from spegeld.mirror import MirrorServer, _inflight
 from spegeld.oci import Digest
 from spegeld.routing import MemoryCluster, NodeId, Peer, advertise_store
 from spegeld.store import ContainerdStore, Ingest, MemoryStore, inflight_key
-from spegeld.store._ingest import InflightTable, scan_ingests
+from spegeld.store._ingest import INGEST_STALE, InflightTable, scan_ingests
 
 from ._slowrelay import SlowRelay
 from ._support import image_in_memory, serving_registry, wait_until
@@ -66,6 +68,19 @@ def test_scan_reads_only_this_namespaces_digest_named_ingests(tmp_path: Path) ->
     assert found[Digest(digest)].total == 10
     assert found[Digest(digest)].data == tmp_path / "ingest" / "a" / "data"
     assert scan_ingests(tmp_path / "missing", "k8s.io") == {}
+
+
+def test_an_abandoned_ingest_is_not_shared_until_it_grows_again(tmp_path: Path) -> None:
+    """A cancelled pull leaves its ingest for a resume: followers of it would be cut."""
+    digest = Digest("sha256:" + "ab" * 32)
+    ingest = write_ingest(tmp_path, "a", f"k8s.io/1/layer-{digest}", 10, b"12345")
+    assert list(scan_ingests(tmp_path, "k8s.io")) == [digest]
+    old = time.time() - INGEST_STALE - 1
+    os.utime(ingest / "data", (old, old))
+    assert scan_ingests(tmp_path, "k8s.io") == {}
+    with (ingest / "data").open("ab") as f:  # the pull resumed: containerd appends
+        f.write(b"678")
+    assert list(scan_ingests(tmp_path, "k8s.io")) == [digest]
 
 
 def test_table_advertises_withdraws_and_keeps_a_landed_blob(tmp_path: Path) -> None:

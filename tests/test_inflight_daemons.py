@@ -10,6 +10,9 @@ layer (it verifies the digest). The upstream sends the layer once, to A.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,6 +27,9 @@ from spegeld_harness import (
     build_image,
     write_cluster_key,
 )
+
+from spegeld.mirror._designate import SHOW_GRACE
+from spegeld.store._ingest import INGEST_STALE
 
 from ._slowrelay import SlowRelay
 from ._support import configure_hosts, wait_for
@@ -118,3 +124,97 @@ def run_scenario(
     assert node_a.metric('spegeld_bytes_served_total{source="inflight"}') >= IMAGE.blobs[LAYER].size
     for node in (node_a, node_b):
         assert "Traceback" not in node.log_path.read_text()
+
+
+CANCELLED = build_image("example.com/slow/cancelled:v1", [24 * MiB], seed=143, compresslevel=0)
+CANCELLED_LAYER = CANCELLED.platforms[0].layers[0]
+
+
+def test_a_cancelled_pull_is_not_followed_and_the_next_node_gets_the_layer_elsewhere(
+    tmp_path: Path, upstream: UpstreamRegistry, containerd_bin_dir: Path | None
+) -> None:
+    """A's pull is killed mid-layer (``ctr`` SIGKILLed: on 2.3 that cancels the transfer
+    service's download). containerd keeps the ingest for a resume, so its data stops
+    growing but stays. Within ``INGEST_STALE`` A stops offering it in flight (B's mirror
+    answers 404 for the layer), and B's pull then completes from the upstream instead of
+    following a download that will never finish."""
+    upstream.push(CANCELLED, "slow/cancelled", "v1")
+    host, port = upstream.address.split(":")
+    a = PrivateContainerd(tmp_path / "a-containerd", bin_dir=containerd_bin_dir)
+    b = PrivateContainerd(tmp_path / "b-containerd", bin_dir=containerd_bin_dir)
+    key = write_cluster_key(tmp_path / "cluster.key")
+    try:
+        a.start()
+        b.start()
+        with SlowRelay((host, int(port)), RATE) as relay:
+            ref = f"{relay.address}/slow/cancelled:v1"
+            node_a = SpegeldProcess(tmp_path / "node-a", a, host="127.0.0.2", key_file=key)
+            with node_a:
+                node_b = SpegeldProcess(
+                    tmp_path / "node-b", b, host="127.0.0.3", key_file=key,
+                    peers=[node_a.gossip_address],
+                )  # fmt: skip
+                with node_b:
+                    configure_hosts(tmp_path / "hosts-a", node_a.url, f"http://{relay.address}")
+                    configure_hosts(tmp_path / "hosts-b", node_b.url, f"http://{relay.address}")
+                    pull_a = subprocess.Popen(
+                        a.ctr_argv("images", "pull", "--hosts-dir", tmp_path / "hosts-a", ref),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    try:
+                        wait_for(lambda: ingest_bytes(a) >= 4 * MiB, 20, "A's download")
+                    finally:
+                        pull_a.kill()
+                        pull_a.wait(10)
+                    assert not a.has_blob(CANCELLED_LAYER)
+                    layer_path = f"/v2/slow/cancelled/blobs/{CANCELLED_LAYER}?ns={relay.address}"
+                    wait_for(
+                        lambda: node_b.get(layer_path, method="HEAD")[0] == 404,
+                        INGEST_STALE + 10, "A to stop offering its abandoned download",
+                    )  # fmt: skip
+                    assert ingest_bytes(a) >= 4 * MiB  # kept for a resume, not shared
+                    # A's claim on the layer (its mirror sent it upstream) went with its
+                    # download (CLAIM_BACKING): B's misses do not wait the 2.5 s for it.
+                    # A still pulls the tag (its keys last PULL_IDLE) and may be the
+                    # layer's designated node, passed over once it shows nothing in
+                    # flight (SHOW_GRACE).
+                    log_start = node_b.log_path.stat().st_size
+                    started = time.monotonic()
+                    b.ctr("images", "pull", "--hosts-dir", tmp_path / "hosts-b", ref,
+                          timeout=DEADLINE)  # fmt: skip
+                    took = time.monotonic() - started
+                    waits = upstream_waits(node_b, log_start)
+                    print(f"B's pull after A's cancelled one: {took:.2f} s; misses waited {waits}")
+                    assert b.has_blob(CANCELLED_LAYER)  # B's containerd checked the digest
+                    assert all(w <= SHOW_GRACE + 0.3 for w in waits), waits
+                    for node in (node_a, node_b):
+                        assert "Traceback" not in node.log_path.read_text()
+    finally:
+        a.close()
+        b.close()
+
+
+def ingest_bytes(node: PrivateContainerd) -> int:
+    """The bytes in the node's ingest area (its downloads under way or abandoned)."""
+    total = 0
+    for data in (node.content_path / "ingest").glob("*/data"):
+        with contextlib.suppress(OSError):
+            total += data.stat().st_size
+    return total
+
+
+def upstream_waits(node: SpegeldProcess, start: int) -> list[float]:
+    """How long each blob miss of the node's pulls waited before it went upstream (its
+    debug log, from byte ``start``)."""
+    with node.log_path.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    waits = []
+    for raw in text.splitlines():
+        try:
+            msg = json.loads(raw).get("msg", "")
+        except ValueError:
+            continue
+        if isinstance(msg, str) and " to the upstream after " in msg:
+            waits.append(float(msg.split(" after ")[1].split(" s ")[0]))
+    return waits

@@ -253,20 +253,19 @@ class PrivateContainerd(ManagedProcess):
         input: bytes | None = None,
     ) -> str:
         """Run ``ctr --address SOCK -n NAMESPACE ARGS...``; its stdout, or raise CtrError."""
-        argv = [
-            self._ctr_bin,
-            "--address",
-            str(self.socket),
-            "-n",
-            namespace or self.namespace,
-            *map(str, args),
-        ]
+        argv = self.ctr_argv(*args, namespace=namespace)
         res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
         stdout = res.stdout.decode(errors="replace")
         if res.returncode != 0:
             stderr = res.stderr.decode(errors="replace")
             raise CtrError(argv, res.returncode, stdout, stderr)
         return stdout
+
+    def ctr_argv(self, *args: str | Path, namespace: str | None = None) -> list[str]:
+        """The argv of ``ctr`` against this containerd, for a caller that runs it itself
+        (to kill it midway, say)."""
+        ns = namespace or self.namespace
+        return [self._ctr_bin, "--address", str(self.socket), "-n", ns, *map(str, args)]
 
     def import_image(
         self,

@@ -58,6 +58,11 @@ WAIT_FOR_DESIGNATED = 2.5
 # was sent to the upstream, though its download can show up later than that (2.3's
 # transfer service was seen to take over 1 s with four layers at once).
 SHOW_GRACE = 1.0
+# Seconds after a claim by which this node's own download of the blob must show (in
+# flight here), or the claim is withdrawn: the pull was cancelled, or it failed. More
+# than WAIT_FOR_DESIGNATED, so no follower's wait is cut short by it; later misses of the
+# blob (a retry, the next node's pull) then do not wait for a download that is gone.
+CLAIM_BACKING = 3.0
 # Seconds a pull stays advertised after this node's last request of its repository: the
 # time between two layer requests of one pull (containerd queues layers behind its
 # download limit) is well under this; a finished pull's keys then go away.
@@ -166,6 +171,14 @@ class Pulls:
         advertised = self._advertised()
         live[-1].claims.add(key)
         return None if key in advertised else key
+
+    def unclaim(self, digest: Digest) -> str | None:
+        """This node no longer fetches ``digest``: the ``fetching:`` key to withdraw."""
+        key = fetching_key(digest)
+        held = [pull for pulls in self._pulls.values() for pull in pulls if key in pull.claims]
+        for pull in held:
+            pull.claims.discard(key)
+        return key if held else None
 
     def keys(self, repository: str, now: float) -> list[str]:
         """The newest live pull's keys (what its co-pullers advertise too)."""

@@ -28,7 +28,16 @@ from spegeld.oci import Digest
 from spegeld.routing import Peer, Router
 from spegeld.store import Ingest, inflight_key
 
-from ._designate import MAX_COPULLERS, Pulls, Verdict, decide, fetching_key, followable
+from ._designate import (
+    CLAIM_BACKING,
+    MAX_COPULLERS,
+    PULL_IDLE,
+    Pulls,
+    Verdict,
+    decide,
+    fetching_key,
+    followable,
+)
 from ._hashing import stream_hasher
 from ._http import AbortResponse, Request, Response, StreamBody
 from ._proxy import Proxy
@@ -53,6 +62,9 @@ HOLDER_POLL = 0.05
 MAX_POLLS = 200
 # Seconds between sweeps that withdraw the keys of pulls gone idle.
 EXPIRE_EVERY = 5.0
+# Seconds between looks at this node's claims for a download that backs them: a second
+# beside CLAIM_BACKING's 3; a look is a dictionary read per claim.
+CLAIM_CHECK_EVERY = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +113,19 @@ class Designation:
     through the router (at once: their worth is in their timing), and holds a blob miss
     back while another node fetches it or is designated to."""
 
-    def __init__(self, router: Router, me: Callable[[], str], holders_to_try: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        me: Callable[[], str],
+        holders_to_try: int,
+        downloading: Callable[[Digest], bool],
+    ) -> None:
         self._router = router
         self._me = me
         self._limit = holders_to_try  # how many holders Proxy.holders answers at most
+        self._downloading = downloading  # this node's containerd writes the blob now
         self._pulls = Pulls()
+        self._claims: dict[Digest, float] = {}  # this node's claims, and when made
 
     def manifest(self, repository: str, manifest_key: str) -> None:
         """containerd asked this node's mirror for a manifest of ``repository``."""
@@ -165,9 +185,22 @@ class Designation:
         return [], False
 
     def _claim(self, repository: str, digest: Digest) -> None:
-        key = self._pulls.claim(repository, digest, trio.current_time())
+        now = trio.current_time()
+        key = self._pulls.claim(repository, digest, now)
+        self._claims[digest] = now
         if key is not None:
             self._router.advertise([key], urgent=True)
+
+    def _unback(self, now: float) -> None:
+        """Withdraw the claims that no download of this node backs ``CLAIM_BACKING`` after
+        they were made: cancelled or failed (a finished one is held complete anyway)."""
+        for digest, at in list(self._claims.items()):
+            if now - at < CLAIM_BACKING or self._downloading(digest):
+                continue
+            del self._claims[digest]
+            key = self._pulls.unclaim(digest)
+            if key is not None:
+                self._router.withdraw([key])
 
     def _inflight(self, proxy: Proxy, digest: Digest) -> tuple[list[Peer], set[str]]:
         """Every in-flight holder the proxy may use, best first, and those it may not.
@@ -183,12 +216,20 @@ class Designation:
         return [p for p in named if p in usable], {p.node for p in named if p not in usable}
 
     async def expire(self) -> None:
-        """Withdraw the keys of pulls gone idle, for as long as it runs."""
+        """Withdraw the keys of pulls gone idle, and claims no download backs, for as
+        long as it runs."""
+        next_expiry = trio.current_time() + EXPIRE_EVERY
         while True:
-            await trio.sleep(EXPIRE_EVERY)
-            gone = self._pulls.expire(trio.current_time())
-            if gone:
-                self._router.withdraw(gone)
+            await trio.sleep(CLAIM_CHECK_EVERY)
+            now = trio.current_time()
+            self._unback(now)
+            if now >= next_expiry:
+                next_expiry = now + EXPIRE_EVERY
+                for digest in [d for d, at in self._claims.items() if now - at > PULL_IDLE]:
+                    del self._claims[digest]  # its pull has gone idle too
+                gone = self._pulls.expire(now)
+                if gone:
+                    self._router.withdraw(gone)
 
 
 async def inflight_response(

@@ -128,7 +128,10 @@ class MirrorServer:
         self._nonces = NonceMemory()
         self._feeds = InflightFeeds()  # blobs proxied from in-flight holders right now
         # Who fetches a blob nobody holds yet when several nodes pull at once (§9).
-        self._designation = Designation(router, self._node, settings.proxy.holders_to_try)
+        self._designation = Designation(
+            router, self._node, settings.proxy.holders_to_try,
+            downloading=lambda digest: store.inflight(digest) is not None,
+        )  # fmt: skip
         self._proxy = Proxy(router, self._metrics, settings.proxy, discard_partial, sign=self._sign)
         self._refused = {
             reason: self._metrics.peer_auth_failures.labels(reason=reason)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ LANDED_TTL = 600.0
 # of an in-flight blob within this (plus gossip), and a commit or abort is withdrawn as
 # fast. A scan of a few ingests costs tens of microseconds (docs/protocol.md).
 INGEST_SCAN_ACTIVE = 0.1
+# Seconds since its data last grew after which an ingest is not shared: a pull that was
+# cancelled (ctr killed, kubelet gave up) leaves its ingest for a later resume, and
+# followers of it would only be cut, a stall later (INFLIGHT_STALL, also 5 s), on every
+# retry. A resumed download writes again and is shared again.
+INGEST_STALE = 5.0
 # Seconds between scans while nothing is downloading: one scandir of an empty directory
 # (a few microseconds), so a pull's first blob is noticed within a quarter second.
 INGEST_SCAN_IDLE = 0.25
@@ -69,7 +75,8 @@ IngestMemo = dict[str, tuple[Digest, int] | None]
 def scan_ingests(
     content_path: Path, namespace: str, memo: IngestMemo | None = None
 ) -> dict[Digest, Ingest]:
-    """The ingests of ``namespace`` whose ref names a digest and whose total is known.
+    """The ingests of ``namespace`` whose ref names a digest and whose total is known,
+    and whose data grew in the last ``INGEST_STALE`` seconds.
 
     Nothing (not an error) when the ingest directory is missing or unreadable: a fresh
     node has none, and a content path that is not containerd's shares no in-flight data.
@@ -79,6 +86,8 @@ def scan_ingests(
     found: dict[Digest, Ingest] = {}
     sizes: dict[Digest, int] = {}
     memo = {} if memo is None else memo
+    # A file's mtime is wall-clock time: the one place here that reads that clock.
+    stale_before = time.time() - INGEST_STALE
     try:
         entries = list(os.scandir(content_path / "ingest"))
     except OSError:
@@ -94,9 +103,12 @@ def scan_ingests(
         digest, total = known
         data = Path(entry.path) / "data"
         try:
-            size = os.stat(data).st_size
+            stat = os.stat(data)
         except OSError:
             continue
+        size = stat.st_size
+        if stat.st_mtime < stale_before:
+            continue  # abandoned, for now
         if total <= 0 or size > total or sizes.get(digest, -1) >= size:
             continue  # a second writer of one digest: the one further along serves
         sizes[digest] = size

@@ -247,3 +247,12 @@ def test_claims_are_made_once_and_withdrawn_with_their_pull() -> None:
     assert pulls.claim("r.io/app", digest(1), 0.2) is None
     assert pulls.keys("r.io/app", 0.3) == [pull]  # claims do not find co-pullers
     assert pulls.expire(PULL_IDLE + 1.0) == sorted([pull, claim])
+
+
+def test_a_claim_withdrawn_early_is_not_withdrawn_again_with_its_pull() -> None:
+    pulls = Pulls()
+    pull = pulls.manifest("r.io/app", "r.io/app:v1", 0.0)
+    claim = pulls.claim("r.io/app", digest(1), 0.1)
+    assert pulls.unclaim(digest(1)) == claim  # the download that backed it is gone
+    assert pulls.unclaim(digest(1)) is None
+    assert pulls.expire(PULL_IDLE + 1.0) == [pull]

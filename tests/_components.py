@@ -45,3 +45,11 @@ def component_binary(name: str, binary: str | None = None) -> Path:
 def component_version(name: str) -> str:
     """The pinned version, from the directory name (``<name>-<version>``)."""
     return component_dir(name).name.removeprefix(f"{name}-")
+
+
+# The containerd versions a test runs on, as pytest parameters: Debian's 1.6 from PATH,
+# and the 2.3 build (marked, so a machine without it skips those with a reason).
+CONTAINERD_VERSIONS = [
+    pytest.param("1.6", id="1.6"),
+    pytest.param("2.3", id="2.3", marks=pytest.mark.containerd2),
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -11,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from spegeld_harness import BuiltImage, HarnessUnavailable, Network, PrivateContainerd
+from spegeld_harness import (
+    BuiltImage,
+    HarnessUnavailable,
+    Network,
+    PrivateContainerd,
+    SpegeldProcess,
+)
 
 from spegeld.metrics import MetricsRegistry
 from spegeld.mirror import MirrorServer, MirrorSettings
@@ -145,3 +152,21 @@ def created_network(net: Network) -> Iterator[Network]:
         yield net
     finally:
         net.close()
+
+
+def upstream_waits(node: SpegeldProcess, start: int) -> list[float]:
+    """How long each blob miss of the node's pulls waited before it went to the upstream
+    (``Designation``'s debug lines in its log, from byte ``start``)."""
+    with node.log_path.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    waits = []
+    for raw in text.splitlines():
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        msg = entry.get("msg", "") if isinstance(entry, dict) else ""
+        if isinstance(msg, str) and " to the upstream after " in msg:
+            waits.append(float(msg.split(" after ")[1].split(" s ")[0]))
+    return waits

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from spegeld_harness import PrivateContainerd, UpstreamRegistry, containerd_unavailable_reason
 
-from tests._components import component_dir
+from tests._components import CONTAINERD_VERSIONS, component_dir
 from tests._realsummary import pytest_runtest_logreport, pytest_terminal_summary
 
 __all__ = ["pytest_runtest_logreport", "pytest_terminal_summary"]  # hooks, re-exported
@@ -59,12 +59,7 @@ def containerd2(tmp_path: Path) -> Iterator[PrivateContainerd]:
     yield from _started(tmp_path / "containerd2", component_dir("containerd"))
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("1.6", id="1.6"),
-        pytest.param("2.3", id="2.3", marks=pytest.mark.containerd2),
-    ]
-)
+@pytest.fixture(params=CONTAINERD_VERSIONS)
 def containerd_bin_dir(request: pytest.FixtureRequest) -> Path | None:
     """Run once per containerd version: None (Debian's 1.6 from PATH) or 2.3's binary dir.
 

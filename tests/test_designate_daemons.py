@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -34,9 +33,9 @@ from spegeld_harness import (
 
 from spegeld.mirror._designate import WAIT_FOR_DESIGNATED, designated
 
-from ._components import component_dir
+from ._components import CONTAINERD_VERSIONS, component_dir
 from ._slowrelay import SlowRelay
-from ._support import configure_hosts, wait_for
+from ._support import configure_hosts, upstream_waits, wait_for
 
 pytestmark = pytest.mark.containerd
 
@@ -82,13 +81,7 @@ class Cluster:
         return durations, failures
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("1.6", id="1.6"),
-        pytest.param("2.3", id="2.3", marks=pytest.mark.containerd2),
-    ],
-)
+@pytest.fixture(scope="module", params=CONTAINERD_VERSIONS)
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
@@ -195,11 +188,7 @@ def test_a_node_pulling_alone_never_waits(
     durations, failures = cluster.pull_all(ref, [0])
     assert not failures, failures
     assert layer_copies(cluster, image, since) <= 1.1
-    waited = [
-        float(line["msg"].split(" after ")[1].split(" s ")[0])
-        for line in log_lines(node, log_start)
-        if "to the upstream after" in line.get("msg", "")
-    ]
+    waited = upstream_waits(node, log_start)
     print(f"alone: pull {durations[0]:.2f} s; blob misses that waited: {waited}")
     # No settle: each miss decides at its first look (a few ms under load, not 0.36 s).
     assert waited and all(w <= 0.1 for w in waited), waited
@@ -246,16 +235,3 @@ def test_the_others_fall_back_to_the_upstream_when_the_designated_node_dies(
     assert ended - killed_at[0] <= max(LAYERS) / RATE + WAIT_FOR_DESIGNATED + 3.0
     cluster.nodes[v].start()  # for any later test in this module
     wait_for(lambda: all(len(gossip_peers(n)) == 2 for n in cluster.nodes), 20, "rejoin")
-
-
-def log_lines(node: SpegeldProcess, start: int) -> list[dict[str, Any]]:
-    with node.log_path.open("rb") as f:
-        f.seek(start)
-        text = f.read().decode(errors="replace")
-    lines = []
-    for raw in text.splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except ValueError:
-            continue
-    return lines

@@ -11,10 +11,11 @@ layer (it verifies the digest). The upstream sends the layer once, to A.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from spegeld.mirror._designate import SHOW_GRACE
 from spegeld.store._ingest import INGEST_STALE
 
 from ._slowrelay import SlowRelay
-from ._support import configure_hosts, wait_for
+from ._support import configure_hosts, upstream_waits, wait_for
 
 pytestmark = pytest.mark.containerd
 
@@ -43,10 +44,21 @@ LAYER = IMAGE.platforms[0].layers[0]
 DEADLINE = 60  # seconds for the whole scenario, a hard bound on every wait below
 
 
-def test_a_node_pulls_a_layer_from_a_peer_still_downloading_it(
+@dataclass
+class Pair:
+    """Two nodes with keyed gossip (B joins through A), and the slow link to the upstream."""
+
+    a: PrivateContainerd
+    b: PrivateContainerd
+    node_a: SpegeldProcess
+    node_b: SpegeldProcess
+    relay: SlowRelay
+
+
+@contextlib.contextmanager
+def pair(
     tmp_path: Path, upstream: UpstreamRegistry, containerd_bin_dir: Path | None
-) -> None:
-    upstream.push(IMAGE, "slow/app", "v1")
+) -> Iterator[Pair]:
     host, port = upstream.address.split(":")
     a = PrivateContainerd(tmp_path / "a-containerd", bin_dir=containerd_bin_dir)
     b = PrivateContainerd(tmp_path / "b-containerd", bin_dir=containerd_bin_dir)
@@ -55,7 +67,6 @@ def test_a_node_pulls_a_layer_from_a_peer_still_downloading_it(
         a.start()
         b.start()
         with SlowRelay((host, int(port)), RATE) as relay:
-            ref = f"{relay.address}/slow/app:v1"
             node_a = SpegeldProcess(tmp_path / "node-a", a, host="127.0.0.2", key_file=key)
             with node_a:
                 node_b = SpegeldProcess(
@@ -63,10 +74,21 @@ def test_a_node_pulls_a_layer_from_a_peer_still_downloading_it(
                     peers=[node_a.gossip_address],
                 )  # fmt: skip
                 with node_b:
-                    run_scenario(tmp_path, upstream, relay, ref, a, b, node_a, node_b)
+                    configure_hosts(tmp_path / "hosts-a", node_a.url, f"http://{relay.address}")
+                    configure_hosts(tmp_path / "hosts-b", node_b.url, f"http://{relay.address}")
+                    yield Pair(a, b, node_a, node_b, relay)
     finally:
         a.close()
         b.close()
+
+
+def test_a_node_pulls_a_layer_from_a_peer_still_downloading_it(
+    tmp_path: Path, upstream: UpstreamRegistry, containerd_bin_dir: Path | None
+) -> None:
+    upstream.push(IMAGE, "slow/app", "v1")
+    with pair(tmp_path, upstream, containerd_bin_dir) as p:
+        ref = f"{p.relay.address}/slow/app:v1"
+        run_scenario(tmp_path, upstream, p.relay, ref, p.a, p.b, p.node_a, p.node_b)
 
 
 def run_scenario(
@@ -85,8 +107,6 @@ def run_scenario(
 
     start = time.monotonic()
     wait_for(lambda: a_keys_at_b() == 0, 15, "B to know A (no keys yet)")
-    configure_hosts(tmp_path / "hosts-a", node_a.url, f"http://{relay.address}")
-    configure_hosts(tmp_path / "hosts-b", node_b.url, f"http://{relay.address}")
     log_start = upstream.log_position()
     failures: list[CtrError] = []
 
@@ -139,59 +159,38 @@ def test_a_cancelled_pull_is_not_followed_and_the_next_node_gets_the_layer_elsew
     answers 404 for the layer), and B's pull then completes from the upstream instead of
     following a download that will never finish."""
     upstream.push(CANCELLED, "slow/cancelled", "v1")
-    host, port = upstream.address.split(":")
-    a = PrivateContainerd(tmp_path / "a-containerd", bin_dir=containerd_bin_dir)
-    b = PrivateContainerd(tmp_path / "b-containerd", bin_dir=containerd_bin_dir)
-    key = write_cluster_key(tmp_path / "cluster.key")
-    try:
-        a.start()
-        b.start()
-        with SlowRelay((host, int(port)), RATE) as relay:
-            ref = f"{relay.address}/slow/cancelled:v1"
-            node_a = SpegeldProcess(tmp_path / "node-a", a, host="127.0.0.2", key_file=key)
-            with node_a:
-                node_b = SpegeldProcess(
-                    tmp_path / "node-b", b, host="127.0.0.3", key_file=key,
-                    peers=[node_a.gossip_address],
-                )  # fmt: skip
-                with node_b:
-                    configure_hosts(tmp_path / "hosts-a", node_a.url, f"http://{relay.address}")
-                    configure_hosts(tmp_path / "hosts-b", node_b.url, f"http://{relay.address}")
-                    pull_a = subprocess.Popen(
-                        a.ctr_argv("images", "pull", "--hosts-dir", tmp_path / "hosts-a", ref),
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    )  # fmt: skip
-                    try:
-                        wait_for(lambda: ingest_bytes(a) >= 4 * MiB, 20, "A's download")
-                    finally:
-                        pull_a.kill()
-                        pull_a.wait(10)
-                    assert not a.has_blob(CANCELLED_LAYER)
-                    layer_path = f"/v2/slow/cancelled/blobs/{CANCELLED_LAYER}?ns={relay.address}"
-                    wait_for(
-                        lambda: node_b.get(layer_path, method="HEAD")[0] == 404,
-                        INGEST_STALE + 10, "A to stop offering its abandoned download",
-                    )  # fmt: skip
-                    assert ingest_bytes(a) >= 4 * MiB  # kept for a resume, not shared
-                    # A's claim on the layer (its mirror sent it upstream) went with its
-                    # download (CLAIM_BACKING): B's misses do not wait the 2.5 s for it.
-                    # A still pulls the tag (its keys last PULL_IDLE) and may be the
-                    # layer's designated node, passed over once it shows nothing in
-                    # flight (SHOW_GRACE).
-                    log_start = node_b.log_path.stat().st_size
-                    started = time.monotonic()
-                    b.ctr("images", "pull", "--hosts-dir", tmp_path / "hosts-b", ref,
-                          timeout=DEADLINE)  # fmt: skip
-                    took = time.monotonic() - started
-                    waits = upstream_waits(node_b, log_start)
-                    print(f"B's pull after A's cancelled one: {took:.2f} s; misses waited {waits}")
-                    assert b.has_blob(CANCELLED_LAYER)  # B's containerd checked the digest
-                    assert all(w <= SHOW_GRACE + 0.3 for w in waits), waits
-                    for node in (node_a, node_b):
-                        assert "Traceback" not in node.log_path.read_text()
-    finally:
-        a.close()
-        b.close()
+    with pair(tmp_path, upstream, containerd_bin_dir) as p:
+        ref = f"{p.relay.address}/slow/cancelled:v1"
+        pull_a = subprocess.Popen(
+            p.a.ctr_argv("images", "pull", "--hosts-dir", tmp_path / "hosts-a", ref),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: ingest_bytes(p.a) >= 4 * MiB, 20, "A's download")
+        finally:
+            pull_a.kill()
+            pull_a.wait(10)
+        assert not p.a.has_blob(CANCELLED_LAYER)
+        layer_path = f"/v2/slow/cancelled/blobs/{CANCELLED_LAYER}?ns={p.relay.address}"
+        wait_for(
+            lambda: p.node_b.get(layer_path, method="HEAD")[0] == 404,
+            INGEST_STALE + 10, "A to stop offering its abandoned download",
+        )  # fmt: skip
+        assert ingest_bytes(p.a) >= 4 * MiB  # kept for a resume, not shared
+        # A's claim on the layer (its mirror sent it upstream) went with its download
+        # (CLAIM_BACKING): B's misses do not wait the 2.5 s for it. A still pulls the tag
+        # (its keys last PULL_IDLE) and may be the layer's designated node, passed over
+        # once it shows nothing in flight (SHOW_GRACE).
+        log_start = p.node_b.log_path.stat().st_size
+        started = time.monotonic()
+        p.b.ctr("images", "pull", "--hosts-dir", tmp_path / "hosts-b", ref, timeout=DEADLINE)
+        took = time.monotonic() - started
+        waits = upstream_waits(p.node_b, log_start)
+        print(f"B's pull after A's cancelled one: {took:.2f} s; misses waited {waits}")
+        assert p.b.has_blob(CANCELLED_LAYER)  # B's containerd checked the digest
+        assert all(w <= SHOW_GRACE + 0.3 for w in waits), waits
+        for node in (p.node_a, p.node_b):
+            assert "Traceback" not in node.log_path.read_text()
 
 
 def ingest_bytes(node: PrivateContainerd) -> int:
@@ -201,20 +200,3 @@ def ingest_bytes(node: PrivateContainerd) -> int:
         with contextlib.suppress(OSError):
             total += data.stat().st_size
     return total
-
-
-def upstream_waits(node: SpegeldProcess, start: int) -> list[float]:
-    """How long each blob miss of the node's pulls waited before it went upstream (its
-    debug log, from byte ``start``)."""
-    with node.log_path.open("rb") as f:
-        f.seek(start)
-        text = f.read().decode(errors="replace")
-    waits = []
-    for raw in text.splitlines():
-        try:
-            msg = json.loads(raw).get("msg", "")
-        except ValueError:
-            continue
-        if isinstance(msg, str) and " to the upstream after " in msg:
-            waits.append(float(msg.split(" after ")[1].split(" s ")[0]))
-    return waits

@@ -32,7 +32,7 @@ from spegeld_harness import (
     write_cluster_key,
 )
 
-from tests._components import component_dir
+from tests._components import CONTAINERD_VERSIONS, component_dir
 
 from ._support import configure_hosts, wait_for
 
@@ -94,13 +94,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamRegis
         registry.close()
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("1.6", id="1.6"),
-        pytest.param("2.3", id="2.3", marks=pytest.mark.containerd2),
-    ],
-)
+@pytest.fixture(scope="module", params=CONTAINERD_VERSIONS)
 def cluster(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,

@@ -202,10 +202,17 @@ def test_pull_through_the_mirror_then_from_the_peer_with_gossip(
         assert spegeld_a.metric(miss) >= 1
         wait_for(lambda: spegeld_a.status()["store"]["tags"] == 1, 10, "A to index the pull")
 
-        # A's keys reach B's table by gossip: every blob of the pull, plus the tag key (and
-        # the pull's own ``pulling:`` keys, docs/protocol.md §9, for 30 s after it).
+        # A's keys reach B's table by gossip: every blob of the pull, plus the tag key. A
+        # count would not do: the pull's own ``pulling:`` and ``fetching:`` keys (docs/
+        # protocol.md §9) arrive first, pushed at once. So B's mirror must find each one
+        # (HEADs from a client that is not containerd: they start no pull on B).
         want = IMAGE.digests(HOST)
-        wait_for(lambda: peer_of(spegeld_b)["keys"] >= len(want) + 1, 10, "B to learn A's keys")
+        ns = f"?ns={upstream.address}"
+        paths = [f"/v2/team/app/manifests/v1{ns}"] + [f"/v2/team/app/blobs/{d}{ns}" for d in want]
+        wait_for(
+            lambda: all(spegeld_b.get(path, method="HEAD")[0] == 200 for path in paths),
+            10, "B to learn A's keys",
+        )  # fmt: skip
 
         # The upstream goes away; node B pulls, and every byte comes from A.
         upstream.stop()

@@ -299,6 +299,18 @@ def test_the_demo_rolls_an_image_out_and_prints_the_summary() -> None:
     for node in ("node-2", "node-3"):
         assert rows[node][1:] == ["8.0 MiB", "0.0 MiB"]
     assert "the upstream served 8.0 MiB (1.00 copies)" in done.stdout
+    # Then v2, pulled by every node at the same moment (coordinated pulls, §9): each
+    # node's pull took its bytes from peers or the upstream, and the upstream served far
+    # fewer than one copy per node (tests/test_designate_daemons.py holds the <= 1.1).
+    at_once = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 3 and cells[0].startswith("node-"):
+            at_once[cells[0]] = cells[1:]
+    assert set(at_once) == {"node-1", "node-2", "node-3"}, done.stdout
+    (summary,) = [line for line in done.stdout.splitlines() if "pulls at once" in line]
+    copies = float(summary.split(" copies)")[0].rsplit("(", 1)[1])
+    assert copies <= 2.0, summary
 
 
 def test_a_baseline_cluster_pulls_straight_from_the_upstream(tmp_path: Path) -> None:

@@ -70,18 +70,22 @@ def demo(
         console.print(f"cleaned up: {', '.join(cleaned) or 'nothing was left'}")
         return
     try:
-        results, cluster = _run(console, nodes, size, layers, upstream_rate, keep)
+        results, scale_out, cluster = _run(console, nodes, size, layers, upstream_rate, keep)
     except HarnessUnavailable as exc:
         fail(str(exc))
         return
     _summary(console, results, size)
+    if scale_out is not None:
+        _scale_out_summary(console, *scale_out, size)
     if keep:
         _how_to_poke(console, cluster)
 
 
 def _run(
     console: Any, nodes: int, size: int, layers: int, rate: str, keep: bool
-) -> tuple[list[Any], Any]:
+) -> tuple[list[Any], tuple[list[Any], int] | None, Any]:
+    """The rollout's pulls one node after another, then (with more than one node) v2
+    pulled by every node at once, and the cluster."""
     from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
     from spegeld_harness import Cluster, build_image
 
@@ -95,7 +99,8 @@ def _run(
             progress.update(current[-1], completed=1, total=1)
         current.append(progress.add_task(text, total=None))
 
-    results = []
+    results: list[Any] = []
+    scale_out = None
     with progress:
         step(f"building a {nodes}-node cluster, upstream limited to {rate}")
         cluster = Cluster(nodes_wanted=nodes, upstream_rate=rate, keep=keep,
@@ -115,9 +120,25 @@ def _run(
             for node in others:
                 step(f"{node.name} pulls it (from its peers)")
                 results.append(cluster.pull(node, reference))
+            if others:
+                step(f"generating v2, another {size / MiB:.0f} MiB with no layer in common")
+                v2 = build_image("demo.local/app:v2", [per_layer] * layers, seed=None)
+                reference = cluster.push(v2, "demo/app", "v2")
+                step(f"every node pulls {reference} at the same moment (a scale-out)")
+                scale_out = _all_at_once(cluster, reference)
             step("done")
             progress.update(current[-1], completed=1, total=1)
-    return results, cluster
+    return results, scale_out, cluster
+
+
+def _all_at_once(cluster: Any, reference: str) -> tuple[list[Any], int]:
+    """Every node pulls ``reference`` at once: their results, and the upstream's bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mark = cluster.upstream.log_position()
+    with ThreadPoolExecutor(max_workers=len(cluster.nodes)) as pool:
+        pulled = list(pool.map(lambda node: cluster.pull(node, reference), cluster.nodes))
+    return pulled, cluster.upstream.blob_bytes_served(mark)
 
 
 def _summary(console: Any, results: list[Any], size: int) -> None:
@@ -142,6 +163,22 @@ def _summary(console: Any, results: list[Any], size: int) -> None:
             f"from the upstream: {first:.2f} s; from peers: {sum(rest) / len(rest):.2f} s "
             f"on average ({first / (sum(rest) / len(rest)):.1f}x faster)."
         )
+
+
+def _scale_out_summary(console: Any, pulled: list[Any], upstream: int, size: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="v2: every node at the same moment")
+    for column in ("node", "pull time", "from peers"):
+        table.add_column(column, justify="left" if column == "node" else "right")
+    for r in pulled:
+        table.add_row(r.node, f"{r.seconds:.2f} s", f"{r.from_peers / MiB:.1f} MiB")
+    console.print(table)
+    console.print(
+        f"{len(pulled)} pulls at once; the upstream served {upstream / MiB:.1f} MiB "
+        f"({upstream / size:.2f} copies): one node fetched each layer from the upstream, "
+        "and the others streamed it from that node's download as it landed."
+    )
 
 
 def _how_to_poke(console: Any, cluster: Any) -> None:

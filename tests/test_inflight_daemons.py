@@ -29,7 +29,7 @@ from spegeld_harness import (
     write_cluster_key,
 )
 
-from spegeld.mirror._designate import SHOW_GRACE
+from spegeld.mirror._designate import WAIT_FOR_DESIGNATED
 from spegeld.store._ingest import INGEST_STALE
 
 from ._slowrelay import SlowRelay
@@ -193,7 +193,9 @@ def test_a_cancelled_pull_is_not_followed_and_the_next_node_gets_the_layer_elsew
         waits = upstream_waits(p.node_b, log_start)
         print(f"B's pull after A's cancelled one: {took:.2f} s; misses waited {waits}")
         assert p.b.has_blob(CANCELLED_LAYER)  # B's containerd checked the digest
-        assert all(w <= SHOW_GRACE + 0.3 for w in waits), waits
+        # Never the claim's 2.5 s (measured: the 1 s grace at most); no tighter wall-clock
+        # margin, which a loaded machine would break.
+        assert all(w < WAIT_FOR_DESIGNATED for w in waits), waits
         for node in (p.node_a, p.node_b):
             assert "Traceback" not in node.log_path.read_text()
 
